@@ -37,6 +37,14 @@ def nats_server_binary() -> str:
     return found
 
 
+def _read_if_exists(path: Path) -> bytes:
+    # A small log file on local disk: reading it is not worth a thread hop.
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 class ServerState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -117,7 +125,7 @@ class NatsServer:
         process = self._process
         assert process is not None
         while True:
-            content = log_file.read_bytes() if log_file.exists() else b""
+            content = _read_if_exists(log_file)
             if _READY in content:
                 match = _LISTENING.search(content)
                 if match is None:
@@ -129,6 +137,17 @@ class NatsServer:
             if time.monotonic() > deadline:
                 raise ServerError(f"nats-server {self.name!r} not ready after {self.ready_timeout}s")
             await asyncio.sleep(0.01)  # poll with deadline
+
+    async def wait_exit(self) -> int | None:
+        """Until the running process exits on its own: its exit code (None if stopped by us)."""
+        process = self._process
+        if process is None:
+            return None
+        code = await process.wait()
+        if self.state is not ServerState.RUNNING:
+            return None
+        self.state = ServerState.STOPPED
+        return code
 
     async def stop(self) -> None:
         """Stop gracefully (SIGTERM); kill if it does not exit in time."""

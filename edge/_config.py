@@ -1,0 +1,466 @@
+"""The configuration file (SPEC §4): TOML decoded into Structs, then checked as a whole.
+
+Loading has two stages. msgspec decodes the TOML into `Config`, refusing unknown keys and wrong
+types (it stops at the first structural problem). Then `check_config` walks the result and
+collects *every* semantic problem — rule expressions, ladder order, `instead` chains, manifests
+against inputs, subjects — each with its key path, so an operator fixes a file in one pass. A
+config is either wholly valid or rejected; nothing here has side effects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from models import ModelError, load_manifest
+
+from ._errors import ConfigError, Problem
+from ._rules import RuleSpec, check_rules
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(s|m|h|d)\s*")
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+FIELD_TYPES = ("float", "int", "str", "bool")
+TIERS = ("model", "cloud", "rules")
+BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "example.toml"
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Config tables: unknown keys are errors, not silently ignored typos."""
+
+
+class Tls(_Strict):
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+class Auth(_Strict):
+    """Credentials for one NATS connection, passed through to nats-py."""
+
+    creds: str = ""
+    nkey_seed: str = ""
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    tls: Tls | None = None
+
+
+class NatsConfig(_Strict):
+    local: str = "embedded"
+    upstream: str = ""  # empty: the same connection as local
+    embedded_port: int = 4222  # -1: let the server choose (tests, demos)
+    local_auth: Auth = msgspec.field(default_factory=Auth)
+    upstream_auth: Auth = msgspec.field(default_factory=Auth)
+
+
+class LinkConfig(_Strict):
+    probe_interval_ms: int = 1000
+    probe_timeout_ms: int = 500
+    probe_subject: str = ""  # empty: a server round trip (PING/PONG) on the upstream connection
+    breaker_failures: int = 3
+    breaker_reset_ms: int = 5000
+
+
+class AuditConfig(_Strict):
+    fsync: Literal["always", "batch", "off"] = "batch"
+    commit_interval_ms: float = 2.0
+    max_bytes: str | int = "1GiB"
+    on_full: Literal["drop_oldest", "block"] = "drop_oldest"
+    stream: str = "EDGE_AUDIT"
+    create_stream: bool = False
+    keep_synced: str = "7d"
+    sync_window: int = 256
+
+
+class FleetConfig(_Strict):
+    heartbeat_s: float = 10.0
+    trusted_keys: list[str] = msgspec.field(default_factory=list)
+
+
+class ModelConfig(_Strict):
+    name: str
+    path: str
+    max_batch: int = 64
+    max_wait_us: int = 500
+
+
+class CloudConfig(_Strict):
+    subject: str
+    timeout_ms: int = 200
+
+
+class ActionPolicy(_Strict):
+    """What it takes for a pipeline to perform one action."""
+
+    approval: Literal["none", "required"] = "none"
+    approval_timeout_ms: int = 30000
+    instead: str = ""  # the action taken when this one is not allowed; empty: no replacement needed
+    rate_limit: str = ""  # "N/s|m|h|d"
+    min_confidence: float | None = None  # a stricter bar when a model or the cloud chose it
+    tiers: list[str] = msgspec.field(default_factory=list)  # tiers allowed to choose it; empty: any
+
+
+class PipelineConfig(_Strict):
+    name: str
+    subscribe: list[str]
+    input: dict[str, str]
+    rules: list[RuleSpec]
+    queue_group: str = ""
+    ladder: list[str] = msgspec.field(default_factory=lambda: ["model", "cloud", "rules"])
+    model: str = ""
+    shadow: str = ""
+    cloud: CloudConfig | None = None
+    min_confidence: float = 0.8
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    publish: str = "edge.{device}.decision.{pipeline}"
+    actions: dict[str, ActionPolicy] = msgspec.field(default_factory=dict)
+    max_input_bytes: int = 64 * 1024
+    max_pending_approvals: int = 256
+
+
+class Config(_Strict):
+    pipelines: list[PipelineConfig]
+    device_id: str = ""
+    groups: list[str] = msgspec.field(default_factory=list)
+    data_dir: str = "./var"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    link: LinkConfig = msgspec.field(default_factory=LinkConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    # Not a key: the folder relative paths are resolved against (set by the loader).
+    base_dir: str = ""
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir or ".") / p
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Units
+
+
+def parse_size(value: str | int) -> int:
+    """`"1GiB"`, `"500MB"`, `1048576` → bytes."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("must be a positive number of bytes")
+        return value
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise ValueError(f"expected a size such as '1GiB' or '500MB', got {value!r}")
+    unit = (match.group(2) or "B").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: str) -> float:
+    """`"7d"`, `"90s"`, `"250ms"` → seconds."""
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise ValueError(f"expected a duration such as '7d', '12h', '90s' or '250ms', got {value!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def parse_rate(value: str) -> tuple[int, float]:
+    """`"3/h"` → (3 events, 3600 seconds)."""
+    match = _RATE.fullmatch(value)
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError(f"expected a rate such as '3/h' or '10/s', got {value!r}")
+    return int(match.group(1)), _SECONDS[match.group(2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_device_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return name or "edge"
+
+
+def decode_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | None = None,
+                  env: Mapping[str, str] | None = None) -> Config:
+    """Decode and check a config given as a mapping (a parsed TOML file or a pushed config)."""
+    try:
+        config = msgspec.convert(dict(data), Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError([_problem_from_msgspec(str(exc))], source) from None
+    env = os.environ if env is None else env
+    updates: dict[str, Any] = {"base_dir": str(base_dir) if base_dir is not None else config.base_dir}
+    if env.get("EDGE_DEVICE_ID"):
+        updates["device_id"] = env["EDGE_DEVICE_ID"]
+    elif not config.device_id:
+        updates["device_id"] = default_device_id()
+    config = msgspec.structs.replace(config, **updates)
+    problems = list(check_config(config))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read, decode and check a TOML config file (the bundled example when `path` is None)."""
+    path = BUNDLED_CONFIG if path is None else path
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem("", f"cannot read the file: {exc.strerror or exc}")], source) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("", f"not valid TOML: {exc}")], source) from None
+    return decode_config(data, source=source, base_dir=path.resolve().parent, env=env)
+
+
+def encode_config(config: Config, *, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data (for `config.get`), secrets replaced by "***" when `redact`."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    data.pop("base_dir", None)
+    if redact:
+        for key in ("local_auth", "upstream_auth"):
+            auth = data["nats"][key]
+            for secret in ("password", "token", "nkey_seed"):
+                if auth.get(secret):
+                    auth[secret] = "***"
+    return data
+
+
+def _problem_from_msgspec(message: str) -> Problem:
+    # msgspec says "Expected `int`, got `str` - at `$.pipelines[0].max_input_bytes`".
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        return Problem("", message)
+    path = where.rstrip("`").removeprefix("$").removeprefix(".")
+    if text.startswith("Object contains unknown field"):
+        field = text.split("`")[1] if "`" in text else ""
+        return Problem(f"{path}.{field}" if path else field, "unknown key")
+    if text.startswith("Object missing required field"):
+        field = text.split("`")[1] if "`" in text else ""
+        return Problem(f"{path}.{field}" if path else field, "required key is missing")
+    return Problem(path, text[0].lower() + text[1:] if text else message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks: each yields every problem it finds
+
+
+def check_config(config: Config) -> Iterator[Problem]:
+    if not DEVICE_ID.fullmatch(config.device_id) or config.device_id in ("all", "group"):
+        yield Problem("device_id", f"expected [A-Za-z0-9_-]{{1,64}}, not 'all' or 'group'; got {config.device_id!r}")
+    for i, group in enumerate(config.groups):
+        if not DEVICE_ID.fullmatch(group):
+            yield Problem(f"groups[{i}]", f"expected [A-Za-z0-9_-]{{1,64}}, got {group!r}")
+    yield from _check_nats(config.nats)
+    yield from _check_link(config.link)
+    yield from _check_audit(config.audit)
+    if config.fleet.heartbeat_s <= 0:
+        yield Problem("fleet.heartbeat_s", "expected a positive number of seconds")
+    for i, key in enumerate(config.fleet.trusted_keys):
+        if not (key.startswith("U") and len(key) == 56):
+            yield Problem(f"fleet.trusted_keys[{i}]", "expected an operator's public nkey (56 characters, 'U...')")
+    names: set[str] = set()
+    model_features: dict[str, list[str]] = {}
+    for i, model in enumerate(config.models):
+        where = f"models[{i}]"
+        if model.name in names:
+            yield Problem(f"{where}.name", f"duplicate model name {model.name!r}")
+        names.add(model.name)
+        if not 1 <= model.max_batch <= 4096:
+            yield Problem(f"{where}.max_batch", "expected 1..4096")
+        if not 0 <= model.max_wait_us <= 1_000_000:
+            yield Problem(f"{where}.max_wait_us", "expected 0..1000000 microseconds")
+        try:
+            manifest = load_manifest(config.resolve(model.path))
+        except ModelError as exc:
+            yield Problem(f"{where}.path", f"bad model at {config.resolve(model.path)}: {exc}")
+        else:
+            model_features[model.name] = list(manifest.features)
+    pipeline_names: set[str] = set()
+    if not config.pipelines:
+        yield Problem("pipelines", "expected at least one pipeline")
+    for i, pipeline in enumerate(config.pipelines):
+        if pipeline.name in pipeline_names:
+            yield Problem(f"pipelines[{i}].name", f"duplicate pipeline name {pipeline.name!r}")
+        pipeline_names.add(pipeline.name)
+        yield from check_pipeline(pipeline, f"pipelines[{i}]", model_features)
+
+
+def _check_nats(nats: NatsConfig) -> Iterator[Problem]:
+    if nats.local != "embedded" and not _is_nats_url(nats.local):
+        yield Problem("nats.local", f"expected 'embedded' or a nats:// URL, got {nats.local!r}")
+    if nats.upstream and not _is_nats_url(nats.upstream):
+        yield Problem("nats.upstream",
+                      f"expected a nats:// URL (or empty for the local connection), got {nats.upstream!r}")
+    if not (nats.embedded_port == -1 or 1 <= nats.embedded_port <= 65535):
+        yield Problem("nats.embedded_port", "expected a port 1..65535, or -1 for any free port")
+    for key in ("local_auth", "upstream_auth"):
+        auth: Auth = getattr(nats, key)
+        if bool(auth.user) != bool(auth.password):
+            yield Problem(f"nats.{key}", "user and password go together")
+
+
+def _is_nats_url(url: str) -> bool:
+    return all(re.fullmatch(r"(nats|tls|ws|wss)://[^\s/]+", u.strip()) for u in url.split(",")) and bool(url)
+
+
+def _check_link(link: LinkConfig) -> Iterator[Problem]:
+    for key in ("probe_interval_ms", "probe_timeout_ms", "breaker_reset_ms"):
+        if getattr(link, key) <= 0:
+            yield Problem(f"link.{key}", "expected a positive number of milliseconds")
+    if link.breaker_failures < 1:
+        yield Problem("link.breaker_failures", "expected at least 1")
+    if link.probe_subject and not valid_subject(link.probe_subject, wildcards=False):
+        yield Problem("link.probe_subject", f"malformed subject {link.probe_subject!r}")
+
+
+def _check_audit(audit: AuditConfig) -> Iterator[Problem]:
+    try:
+        parse_size(audit.max_bytes)
+    except ValueError as exc:
+        yield Problem("audit.max_bytes", str(exc))
+    try:
+        parse_duration(audit.keep_synced)
+    except ValueError as exc:
+        yield Problem("audit.keep_synced", str(exc))
+    if not 0 <= audit.commit_interval_ms <= 1000:
+        yield Problem("audit.commit_interval_ms", "expected 0..1000 milliseconds")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", audit.stream):
+        yield Problem("audit.stream", f"expected a JetStream stream name ([A-Za-z0-9_-]), got {audit.stream!r}")
+    if not 1 <= audit.sync_window <= 65536:
+        yield Problem("audit.sync_window", "expected 1..65536")
+
+
+def valid_subject(subject: str, *, wildcards: bool) -> bool:
+    """A NATS subject: dot-separated non-empty tokens; `*` and a final `>` only when `wildcards`."""
+    tokens = subject.split(".")
+    for i, token in enumerate(tokens):
+        if wildcards and (token == "*" or (token == ">" and i == len(tokens) - 1)):
+            continue
+        if not _SUBJECT_TOKEN.fullmatch(token):
+            return False
+    return True
+
+
+def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, list[str]]) -> Iterator[Problem]:
+    """Every problem with one pipeline, each with its key path under `where`."""
+    if not DEVICE_ID.fullmatch(p.name):
+        yield Problem(f"{where}.name", f"expected [A-Za-z0-9_-]{{1,64}}, got {p.name!r}")
+    if not p.subscribe:
+        yield Problem(f"{where}.subscribe", "expected at least one subject")
+    for i, subject in enumerate(p.subscribe):
+        if not valid_subject(subject, wildcards=True):
+            yield Problem(f"{where}.subscribe[{i}]", f"malformed subject {subject!r}")
+    if p.queue_group and not re.fullmatch(r"[A-Za-z0-9_.-]+", p.queue_group):
+        yield Problem(f"{where}.queue_group", f"malformed queue group {p.queue_group!r}")
+    if not p.input:
+        yield Problem(f"{where}.input", "expected at least one field")
+    for name, kind in p.input.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            yield Problem(f"{where}.input.{name}", "a field name must be an identifier")
+        if kind.removesuffix("?") not in FIELD_TYPES:
+            expected = ", ".join(FIELD_TYPES)
+            yield Problem(f"{where}.input.{name}", f"expected one of {expected} (with '?' if optional), got {kind!r}")
+    # The ladder: known tiers, each once, rules last (it always answers).
+    for i, tier in enumerate(p.ladder):
+        if tier not in TIERS:
+            yield Problem(f"{where}.ladder[{i}]", f"unknown tier {tier!r} (expected model, cloud or rules)")
+    if len(set(p.ladder)) != len(p.ladder):
+        yield Problem(f"{where}.ladder", "a tier appears twice")
+    if not p.ladder or p.ladder[-1] != "rules":
+        yield Problem(f"{where}.ladder", "expected 'rules' as the last tier: it is the one that always answers")
+    if "model" in p.ladder and not p.model:
+        yield Problem(f"{where}.model", "the ladder has 'model' but no model is named")
+    for key in ("model", "shadow"):
+        name = getattr(p, key)
+        if not name:
+            continue
+        if name not in model_features:
+            yield Problem(f"{where}.{key}", f"unknown model {name!r} (define it under [[models]])")
+            continue
+        for feature in model_features[name]:
+            kind = p.input.get(feature)
+            if kind is None:
+                yield Problem(f"{where}.{key}",
+                              f"model {name!r} needs input field {feature!r}, which the pipeline's input lacks")
+            elif kind not in ("float", "int"):
+                yield Problem(f"{where}.input.{feature}", f"model {name!r} needs a required number, got {kind!r}")
+    if "cloud" in p.ladder and p.cloud is None:
+        yield Problem(f"{where}.cloud", "the ladder has 'cloud' but no cloud = {subject, timeout_ms} is set")
+    if p.cloud is not None:
+        if not valid_subject(p.cloud.subject, wildcards=False):
+            yield Problem(f"{where}.cloud.subject", f"malformed subject {p.cloud.subject!r}")
+        if p.cloud.timeout_ms <= 0:
+            yield Problem(f"{where}.cloud.timeout_ms", "expected a positive number of milliseconds")
+    if not 0.0 <= p.min_confidence <= 1.0:
+        yield Problem(f"{where}.min_confidence", "expected 0..1")
+    try:
+        probe = p.publish.format(device="d", pipeline="p")
+    except (KeyError, IndexError, ValueError):
+        yield Problem(f"{where}.publish", "expected a subject with only {device} and {pipeline} placeholders")
+    else:
+        if not valid_subject(probe, wildcards=False):
+            yield Problem(f"{where}.publish", f"malformed subject {p.publish!r}")
+    if p.max_input_bytes <= 0:
+        yield Problem(f"{where}.max_input_bytes", "expected a positive number of bytes")
+    if p.max_pending_approvals < 0:
+        yield Problem(f"{where}.max_pending_approvals", "expected 0 or more")
+    for key, message in check_rules(p.rules, p.input, f"{where}.rules"):
+        yield Problem(key, message)
+    yield from _check_actions(p, where)
+
+
+def _check_actions(p: PipelineConfig, where: str) -> Iterator[Problem]:
+    produced = {r.action for r in p.rules} | set(p.labels.values())
+    known = produced | set(p.actions)
+    for action, policy in p.actions.items():
+        at = f"{where}.actions.{action}"
+        if policy.instead and policy.instead not in known:
+            yield Problem(f"{at}.instead", f"unknown action {policy.instead!r} "
+                          "(not produced by rules or labels, and no table of its own)")
+        if policy.rate_limit:
+            try:
+                parse_rate(policy.rate_limit)
+            except ValueError as exc:
+                yield Problem(f"{at}.rate_limit", str(exc))
+        if policy.min_confidence is not None and not 0.0 <= policy.min_confidence <= 1.0:
+            yield Problem(f"{at}.min_confidence", "expected 0..1")
+        if policy.approval_timeout_ms <= 0:
+            yield Problem(f"{at}.approval_timeout_ms", "expected a positive number of milliseconds")
+        for i, tier in enumerate(policy.tiers):
+            if tier not in TIERS:
+                yield Problem(f"{at}.tiers[{i}]", f"unknown tier {tier!r}")
+        restricted = (policy.approval == "required" or policy.rate_limit or policy.min_confidence is not None
+                      or policy.tiers)
+        if restricted and not policy.instead:
+            yield Problem(f"{at}.instead", "an action that can be refused needs an `instead` action to take")
+    # Chains of `instead` must end.
+    for action in p.actions:
+        seen = [action]
+        current = p.actions[action].instead
+        while current:
+            if current in seen:
+                chain = " -> ".join([*seen, current])
+                yield Problem(f"{where}.actions.{action}.instead", f"`instead` chain loops: {chain}")
+                break
+            seen.append(current)
+            nxt = p.actions.get(current)
+            current = nxt.instead if nxt is not None else ""

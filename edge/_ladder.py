@@ -1,0 +1,163 @@
+"""The ladder (SPEC §6): tiers tried in order until one gives an acceptable answer.
+
+Each tier either answers (`Answer`) or steps aside with a reason (`Fallback`). The rules tier is
+last and always answers, so `Ladder.decide` always returns an answer. Tiers hold their I/O
+behind small seams (a model slot, a NATS request function, a link) so the ladder's choice can be
+tested without a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import msgspec
+import nats.errors
+
+from models import Manifest, Model, ModelError, Prediction
+
+from ._link import CloudLink
+from ._messages import CLOUD_REPLY_DECODER, JSON_ENCODER, Fallback, ModelRef
+from ._rules import RuleSet
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """A tier's acceptable answer: the label it chose and the action that label maps to."""
+
+    tier: str
+    label: str
+    action: str
+    confidence: float | None
+    model: ModelRef | None = None
+
+
+class Tier(Protocol):
+    name: str
+
+    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer | Fallback: ...
+
+
+def action_for(label: str, labels: Mapping[str, str]) -> str:
+    """A model's or the cloud's label → action; an unlisted label is its own action."""
+    return labels.get(label, label)
+
+
+class ModelSlotLike(Protocol):
+    """What the model tier needs from the registry: the serving model and a way to ask it."""
+
+    @property
+    def model(self) -> Model | None: ...
+
+    async def predict(self, row: Sequence[float]) -> Prediction: ...
+
+
+class ModelTier:
+    name = "model"
+
+    def __init__(self, slot: ModelSlotLike, *, min_confidence: float, labels: Mapping[str, str]) -> None:
+        self.slot = slot
+        self.min_confidence = min_confidence
+        self.labels = dict(labels)
+        self._ref_cache: tuple[Model, ModelRef] | None = None
+
+    def _ref(self, model: Model) -> ModelRef:
+        cached = self._ref_cache
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        m: Manifest = model.manifest
+        ref = ModelRef(name=m.name, version=m.version, sha256=model.sha256)
+        self._ref_cache = (model, ref)
+        return ref
+
+    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer | Fallback:
+        model = self.slot.model
+        if model is None or row is None:
+            return Fallback("model", "unavailable")
+        if model.manifest.out_of_range(row) is not None:
+            return Fallback("model", "out_of_range")
+        try:
+            prediction = await self.slot.predict(row)
+        except ModelError:
+            return Fallback("model", "error")
+        confidence = prediction.confidence
+        if confidence is None or confidence < self.min_confidence:
+            return Fallback("model", "low_confidence")
+        return Answer("model", prediction.label, action_for(prediction.label, self.labels), confidence,
+                      self._ref(model))
+
+
+Requester = Callable[[str, bytes, float], Awaitable[bytes]]
+
+
+class CloudTier:
+    """Asks the cloud over NATS; skipped at once when the link says it is gone."""
+
+    name = "cloud"
+
+    def __init__(self, link: CloudLink, request: Requester, *, subject: str, timeout_ms: int,
+                 min_confidence: float, labels: Mapping[str, str]) -> None:
+        self.link = link
+        self.request = request
+        self.subject = subject
+        self.timeout_s = timeout_ms / 1000
+        self.min_confidence = min_confidence
+        self.labels = dict(labels)
+
+    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer | Fallback:
+        skip = self.link.skip_reason()
+        if skip is not None:
+            return Fallback("cloud", skip)
+        try:
+            data = await self.request(self.subject, JSON_ENCODER.encode(values), self.timeout_s)
+        except (TimeoutError, nats.errors.TimeoutError):
+            self.link.request_failed("timeout")
+            return Fallback("cloud", "timeout")
+        except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+                nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError,
+                nats.errors.StaleConnectionError):
+            # Nobody answers, or the connection is down right now: the cloud is unreachable.
+            self.link.request_failed("unreachable")
+            return Fallback("cloud", "unreachable")
+        except nats.errors.Error:
+            self.link.request_failed("error")
+            return Fallback("cloud", "error")
+        self.link.request_succeeded()
+        try:
+            reply = CLOUD_REPLY_DECODER.decode(data)
+        except msgspec.DecodeError:
+            return Fallback("cloud", "invalid_reply")
+        if not reply.label or not 0.0 <= reply.confidence <= 1.0:
+            return Fallback("cloud", "invalid_reply")
+        if reply.confidence < self.min_confidence:
+            return Fallback("cloud", "low_confidence")
+        return Answer("cloud", reply.label, action_for(reply.label, self.labels), reply.confidence)
+
+
+class RulesTier:
+    """Deterministic rules: always answers."""
+
+    name = "rules"
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+
+    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer:
+        rule = self.rules.decide(values)
+        return Answer("rules", rule.label or rule.action, rule.action, None)
+
+
+class Ladder:
+    """Tiers in order; the first acceptable answer decides, every step aside is a `Fallback`."""
+
+    def __init__(self, tiers: Sequence[Tier], rules: RulesTier) -> None:
+        self.tiers = tuple(tiers)
+        self.rules = rules
+
+    async def decide(self, values: Mapping[str, Any], row: Sequence[float] | None) -> tuple[Answer, list[Fallback]]:
+        fallbacks: list[Fallback] = []
+        for tier in self.tiers:
+            result = await tier.answer(values, row)
+            if isinstance(result, Answer):
+                return result, fallbacks
+            fallbacks.append(result)
+        return await self.rules.answer(values, row), fallbacks

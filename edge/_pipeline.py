@@ -1,0 +1,364 @@
+"""One pipeline at runtime: subscribe → decode → ladder → governance → audit → publish.
+
+Messages from the pipeline's subscriptions go into a bounded inbox; a fixed pool of worker
+coroutines takes them from there, so many decisions are in flight at once (that is what lets
+the model's micro-batcher and the audit log's group commit form batches) while memory stays
+bounded: when the inbox is full, the subscription callback waits, and NATS's own slow-consumer
+limits take over. Work that may wait long (a human approval) leaves the worker pool so it never
+stalls unrelated inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from ._config import PipelineConfig
+from ._errors import InputRejected
+from ._governance import ApprovalOutcome, Backlog, Governor, Unreachable, Verdict
+from ._inputs import MSGPACK, InputSchema, rejection
+from ._ladder import Answer, Ladder
+from ._messages import (
+    JSON_ENCODER,
+    MSGPACK_ENCODER,
+    ApprovalRequest,
+    Decision,
+    Fallback,
+    Governance,
+    ShadowResult,
+)
+
+log = logging.getLogger("edge.pipeline")
+
+WORKERS = 256
+INBOX = 4096
+LATENCY_WINDOW = 8192
+
+
+class PipelineState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class AuditSink(msgspec.Struct):
+    """What a pipeline needs from the audit log (the runtime wires `sync.AuditLog` in)."""
+
+    append: Callable[[str, Any], asyncio.Future[int]]
+
+
+class Shadow(msgspec.Struct):
+    """The candidate model beside the active one: asked for every input, never acted on."""
+
+    predict: Callable[[Sequence[float]], Awaitable[Any]]
+    version: Callable[[], str]
+
+
+class PipelineStats:
+    """Counters and a window of recent latencies, for `status`."""
+
+    def __init__(self) -> None:
+        self.by_tier: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.governance: Counter[str] = Counter()
+        self.decisions = 0
+        self.shadow_total = 0
+        self.shadow_agree = 0
+        self.latencies_ns: deque[int] = deque(maxlen=LATENCY_WINDOW)
+
+    def snapshot(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ns)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6, 3) if lat else None
+
+        return {
+            "decisions": self.decisions,
+            "by_tier": dict(self.by_tier),
+            "fallbacks": dict(self.fallbacks),
+            "rejected": dict(self.rejected),
+            "governance": dict(self.governance),
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
+            "shadow": {
+                "compared": self.shadow_total,
+                "agreement": round(self.shadow_agree / self.shadow_total, 4) if self.shadow_total else None,
+            },
+        }
+
+
+class Pipeline:
+    """A running pipeline; `async with` subscribes, leaving drains in-flight decisions first."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        device: str,
+        bus: NATS,
+        ladder: Ladder,
+        governor: Governor,
+        audit: AuditSink,
+        feature_names: Sequence[str] = (),
+        shadow: Shadow | None = None,
+        is_paused: Callable[[], bool] = lambda: False,
+        approver: Callable[[ApprovalRequest, float], Awaitable[ApprovalOutcome]] | None = None,
+        audit_blocked: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.device = device
+        self.bus = bus
+        self.ladder = ladder
+        self.governor = governor
+        self.audit = audit
+        self.shadow = shadow
+        self.is_paused = is_paused
+        self.approver = approver
+        self.audit_blocked = audit_blocked
+        self.schema = InputSchema(config.input, max_bytes=config.max_input_bytes)
+        self.feature_names = tuple(feature_names)
+        self.publish_subject = config.publish.format(device=device, pipeline=config.name)
+        self.rejected_subject = f"edge.{device}.rejected.{config.name}"
+        self.stats = PipelineStats()
+        self.state = PipelineState.NEW
+        self._inbox: asyncio.Queue[Msg | None] = asyncio.Queue(INBOX)
+        self._subs: list[Subscription] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._reject_window: Counter[str] = Counter()
+        self._reject_examples: dict[str, str] = {}
+        self._reject_flusher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Pipeline:
+        self._workers = [asyncio.create_task(self._worker(), name=f"{self.name}-worker-{i}") for i in range(WORKERS)]
+        self._reject_flusher = asyncio.create_task(self._flush_rejections_every_second())
+        for subject in self.config.subscribe:
+            sub = await self.bus.subscribe(
+                subject, queue=self.config.queue_group, cb=self._on_message,
+                pending_msgs_limit=INBOX * 4, pending_bytes_limit=64 * 1024 * 1024,
+            )
+            self._subs.append(sub)
+        self.state = PipelineState.RUNNING
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.shield(self.drain())
+
+    async def drain(self) -> None:
+        """Stop taking input, finish every decision already accepted, flush rejection counts."""
+        if self.state in (PipelineState.DRAINING, PipelineState.STOPPED):
+            return
+        self.state = PipelineState.DRAINING
+        for sub in self._subs:
+            # drain(): the server stops sending, and what it already sent is still delivered to us.
+            try:
+                await sub.drain()
+            except nats.errors.Error as exc:
+                log.warning("pipeline %s: could not drain %s: %s", self.name, sub.subject, exc)
+        for _ in self._workers:
+            await self._inbox.put(None)
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._side_tasks:
+            await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        if self._reject_flusher is not None:
+            self._reject_flusher.cancel()
+            await asyncio.gather(self._reject_flusher, return_exceptions=True)
+        self._flush_rejections()
+        self.state = PipelineState.STOPPED
+
+    async def _on_message(self, msg: Msg) -> None:
+        # Fast path: enqueue; back-pressure when the workers are behind. Draining still accepts
+        # what the server had already sent.
+        await self._inbox.put(msg)
+
+    async def _worker(self) -> None:
+        inbox = self._inbox
+        while True:
+            msg = await inbox.get()
+            if msg is None:
+                return
+            try:
+                await self.handle(msg.subject, msg.data, msg.headers, msg.reply)
+            except Exception:
+                # A bug must cost one message, never the worker pool: log it loudly and go on.
+                log.exception("pipeline %s: unexpected error handling a message on %s", self.name, msg.subject)
+
+    # -- one message ---------------------------------------------------------------------------
+
+    async def handle(self, subject: str, data: bytes, headers: Mapping[str, str] | None, reply: str) -> None:
+        received = time.time_ns()
+        start = time.perf_counter_ns()
+        content_type = headers.get("Content-Type", "") if headers else ""
+        try:
+            values = self.schema.decode(data, content_type)
+        except InputRejected as error:
+            await self._reject(subject, data, error, reply)
+            return
+        row = [float(values[f]) for f in self.feature_names] if self.feature_names else None
+        shadow_task = asyncio.ensure_future(self.shadow.predict(row)) if self.shadow and row is not None else None
+        answer, fallbacks = await self.ladder.decide(values, row)
+        shadow = await self._shadow_result(shadow_task, answer) if shadow_task is not None else None
+        verdict = self.governor.review(answer.action, answer.tier, answer.confidence, paused=self.is_paused())
+        decision = self._decision(subject, received, answer, fallbacks, shadow, verdict, data)
+        if verdict.status == "approval_pending":
+            if self.approver is None:
+                decision = self._settled(decision, verdict, Unreachable())
+            elif len(self._side_tasks) >= self.config.max_pending_approvals:
+                decision = self._settled(decision, verdict, Backlog())
+            else:
+                # A human may take seconds: wait off the worker pool so other inputs keep flowing.
+                task = asyncio.create_task(
+                    self._finish_after_approval(decision, verdict, values, reply, content_type, start))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+                return
+        await self._commit_and_publish(decision, reply, content_type, start)
+
+    async def _finish_after_approval(self, decision: Decision, verdict: Verdict, values: Mapping[str, Any],
+                                     reply: str, content_type: str, start: int) -> None:
+        assert self.approver is not None and verdict.approval is not None
+        request = ApprovalRequest(
+            decision_id=decision.id, device=self.device, pipeline=self.name,
+            requested_action=verdict.requested_action, label=decision.label, confidence=decision.confidence,
+            tier=decision.tier, input=dict(values), fallbacks=decision.fallbacks,
+            timeout_ms=verdict.approval.timeout_ms,
+        )
+        outcome = await self.approver(request, verdict.approval.timeout_ms / 1000)
+        decision = self._settled(decision, verdict, outcome)
+        await self._commit_and_publish(decision, reply, content_type, start)
+
+    def _settled(self, decision: Decision, verdict: Verdict, outcome: ApprovalOutcome) -> Decision:
+        final = self.governor.settle(verdict, outcome, paused=self.is_paused())
+        body = {"decision_id": decision.id, "pipeline": self.name, "requested_action": final.requested_action,
+                "action": final.action, "status": final.status, "by": final.by, "reason": final.reason}
+        try:
+            self.audit.append("approval", body)
+        except Exception as exc:  # noqa: BLE001 - the decision record that follows carries the outcome too
+            log.warning("pipeline %s: approval outcome not audited: %s", self.name, exc)
+        return msgspec.structs.replace(
+            decision, action=final.action,
+            governance=Governance(status=final.status, requested_action=final.requested_action,
+                                  by=final.by, reason=final.reason),
+        )
+
+    def _decision(self, subject: str, received: int, answer: Answer, fallbacks: list[Fallback],
+                  shadow: ShadowResult | None, verdict: Verdict, data: bytes) -> Decision:
+        decided = time.time_ns()
+        return Decision(
+            id=f"{decided:016x}{next(self._ids) & 0xFFFFFFFF:08x}",
+            device=self.device,
+            pipeline=self.name,
+            subject=subject,
+            received_at=received,
+            decided_at=decided,
+            action=verdict.action,
+            label=answer.label,
+            confidence=answer.confidence,
+            tier=answer.tier,
+            fallbacks=fallbacks,
+            model=answer.model,
+            shadow=shadow,
+            governance=Governance(status=verdict.status, requested_action=verdict.requested_action,
+                                  by=verdict.by, reason=verdict.reason),
+            audit_seq=None,
+            input_sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    async def _commit_and_publish(self, decision: Decision, reply: str, content_type: str, start: int) -> None:
+        # Write-ahead: the decision is on record before anyone hears of it.
+        try:
+            seq = await self.audit.append("decision", lambda seq: msgspec.structs.replace(decision, audit_seq=seq))
+        except Exception as exc:  # noqa: BLE001 - the audit error tree is the sync package's; any failure blocks
+            decision = self._unaudited(decision, exc)
+        else:
+            decision = msgspec.structs.replace(decision, audit_seq=seq)
+        payload = JSON_ENCODER.encode(decision)
+        await self.bus.publish(self.publish_subject, payload)
+        if reply:
+            await self.bus.publish(reply, MSGPACK_ENCODER.encode(decision) if content_type == MSGPACK else payload)
+        stats = self.stats
+        stats.decisions += 1
+        stats.by_tier[decision.tier] += 1
+        for fb in decision.fallbacks:
+            stats.fallbacks[f"{fb.tier}:{fb.reason}"] += 1
+        stats.governance[decision.governance.status] += 1
+        stats.latencies_ns.append(time.perf_counter_ns() - start)
+
+    def _unaudited(self, decision: Decision, exc: Exception) -> Decision:
+        """The log could not take the record: act safely (the `instead` action) and say why."""
+        verdict = self.governor.block(decision.governance.requested_action, f"audit log: {exc}")
+        log.error("pipeline %s: decision %s not audited: %s", self.name, decision.id, exc)
+        return msgspec.structs.replace(
+            decision, action=verdict.action,
+            governance=Governance(status=verdict.status, requested_action=verdict.requested_action,
+                                  by=None, reason=verdict.reason),
+        )
+
+    async def _shadow_result(self, task: asyncio.Future[Any], answer: Answer) -> ShadowResult | None:
+        assert self.shadow is not None
+        try:
+            prediction = await task
+        except Exception as exc:  # noqa: BLE001 - a failing candidate must never affect the live decision
+            log.debug("shadow model failed: %s", exc)
+            return None
+        self.stats.shadow_total += 1
+        if prediction.label == answer.label:
+            self.stats.shadow_agree += 1
+        return ShadowResult(label=prediction.label, confidence=prediction.confidence, version=self.shadow.version())
+
+    # -- rejections ------------------------------------------------------------------------------
+
+    async def _reject(self, subject: str, data: bytes, error: InputRejected, reply: str) -> None:
+        self.stats.rejected[error.reason] += 1
+        self._reject_window[error.reason] += 1
+        self._reject_examples.setdefault(error.reason, error.detail)
+        payload = JSON_ENCODER.encode(rejection(self.name, subject, data, error))
+        await self.bus.publish(self.rejected_subject, payload)
+        if reply:
+            await self.bus.publish(reply, payload)
+
+    async def _flush_rejections_every_second(self) -> None:
+        # Aggregated per pipeline per second, so a flood of garbage cannot flood the log.
+        while True:
+            await asyncio.sleep(1.0)
+            self._flush_rejections()
+
+    def _flush_rejections(self) -> None:
+        if not self._reject_window:
+            return
+        body = {"pipeline": self.name, "until": time.time_ns(), "counts": dict(self._reject_window),
+                "examples": dict(self._reject_examples)}
+        self._reject_window.clear()
+        self._reject_examples.clear()
+        try:
+            self.audit.append("rejected", body)
+        except Exception as exc:  # noqa: BLE001 - counted in status; the log reports its own state
+            log.warning("pipeline %s: rejection summary not audited: %s", self.name, exc)
+
+    @property
+    def pending_approvals(self) -> int:
+        return len(self._side_tasks)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state.value, "pending_approvals": self.pending_approvals, **self.stats.snapshot()}

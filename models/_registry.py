@@ -1,0 +1,114 @@
+"""The registry: named model slots, each serving one verified model through a micro-batcher.
+
+A slot outlives the models it serves: a deploy loads the new version beside the old one and swaps
+it in between batches, so pipelines holding the slot never see a gap. A model that fails to load
+leaves its slot `unavailable` with the reason, and the ladder falls through to the next tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._batcher import MicroBatcher
+from ._errors import ModelError, ModelUnavailable
+from ._session import Model, Prediction, load_model
+
+log = logging.getLogger("models.registry")
+
+
+class ModelSlot:
+    """One named model as the runtime sees it: the serving model (or why there is none)."""
+
+    def __init__(self, name: str, *, max_batch: int, max_wait_us: int) -> None:
+        self.name = name
+        self.max_batch = max_batch
+        self.max_wait_us = max_wait_us
+        self.model: Model | None = None
+        self.previous: Model | None = None
+        self.why: str | None = "not loaded"
+        self._batcher: MicroBatcher | None = None
+
+    async def predict(self, row: Sequence[float]) -> Prediction:
+        batcher = self._batcher
+        if batcher is None:
+            raise ModelUnavailable(self.why or "no model loaded")
+        return await batcher.predict(row)
+
+    async def install(self, model: Model) -> Model | None:
+        """Serve `model` from now on; the one it replaces is kept as `previous` and returned."""
+        old = self.model
+        if self._batcher is None:
+            batcher = MicroBatcher(model, max_batch=self.max_batch, max_wait_us=self.max_wait_us)
+            await batcher.__aenter__()
+            self._batcher = batcher
+        else:
+            self._batcher.swap(model)
+        self.model = model
+        self.why = None
+        if old is not None:
+            self.previous = old
+        return old
+
+    def fail(self, why: str) -> None:
+        """Record why no (new) model could be loaded; a model already serving keeps serving."""
+        if self.model is None:
+            self.why = why
+        log.warning("model %s: %s", self.name, why)
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.__aexit__(None, None, None)
+            self._batcher = None
+
+    def status(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "name": self.name,
+            "state": "serving" if m is not None else "unavailable",
+            "why": self.why,
+            "version": m.manifest.version if m else None,
+            "sha256": m.sha256 if m else None,
+            "previous": self.previous.manifest.version if self.previous else None,
+        }
+
+
+class ModelRegistry:
+    """Every model slot of the runtime; `async with` closes their batchers on exit."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, ModelSlot] = {}
+
+    def slot(self, name: str, *, max_batch: int = 64, max_wait_us: int = 500) -> ModelSlot:
+        """The slot named `name`, created empty on first use."""
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = ModelSlot(name, max_batch=max_batch, max_wait_us=max_wait_us)
+        return slot
+
+    async def load(self, name: str, folder: Path, *, max_batch: int = 64, max_wait_us: int = 500) -> ModelSlot:
+        """Load, verify and warm up the model in `folder` off the event loop, then serve it."""
+        slot = self.slot(name, max_batch=max_batch, max_wait_us=max_wait_us)
+        try:
+            model = await asyncio.to_thread(load_model, folder)
+        except ModelError as exc:
+            slot.fail(str(exc))
+            return slot
+        await slot.install(model)
+        return slot
+
+    def status(self) -> list[dict[str, Any]]:
+        return [slot.status() for slot in self._slots.values()]
+
+    async def __aenter__(self) -> ModelRegistry:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for slot in self._slots.values():
+            await slot.close()

@@ -1,0 +1,833 @@
+"""The durable audit log: one SQLite file in WAL mode, a writer thread, group commit.
+
+`append` runs on the event loop and never touches SQLite: it assigns the next seq, builds the
+record (canonical body, hash chained onto the previous record) under a small lock and queues it.
+A writer thread takes everything queued, inserts it in one transaction and commits, then resolves
+the batch's futures with one `call_soon_threadsafe`. Reads use a second connection on a thread of
+their own, so neither side ever blocks the loop.
+
+Durability of a resolved `append` future, by `fsync` mode (WAL journal in every mode):
+
+- `"always"`: synchronous=FULL and no waiting: the writer commits whatever is queued at once (under
+  load, what queued during the previous commit forms the next group). The WAL is fsynced on every
+  commit, so a resolved record survives a process crash *and* a power loss or OS crash.
+- `"batch"` (default): synchronous=FULL as well, but the writer first waits up to
+  `commit_interval_ms` after the first queued record to gather more into the same transaction.
+  Same guarantee as `"always"` for every resolved future (one fsync per group), fewer fsyncs, at
+  the cost of up to `commit_interval_ms` of added latency.
+- `"off"`: synchronous=OFF: commits are written to the OS (they survive `kill -9` of the process)
+  but never fsynced: a power loss or OS crash can lose recent commits and, as SQLite documents,
+  may corrupt the file. For throwaway devices and benchmarks.
+
+A failed commit (disk full, read-only, locked, corrupt) fails the futures of that batch *and of
+every record queued after it* with AuditUnavailable, and rewinds the chain to the last committed
+record: those later records were chained onto records that do not exist, so keeping them would
+break the chain. Their seqs are reused by later appends, so the log stays gap-free. The writer
+backs off (50 ms doubling to 1 s) between failing attempts; `state` is FAILING and `last_error`
+says why until a commit succeeds again.
+
+Back-pressure: `append` does not block and never raises for a slow disk; `pending` counts records
+appended but not yet committed, for the runtime to throttle on. (The runtime awaits each future
+before publishing, so its own concurrency bounds `pending`.)
+
+Retention (checked after every commit): when the used size (pages in use, excluding the WAL)
+exceeds `max_bytes`, synced records older than `keep_synced_s` go first, then the oldest synced
+records; synced records older than `keep_synced_s` are also deleted every few minutes whatever
+the size. When only unsynced records remain, `on_full="drop_oldest"` deletes the oldest and, in
+the same transaction, appends a `gap` record `{from_seq, to_seq, reason}` naming the range lost;
+`on_full="block"` makes `append` raise AuditFull (and `full` is true) until the uploader's
+progress lets synced records be deleted. The newest record is never deleted, so the chain can
+always continue after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from ._errors import AuditFull, AuditUnavailable, ChainBroken, SyncError
+from ._record import GAP_KIND, GENESIS, AuditRecord, Chain, GapBody, check_device, encode_record, gap_range
+
+log = logging.getLogger("sync.audit")
+
+FsyncMode = Literal["always", "batch", "off"]
+OnFull = Literal["drop_oldest", "block"]
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS records ("
+    " seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, kind TEXT NOT NULL,"
+    " body BLOB NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+_INSERT = "INSERT INTO records (seq, ts, kind, body, prev, hash) VALUES (?, ?, ?, ?, ?, ?)"
+_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+_SELECT = "SELECT seq, ts, kind, body, prev, hash FROM records"
+
+_MAX_BATCH = 8192  # records per transaction: bounds a transaction's size and the writer's latency
+_TAIL_CHECK = 64  # records re-verified on open
+_SYNCED_PERSIST_S = 0.05  # synced_seq is persisted at most this often on its own (free with a batch)
+_HOUSEKEEPING_S = 300.0  # how often synced records older than keep_synced are swept regardless of size
+_BACKOFF_MIN_S = 0.05
+_BACKOFF_MAX_S = 1.0
+_BUSY_TIMEOUT_MS = 2000
+_RETENTION_TARGET = 0.9  # delete down to this fraction of max_bytes so retention does not run every commit
+
+
+class LogState(enum.Enum):
+    """Where an AuditLog is in its life."""
+
+    NEW = "new"
+    OPEN = "open"
+    FAILING = "failing"  # the last commit failed; the writer keeps retrying with later batches
+    CLOSED = "closed"
+
+
+class LogSummary(msgspec.Struct, frozen=True):
+    """What a log file holds, read without the writer (for the CLI)."""
+
+    path: str
+    device: str
+    records: int
+    first_seq: int
+    last_seq: int
+    synced_seq: int
+    deleted_through: int
+
+
+_Queued = tuple[AuditRecord, "asyncio.Future[int] | None"]
+
+
+def _row(record: AuditRecord) -> tuple[int, int, str, bytes, str, str]:
+    return (record.seq, record.ts, record.kind, bytes(record.body), record.prev, record.hash)
+
+
+def _record(device: str, row: tuple[Any, ...]) -> AuditRecord:
+    seq, ts, kind, body, prev, digest = row
+    return AuditRecord(device=device, seq=seq, ts=ts, kind=kind, body=msgspec.Raw(bytes(body)), prev=prev, hash=digest)
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise AuditUnavailable(f"audit log {str(path)!r} does not exist")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 2000")
+        conn.execute("SELECT 1 FROM meta LIMIT 1")
+    except sqlite3.Error as exc:
+        raise AuditUnavailable(f"cannot read audit log {str(path)!r}", exc) from exc
+    return conn
+
+
+class AuditLog:
+    """The device's durable, hash-chained audit log (see the module docstring for the guarantees).
+
+    `async with AuditLog(path, device) as log:` opens (or creates) the file, recovers the chain's
+    head and re-verifies its tail; leaving the block commits what is queued and closes.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        *,
+        fsync: FsyncMode = "batch",
+        commit_interval_ms: float = 2,
+        max_bytes: int = 1 << 30,
+        on_full: OnFull = "drop_oldest",
+        keep_synced_s: float = 7 * 86400,
+    ) -> None:
+        if fsync not in ("always", "batch", "off"):
+            raise ValueError(f"fsync must be 'always', 'batch' or 'off', not {fsync!r}")
+        if on_full not in ("drop_oldest", "block"):
+            raise ValueError(f"on_full must be 'drop_oldest' or 'block', not {on_full!r}")
+        self.path = Path(path)
+        self.device = check_device(device)
+        self.fsync: FsyncMode = fsync
+        self.commit_interval_s = max(0.0, commit_interval_ms / 1000)
+        self.max_bytes = max_bytes
+        self.on_full: OnFull = on_full
+        self.keep_synced_s = keep_synced_s
+        self.state = LogState.NEW
+        self.last_error: str | None = None
+
+        # Shared between the loop and the writer thread, guarded by _cond.
+        self._cond = threading.Condition()
+        self._chain = Chain(self.device)
+        self._queue: list[_Queued] = []
+        self._first_queued_at = 0.0
+        self._stopping = False
+        self._synced_target = 0  # the newest synced_seq the loop has been told about
+        self._calls: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]] = []
+
+        # Written by the writer thread, read anywhere (single values; no invariant spans two of them).
+        self._oldest = 0
+        self._used_bytes = 0
+        self._full = False
+        self._commits = 0
+        self._deleted_through = 0
+
+        # Loop-side state.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_seq = 0
+        self._synced = 0
+        self._unresolved = 0
+        self._listeners: list[Callable[[], None]] = []
+
+        # Writer-thread state.
+        self._conn: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._w_last_seq = 0
+        self._w_last_hash = GENESIS
+        self._synced_written = 0
+        self._synced_written_at = 0.0
+        self._drop: tuple[int, int, int] | None = None  # (delete_from, delete_to, gap_from)
+        self._next_housekeeping = 0.0
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> AuditLog:
+        if self.state is not LogState.NEW:
+            raise SyncError(f"audit log {str(self.path)!r} can be opened once (state {self.state.value})")
+        self._loop = asyncio.get_running_loop()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._writer_main, args=(ready,), name=f"audit-writer-{self.device}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            self.state = LogState.CLOSED
+            await asyncio.shield(asyncio.wrap_future(self._thread_done))
+            raise
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-read")
+        self._last_seq = self._w_last_seq
+        self._synced = self._synced_written
+        self.state = LogState.OPEN
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Commit everything queued, persist synced_seq and close. Idempotent."""
+        if self.state in (LogState.NEW, LogState.CLOSED):
+            self.state = LogState.CLOSED
+            return
+        self.state = LogState.CLOSED
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        # Shielded: a cancelled caller must not leave the writer's last batch unresolved.
+        await asyncio.shield(asyncio.wrap_future(self._thread_done))
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            await asyncio.shield(asyncio.wrap_future(reader.submit(self._close_reader)))
+            reader.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, kind: str, body: object | Callable[[int], object]) -> asyncio.Future[int]:
+        """Queue the next record; the future resolves with its seq once it is committed.
+
+        The seq is assigned now, in call order, gap-free; `body(seq)` is called first when body is
+        callable. Raises AuditFull when the store is full and `on_full="block"`, SyncError when the
+        log is not open; a failed commit fails the future with AuditUnavailable.
+        """
+        if self.state not in (LogState.OPEN, LogState.FAILING):
+            raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
+        if self._full and self.on_full == "block":
+            raise AuditFull(self._used_bytes, self.max_bytes)
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[int] = loop.create_future()
+        ts = time.time_ns()
+        with self._cond:
+            record = self._chain.make(kind, body, ts)
+            if not self._queue:
+                self._first_queued_at = time.monotonic()
+                self._cond.notify()
+            elif len(self._queue) + 1 >= _MAX_BATCH:
+                self._cond.notify()
+            self._queue.append((record, future))
+        self._unresolved += 1
+        return future
+
+    def mark_synced(self, seq: int) -> None:
+        """Record that every record up to `seq` is upstream (monotonic; persisted shortly after)."""
+        seq = min(seq, self._last_seq)
+        if seq <= self._synced:
+            return
+        self._synced = seq
+        with self._cond:
+            self._synced_target = seq
+            self._cond.notify()
+
+    def rewind_synced(self, seq: int) -> None:
+        """Move synced_seq back to `seq`: upstream lost records after it and they must be re-sent."""
+        seq = max(0, min(seq, self._last_seq))
+        if seq >= self._synced:
+            return
+        self._synced = seq
+        with self._cond:
+            self._synced_target = seq
+            self._cond.notify()
+
+    def add_listener(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` on the loop after every commit; returns a function that removes it."""
+        self._listeners.append(callback)
+
+        def remove() -> None:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+        return remove
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def last_seq(self) -> int:
+        """The newest committed seq (0 when empty)."""
+        return self._last_seq
+
+    @property
+    def synced_seq(self) -> int:
+        """Every record up to this seq is upstream."""
+        return self._synced
+
+    @property
+    def backlog(self) -> int:
+        """Committed records not yet upstream."""
+        return max(0, self._last_seq - self._synced)
+
+    @property
+    def oldest_seq(self) -> int:
+        """The oldest seq still kept (0 when empty)."""
+        return self._oldest
+
+    @property
+    def pending(self) -> int:
+        """Records appended but not yet committed (or failed): the runtime's back-pressure signal."""
+        return self._unresolved
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since open (group commit: usually far fewer than records)."""
+        return self._commits
+
+    @property
+    def full(self) -> bool:
+        """True while the store is over `max_bytes` with nothing synced to delete."""
+        return self._full
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used_bytes
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready snapshot for `status` replies and the CLI."""
+        return {
+            "state": self.state.value,
+            "path": str(self.path),
+            "device": self.device,
+            "fsync": self.fsync,
+            "last_seq": self._last_seq,
+            "synced_seq": self._synced,
+            "backlog": self.backlog,
+            "oldest_seq": self._oldest,
+            "pending": self._unresolved,
+            "commits": self._commits,
+            "used_bytes": self._used_bytes,
+            "max_bytes": self.max_bytes,
+            "full": self._full,
+            "last_error": self.last_error,
+        }
+
+    async def read(self, from_seq: int, limit: int) -> list[AuditRecord]:
+        """Up to `limit` committed records with seq >= from_seq, in seq order."""
+        rows = await self._read_rows(from_seq, limit)
+        return [_record(self.device, row) for row in rows]
+
+    async def _read_rows(self, from_seq: int, limit: int) -> list[tuple[Any, ...]]:
+        reader = self._reader
+        if reader is None:
+            raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
+        return await asyncio.wrap_future(reader.submit(self._read_in_thread, from_seq, limit))
+
+    def _read_in_thread(self, from_seq: int, limit: int) -> list[tuple[Any, ...]]:
+        try:
+            if self._reader_conn is None:
+                self._reader_conn = sqlite3.connect(self.path, check_same_thread=False)
+                self._reader_conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            cursor = self._reader_conn.execute(f"{_SELECT} WHERE seq >= ? ORDER BY seq LIMIT ?", (from_seq, limit))
+            return cursor.fetchall()
+        except sqlite3.Error as exc:
+            raise AuditUnavailable("cannot read the audit log", exc) from exc
+
+    async def _read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """Like `read`, as (seq, kind, wire JSON), encoded on the reader thread (for the uploader)."""
+        reader = self._reader
+        if reader is None:
+            raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
+        return await asyncio.wrap_future(reader.submit(self._read_wire_in_thread, from_seq, limit))
+
+    def _read_wire_in_thread(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+        device = self.device
+        return [(row[0], row[2], encode_record(_record(device, row))) for row in self._read_in_thread(from_seq, limit)]
+
+    def _close_reader(self) -> None:
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
+
+    async def _run_in_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the writer thread between transactions (a seam for tests and repair)."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise AuditUnavailable("audit log is not open")
+            self._calls.append((fn, done))
+            self._cond.notify()
+        return await asyncio.wrap_future(done)
+
+    # ------------------------------------------------------------------ loop-side callbacks
+
+    def _on_committed(self, done: list[tuple[asyncio.Future[int], int]], last_seq: int) -> None:
+        for future, seq in done:
+            if not future.done():
+                future.set_result(seq)
+        self._unresolved -= len(done)
+        self._last_seq = max(self._last_seq, last_seq)
+        if self.state is LogState.FAILING:
+            self.state = LogState.OPEN
+        for listener in list(self._listeners):
+            listener()
+
+    def _on_failed(
+        self,
+        done: list[tuple[asyncio.Future[int], int]],
+        failed: list[asyncio.Future[int]],
+        exc: AuditUnavailable,
+        last_seq: int,
+    ) -> None:
+        self._on_committed(done, last_seq)
+        for future in failed:
+            if not future.done():
+                future.set_exception(exc)
+                # The runtime may drop a future it stopped waiting for; do not warn about it.
+                future.exception()
+        self._unresolved -= len(failed)
+        self.last_error = str(exc)
+        if self.state is LogState.OPEN:
+            self.state = LogState.FAILING
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            # The loop is closed: nobody is left to await these futures.
+            log.warning("audit log: event loop closed before a batch could be resolved")
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            try:
+                self._open()
+            except BaseException as exc:
+                ready.set_exception(exc)
+                return
+            ready.set_result(None)
+            self._writer_loop()
+        finally:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except sqlite3.Error as exc:
+                    log.warning("audit log: closing the writer connection failed: %s", exc)
+                self._conn = None
+            self._thread_done.set_result(None)
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditUnavailable(f"cannot open audit log {str(self.path)!r}", exc) from exc
+        self._conn = conn
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise AuditUnavailable(f"audit log {str(self.path)!r} cannot use WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {'OFF' if self.fsync == 'off' else 'FULL'}")
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            device = _meta(conn, "device")
+            if device is None:
+                conn.execute(_SET_META, ("device", self.device))
+                conn.execute(_SET_META, ("format", "1"))
+            conn.execute("COMMIT")
+            if device is not None and device != self.device:
+                raise SyncError(f"audit log {str(self.path)!r} belongs to device {device!r}, not {self.device!r}")
+            synced = int(_meta(conn, "synced_seq") or 0)
+            self._deleted_through = int(_meta(conn, "deleted_through") or 0)
+            tail = conn.execute(f"{_SELECT} ORDER BY seq DESC LIMIT {_TAIL_CHECK}").fetchall()
+            oldest = conn.execute("SELECT MIN(seq) FROM records").fetchone()[0]
+            self._used_bytes = self._measure(conn)
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"cannot open audit log {str(self.path)!r}", exc) from exc
+        records = [_record(self.device, row) for row in reversed(tail)]
+        self._check_tail(records)
+        if records:
+            self._w_last_seq, self._w_last_hash = records[-1].seq, records[-1].hash
+        else:
+            self._w_last_seq = self._deleted_through
+        self._oldest = int(oldest or 0)
+        # synced_seq can be ahead of the file only if a power loss under fsync="off" lost the tail.
+        self._synced_written = min(synced, self._w_last_seq)
+        self._synced_target = self._synced_written
+        self._chain.rewind(self._w_last_seq + 1, self._w_last_hash)
+        self._next_housekeeping = time.monotonic()
+
+    def _check_tail(self, records: list[AuditRecord]) -> None:
+        if not records:
+            return
+        chain = Chain(self.device, records[0].seq, records[0].prev)
+        for record in records:
+            chain.accept(record, allow_gap=False)
+        if records[0].seq == 1 and records[0].prev != GENESIS:
+            raise ChainBroken(1, "the first record's prev is not the genesis hash")
+
+    def _writer_loop(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        final_done = False
+        while True:
+            with self._cond:
+                calls: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]] = []
+                while True:
+                    calls, self._calls = self._calls, []
+                    if calls:
+                        break
+                    now = time.monotonic()
+                    dirty = self._synced_target != self._synced_written
+                    if self._stopping:
+                        # One last transaction for what is queued and the latest synced_seq, then stop.
+                        if (self._queue or dirty) and not final_done:
+                            final_done = True
+                            break
+                        return
+                    work = bool(self._queue) or self._drop is not None or dirty
+                    if work and now < self._retry_at:
+                        # A commit failed recently: let appends gather instead of hammering a sick disk.
+                        self._cond.wait(self._retry_at - now)
+                        continue
+                    if self._queue:
+                        if self.fsync == "always" or len(self._queue) >= _MAX_BATCH:
+                            break
+                        left = self._first_queued_at + self.commit_interval_s - now
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                        continue
+                    if self._drop is not None:
+                        break
+                    if dirty and now - self._synced_written_at >= _SYNCED_PERSIST_S:
+                        break
+                    timeouts = [self._next_housekeeping - now]
+                    if dirty:
+                        timeouts.append(self._synced_written_at + _SYNCED_PERSIST_S - now)
+                    wait = min(timeouts)
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                batch: list[_Queued] = []
+                drop = None if self._stopping else self._drop
+                if not calls:
+                    if drop is None and len(self._queue) > _MAX_BATCH:
+                        # Bound a transaction's size; the rest goes in the next one at once.
+                        batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                    else:
+                        # With a drop planned, the gap record must come after everything queued.
+                        batch, self._queue = self._queue, []
+                    if drop is not None:
+                        gap = GapBody(from_seq=drop[2], to_seq=drop[1], reason="store_full")
+                        batch.append((self._chain.make(GAP_KIND, gap, time.time_ns()), None))
+                synced = self._synced_target
+            if calls:
+                self._run_calls(conn, calls)
+                continue
+            if not batch and drop is None and synced == self._synced_written:
+                self._housekeeping(conn)
+                continue
+            if self._commit(conn, batch, synced, drop):
+                self._backoff = 0.0
+                if not self._stopping:
+                    self._housekeeping(conn)
+
+    def _run_calls(
+        self,
+        conn: sqlite3.Connection,
+        calls: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]],
+    ) -> None:
+        for fn, done in calls:
+            try:
+                done.set_result(fn(conn))
+            except BaseException as exc:  # handed to the awaiting caller, not swallowed
+                done.set_exception(exc)
+
+    def _commit(
+        self, conn: sqlite3.Connection, batch: list[_Queued], synced: int, drop: tuple[int, int, int] | None
+    ) -> bool:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if drop is not None:
+                conn.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (drop[0], drop[1]))
+                conn.execute(_SET_META, ("deleted_through", str(drop[1])))
+            if batch:
+                conn.executemany(_INSERT, [_row(record) for record, _ in batch])
+            if synced != self._synced_written:
+                conn.execute(_SET_META, ("synced_seq", str(synced)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._commit_failed(conn, batch, exc)
+            return False
+        self._commits += 1
+        if synced != self._synced_written:
+            self._synced_written = synced
+            self._synced_written_at = time.monotonic()
+        if drop is not None:
+            self._drop = None
+            self._deleted_through = drop[1]
+            self._oldest = drop[1] + 1
+        if batch:
+            self._w_last_seq, self._w_last_hash = batch[-1][0].seq, batch[-1][0].hash
+            if self._oldest == 0:
+                self._oldest = batch[0][0].seq
+        if batch:
+            done = [(future, record.seq) for record, future in batch if future is not None]
+            self._to_loop(self._on_committed, done, self._w_last_seq)
+        return True
+
+    def _commit_failed(self, conn: sqlite3.Connection, batch: list[_Queued], exc: sqlite3.Error) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                log.warning("audit log: rollback after a failed commit failed: %s", rollback_exc)
+        # What is really in the file decides where the chain continues (a failed COMMIT may or may
+        # not have reached the disk); if the file cannot even be read, trust what we committed last.
+        last_seq, last_hash = self._w_last_seq, self._w_last_hash
+        try:
+            row = conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+            if row is not None:
+                last_seq, last_hash = int(row[0]), str(row[1])
+        except sqlite3.Error as read_exc:
+            log.warning("audit log: cannot read the tail after a failed commit: %s", read_exc)
+        with self._cond:
+            queued, self._queue = self._queue, []
+            self._chain.rewind(last_seq + 1, last_hash)
+        self._w_last_seq, self._w_last_hash = last_seq, last_hash
+        done: list[tuple[asyncio.Future[int], int]] = []
+        failed: list[asyncio.Future[int]] = []
+        for record, future in batch + queued:
+            if future is None:
+                continue
+            if record.seq <= last_seq:
+                done.append((future, record.seq))
+            else:
+                failed.append(future)
+        error = AuditUnavailable(f"audit commit failed; {len(failed)} record(s) not written", exc)
+        log.error("%s", error)
+        self._to_loop(self._on_failed, done, failed, error, last_seq)
+        self._backoff = min(_BACKOFF_MAX_S, max(_BACKOFF_MIN_S, self._backoff * 2))
+        self._retry_at = time.monotonic() + self._backoff
+
+    # ------------------------------------------------------------------ retention (writer thread)
+
+    def _measure(self, conn: sqlite3.Connection) -> int:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def _housekeeping(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._used_bytes = used = self._measure(conn)
+            now = time.monotonic()
+            sweep = now >= self._next_housekeeping
+            if used <= self.max_bytes and not sweep:
+                if self._full:
+                    self._full = False
+                return
+            if sweep:
+                self._next_housekeeping = now + _HOUSEKEEPING_S
+            self._delete_synced(conn, over=used > self.max_bytes)
+            self._used_bytes = used = self._measure(conn)
+            if used <= self.max_bytes:
+                self._full = False
+                return
+            if self.on_full == "block":
+                self._full = True
+                return
+            self._plan_drop(conn, used)
+        except sqlite3.Error as exc:
+            # Retention failing is not fatal to appends; say so and try again after the next commit.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as rollback_exc:
+                    log.warning("audit log: rollback after failed retention failed: %s", rollback_exc)
+            self.last_error = f"audit retention failed: {type(exc).__name__}: {exc}"
+            log.warning("%s", self.last_error)
+
+    def _delete_synced(self, conn: sqlite3.Connection, *, over: bool) -> None:
+        with self._cond:
+            synced = self._synced_target
+        # Never delete the newest record: it carries the chain's head across a restart.
+        limit = min(synced, self._w_last_seq - 1)
+        oldest = self._oldest
+        if limit < oldest or oldest == 0:
+            return
+        cutoff_ns = time.time_ns() - int(self.keep_synced_s * 1e9)
+        row = conn.execute(
+            "SELECT seq FROM records WHERE seq BETWEEN ? AND ? AND ts >= ? ORDER BY seq LIMIT 1",
+            (oldest, limit, cutoff_ns),
+        ).fetchone()
+        expired_to = limit if row is None else int(row[0]) - 1
+        delete_to = expired_to
+        if over:
+            used = self._used_bytes
+            count = max(1, self._w_last_seq - oldest + 1)
+            excess = used - _RETENTION_TARGET * self.max_bytes
+            need = max(1, math.ceil(excess / max(1.0, used / count)))
+            delete_to = max(expired_to, min(limit, oldest + need - 1))
+        if delete_to < oldest:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM records WHERE seq <= ?", (delete_to,))
+        conn.execute(_SET_META, ("deleted_through", str(delete_to)))
+        if synced != self._synced_written:
+            conn.execute(_SET_META, ("synced_seq", str(synced)))
+        conn.execute("COMMIT")
+        self._commits += 1
+        self._synced_written = synced
+        self._deleted_through = delete_to
+        self._oldest = delete_to + 1
+
+    def _plan_drop(self, conn: sqlite3.Connection, used: int) -> None:
+        oldest = self._oldest
+        newest_droppable = self._w_last_seq - 1
+        if oldest == 0 or newest_droppable < oldest:
+            return
+        count = max(1, self._w_last_seq - oldest + 1)
+        excess = used - _RETENTION_TARGET * self.max_bytes
+        need = max(1, math.ceil(excess / max(1.0, used / count)))
+        to_seq = min(newest_droppable, oldest + need - 1)
+        # A gap record inside the dropped range names older losses: the new one must cover them too.
+        gap_from = oldest
+        rows = conn.execute(f"{_SELECT} WHERE seq BETWEEN ? AND ? AND kind = ?", (oldest, to_seq, GAP_KIND)).fetchall()
+        for row in rows:
+            span = gap_range(_record(self.device, row))
+            if span is not None:
+                gap_from = min(gap_from, span[0])
+        log.warning("audit log full: dropping unsynced records %d..%d", oldest, to_seq)
+        with self._cond:
+            self._drop = (oldest, to_seq, gap_from)
+
+
+# ---------------------------------------------------------------------- reading a file without the writer
+
+
+def read_summary(path: Path) -> LogSummary:
+    """What an audit log file holds (device, seq range, synced_seq), read-only."""
+    conn = _connect_readonly(Path(path))
+    try:
+        device = _meta(conn, "device") or ""
+        first, last, count = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM records").fetchone()
+        return LogSummary(
+            path=str(path),
+            device=device,
+            records=int(count),
+            first_seq=int(first or 0),
+            last_seq=int(last or 0),
+            synced_seq=int(_meta(conn, "synced_seq") or 0),
+            deleted_through=int(_meta(conn, "deleted_through") or 0),
+        )
+    except sqlite3.Error as exc:
+        raise AuditUnavailable(f"cannot read audit log {str(path)!r}", exc) from exc
+    finally:
+        conn.close()
+
+
+def iter_records(
+    path: Path,
+    *,
+    from_seq: int = 1,
+    kinds: Iterable[str] | None = None,
+    since_ns: int | None = None,
+    to_seq: int | None = None,
+) -> Iterator[AuditRecord]:
+    """The records of an audit log file in seq order, read-only (for `edge audit tail|query|export`).
+
+    Safe while a runtime is writing the file (WAL readers see committed records only).
+    """
+    conn = _connect_readonly(Path(path))
+    try:
+        device = _meta(conn, "device") or ""
+        where = ["seq >= ?"]
+        args: list[object] = [from_seq]
+        if to_seq is not None:
+            where.append("seq <= ?")
+            args.append(to_seq)
+        kind_list = sorted(set(kinds)) if kinds is not None else None
+        if kind_list is not None:
+            where.append(f"kind IN ({', '.join('?' * len(kind_list))})")
+            args.extend(kind_list)
+        if since_ns is not None:
+            where.append("ts >= ?")
+            args.append(since_ns)
+        cursor = conn.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY seq", args)
+        while True:
+            rows = cursor.fetchmany(1000)
+            if not rows:
+                return
+            for row in rows:
+                yield _record(device, row)
+    except sqlite3.Error as exc:
+        raise AuditUnavailable(f"cannot read audit log {str(path)!r}", exc) from exc
+    finally:
+        conn.close()

@@ -1,0 +1,564 @@
+"""Replicates the audit log to a JetStream stream: every record exactly once, in seq order.
+
+One background task loops: connect → make sure the stream exists → ask the stream for the last
+message on `audit.<device>` and resume after it → publish unsynced records in seq order with up
+to `window` publishes in flight → on any error drop the connection, back off (with jitter,
+growing to a cap) and start again. Each message carries `Nats-Msg-Id: <device>:<seq>`,
+`Edge-Kind: <kind>` and `Nats-Expected-Stream`; the body is the record's wire JSON. A record
+counts as synced when its PubAck arrives; acks are taken strictly in send order, so synced_seq
+only ever advances over a contiguous prefix.
+
+Why order holds with many publishes in flight
+---------------------------------------------
+The danger is a *suffix without its prefix*: record k written to a socket that dies, k+1 kept in
+the client's reconnect buffer and flushed on the next connection; the stream then holds k+1
+without k, and "resume after the last message" would skip k forever. Hence:
+
+1. The uploader owns its connection, made by `connect()` with `allow_reconnect=False` and
+   `pending_size=0`: nothing is buffered across connections, a dead connection's unsent publishes
+   die with it, and publishing while disconnected fails at once instead of queueing.
+2. Within one connection, TCP delivers the publishes in order and the server stores them in that
+   order, so whatever of a connection's publishes reached the stream is a contiguous run
+   k, k+1, ..., j (unless the server *rejects* one, see 4).
+3. Every new connection starts by asking the stream (`get_last_msg`) and resumes after what it
+   holds, never after what this process believes. Publishes of the dead connection that the
+   server is still processing while the new one starts are contiguous runs too, and both runs
+   carry the same Msg-Ids, so the duplicate window (2 min) stores each seq once and in order.
+   Past the window, the query is what prevents duplicates after a crash between publish and
+   bookkeeping: the stream is the truth, the local synced_seq only an optimisation.
+4. A server-side error ack for k while k+1 succeeds (k too large for the stream's max_msg_size,
+   a limit hit and lifted...) would leave a hole. The uploader checks every ack in record order:
+   after an error it stops sending, settles what is in flight, and if a later record got in, the
+   hole cannot be closed in order any more: it is reported in `status()["holes"]` and logged,
+   never skipped silently (`resend(k, k)` repairs it out of order). If nothing later got in, the
+   record is retried on the next connection (and stays blocking, in `last_error`, until the
+   stream accepts it: a record is never skipped on purpose). The stream sequences of successive
+   acks must increase; anything else is reported as an anomaly and the connection is dropped.
+
+When the stream holds *less* than synced_seq (stream deleted and recreated, purged, restored from
+an older snapshot), the uploader moves synced_seq back and re-sends every record it still keeps
+after the stream's last; records it no longer keeps are reported in `status()["upstream_lost"]`.
+When the stream holds a seq *beyond* the local log, or a different record under the same seq,
+the local log was reset or replaced: the uploader refuses to publish and says so in `last_error`.
+
+Assumptions: the stream keeps messages by limits (not interest/work-queue retention), any
+`max_age` is longer than the device's longest offline period plus `keep_synced`, and one
+uploader at a time publishes for a device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import StorageType
+
+from ._errors import StreamMissing, SyncError
+from ._log import AuditLog
+from ._record import decode_record, hash_ok
+
+log = logging.getLogger("sync.uploader")
+
+_STREAM_NOT_FOUND = 10059  # JetStream err_code: stream not found
+_STREAM_NAME_IN_USE = 10058  # JetStream err_code: stream name already in use (created concurrently)
+_DUPLICATE_WINDOW_S = 120.0
+_READ_CHUNK = 512
+_MAX_REPORTED = 100  # holes / lost ranges kept for status()
+
+
+class UploaderState(enum.Enum):
+    """Where an Uploader is: NEW → CONNECTING → SYNCING ⇄ BACKOFF → CLOSED."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    SYNCING = "syncing"
+    BACKOFF = "backoff"
+    CLOSED = "closed"
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+_NO_RESPONDERS = "no responders"
+
+
+class _InFlight(msgspec.Struct):
+    seq: int
+    sent_at: float
+    resend: bool
+    done: bool = False
+    ack: _PubAck | None = None
+    problem: str = ""
+
+
+class _Rejected(SyncError):
+    """The stream refused a record (error ack); retried on the next connection."""
+
+
+class Uploader:
+    """Publishes the log's unsynced records to `audit.<device>` in `stream`, exactly once, in order.
+
+    `async with Uploader(log, connect):` starts the background task; leaving the block stops it and
+    closes its connection. `connect()` must return a *new* connection made with
+    `allow_reconnect=False, pending_size=0` (see the module docstring for why).
+    """
+
+    def __init__(
+        self,
+        log: AuditLog,
+        connect: Callable[[], Awaitable[Client]],
+        *,
+        stream: str = "EDGE_AUDIT",
+        create_stream: bool = False,
+        window: int = 256,
+        max_bytes_per_s: int | None = None,
+        retry_s: float = 0.5,
+        retry_max_s: float = 5.0,
+        ack_timeout_s: float = 5.0,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.log = log
+        self.stream = stream
+        self.subject = f"audit.{log.device}"
+        self.create_stream = create_stream
+        self.window = window
+        self.max_bytes_per_s = max_bytes_per_s
+        self.retry_s = retry_s
+        self.retry_max_s = max(retry_s, retry_max_s)
+        self.ack_timeout_s = ack_timeout_s
+        self.state = UploaderState.NEW
+        self.last_error: str | None = None
+        self._connect = connect
+        self._nc: Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._remove_listener: Callable[[], None] | None = None
+        self._progress = asyncio.Event()  # an ack arrived, a record was committed, or a kick
+        self._kick = asyncio.Event()  # skip the current back-off (sync_now, resend)
+        self._synced_changed = asyncio.Event()
+        self._stream_missing = False
+        self._in_flight = 0
+        self._published = 0
+        self._acked = 0
+        self._duplicates = 0
+        self._reconnects = 0
+        self._anomalies = 0
+        self._holes: list[tuple[int, int]] = []
+        self._upstream_lost: list[tuple[int, int]] = []
+        self._last_stream_seq = 0
+        self._resend: tuple[int, int] | None = None  # (next seq not yet acked, last seq) of a repair
+        self._resend_epoch = 0
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> Uploader:
+        if self.state is not UploaderState.NEW:
+            raise SyncError(f"an Uploader can be started once (state {self.state.value})")
+        self._remove_listener = self.log.add_listener(self.wake)
+        self.state = UploaderState.CONNECTING
+        self._task = asyncio.create_task(self._run(), name=f"audit-uploader-{self.log.device}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the task and close the connection. Idempotent."""
+        if self.state is UploaderState.CLOSED:
+            return
+        self.state = UploaderState.CLOSED
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._synced_changed.set()
+
+    # ------------------------------------------------------------------ public controls
+
+    def wake(self) -> None:
+        """New records were committed: publish them promptly (the log calls this after each commit)."""
+        self._progress.set()
+
+    # A timeout parameter on purpose: the `sync.now` command replies with the backlog left after it.
+    async def sync_now(self, timeout: float) -> int:  # noqa: ASYNC109
+        """Try to sync everything at once (skipping any back-off); returns the backlog after `timeout` at most."""
+        self._kick.set()
+        self._progress.set()
+        deadline = time.monotonic() + timeout
+        while self.log.backlog > 0 and self.state is not UploaderState.CLOSED:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._synced_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._synced_changed.wait()
+        return self.log.backlog
+
+    def resend(self, from_seq: int, to_seq: int | None = None) -> int:
+        """Re-send kept records from_seq..to_seq (default: up to synced_seq) to repair an upstream loss.
+
+        They go out with their original Msg-Ids, after everything the stream already holds (out of
+        order, unavoidably). Within the stream's duplicate window (2 min) the server drops them as
+        duplicates; records the stream still holds are stored a second time once past the window,
+        so pick the range `verify_upstream` reports missing. Returns how many seqs are queued.
+        """
+        end = self.log.synced_seq if to_seq is None else min(to_seq, self.log.synced_seq)
+        start = max(from_seq, self.log.oldest_seq, 1)
+        if end < start:
+            return 0
+        self._resend = (start, end)
+        self._resend_epoch += 1
+        self._kick.set()
+        self._progress.set()
+        return end - start + 1
+
+    @property
+    def connected(self) -> bool:
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready snapshot: connection, progress, and anything the stream refused or lost."""
+        return {
+            "state": self.state.value,
+            "connected": self.connected,
+            "stream": self.stream,
+            "subject": self.subject,
+            "synced_seq": self.log.synced_seq,
+            "backlog": self.log.backlog,
+            "in_flight": self._in_flight,
+            "published": self._published,
+            "acked": self._acked,
+            "duplicates": self._duplicates,
+            "reconnects": self._reconnects,
+            "anomalies": self._anomalies,
+            "last_stream_seq": self._last_stream_seq,
+            "stream_missing": self._stream_missing,
+            "holes": [list(r) for r in self._holes],
+            "upstream_lost": [list(r) for r in self._upstream_lost],
+            "resend": list(self._resend) if self._resend is not None else None,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ the task
+
+    async def _run(self) -> None:
+        delay = self.retry_s
+        while True:
+            self._kick.clear()
+            self.state = UploaderState.CONNECTING
+            acked_before = self._acked
+            try:
+                nc = await self._connect()
+            except Exception as exc:  # any failure to connect is reported and retried
+                self._report(exc)
+            else:
+                self._nc = nc
+                try:
+                    await self._session(nc)
+                except Exception as exc:  # the session ends on any error; reported, then reconnect
+                    self._report(exc)
+                finally:
+                    self._nc = None
+                    self._in_flight = 0
+                    await self._close_connection(nc)
+            if self._acked > acked_before:
+                delay = self.retry_s
+            self.state = UploaderState.BACKOFF
+            self._synced_changed.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay * random.uniform(0.8, 1.2)):
+                    await self._kick.wait()
+            delay = min(self.retry_max_s, delay * 2)
+            self._reconnects += 1
+
+    def _report(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        expected = (nats.errors.Error, OSError, TimeoutError, SyncError)
+        if isinstance(exc, expected):
+            log.warning("audit upload: %s", self.last_error)
+        else:
+            log.error("audit upload: unexpected error", exc_info=exc)
+
+    async def _close_connection(self, nc: Client) -> None:
+        if nc.is_closed:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await nc.close()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log.warning("audit upload: closing the connection failed: %s", exc)
+
+    async def _session(self, nc: Client) -> None:
+        js = nc.jetstream()
+        await self._ensure_stream(js)
+        next_seq = await self._resume(js)
+        self.state = UploaderState.SYNCING
+        self.last_error = None
+        if self._resend is not None:
+            log.info("audit upload: re-sending seqs %d..%d", *self._resend)
+        await self._pump(nc, next_seq)
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        try:
+            await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            if not self.create_stream:
+                self._stream_missing = True
+                raise StreamMissing(self.stream, self.subject) from None
+            try:
+                await js.add_stream(
+                    name=self.stream,
+                    subjects=["audit.>"],
+                    storage=StorageType.FILE,
+                    duplicate_window=_DUPLICATE_WINDOW_S,
+                )
+                log.info("audit upload: created stream %s", self.stream)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+        self._stream_missing = False
+
+    async def _resume(self, js: JetStreamContext) -> int:
+        """Ask the stream what it holds for this device; return the first seq to publish."""
+        try:
+            raw = await js.get_last_msg(self.stream, self.subject)
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                self._stream_missing = True
+                raise StreamMissing(self.stream, self.subject) from None
+            upstream = 0
+        else:
+            record = decode_record(raw.data or b"")
+            if record.device != self.log.device or not hash_ok(record):
+                raise SyncError(f"the last message on {self.subject} is not a valid record of this device")
+            upstream = record.seq
+            if upstream > self.log.last_seq:
+                raise SyncError(
+                    f"{self.stream} holds seq {upstream} for {self.log.device} but the local log ends at "
+                    f"{self.log.last_seq}: the local log was reset or replaced; not publishing"
+                )
+            local = await self.log.read(upstream, 1)
+            if local and local[0].seq == upstream and local[0].hash != record.hash:
+                raise SyncError(
+                    f"{self.stream} holds a different record under seq {upstream} than the local log: "
+                    "the local log was reset or replaced; not publishing"
+                )
+        synced = self.log.synced_seq
+        if upstream >= synced:
+            # The stream is the truth: what it holds was published, whatever we had noted.
+            self.log.mark_synced(upstream)
+            self._synced_changed.set()
+            return upstream + 1
+        # The stream lost records we had synced: send again what we still keep.
+        restart = max(upstream + 1, self.log.oldest_seq)
+        if restart > upstream + 1:
+            self._note(self._upstream_lost, (upstream + 1, restart - 1))
+            log.error(
+                "audit upload: %s lost seqs %d..%d of %s and they are no longer kept locally",
+                self.stream,
+                upstream + 1,
+                restart - 1,
+                self.log.device,
+            )
+        log.warning(
+            "audit upload: %s holds up to seq %d but %d were synced; re-sending from %d",
+            self.stream,
+            upstream,
+            synced,
+            restart,
+        )
+        self.log.rewind_synced(restart - 1)
+        return restart
+
+    async def _pump(self, nc: Client, next_seq: int) -> None:
+        # Acks come back on an inbox of our own rather than through js.publish_async: nats-py 2.16's
+        # publish_async never resolves the future of an error ack (its reply handler raises
+        # instead), which would turn "the stream refused k" into a timeout and a silent skip.
+        inbox = nc.new_inbox()
+        waiting: dict[str, _InFlight] = {}
+        prefix_len = len(inbox) + 1
+
+        async def on_reply(msg: Msg) -> None:
+            entry = waiting.pop(msg.subject[prefix_len:], None)
+            if entry is None:
+                return
+            if msg.headers and msg.headers.get("Status") == "503":
+                entry.problem = _NO_RESPONDERS
+            else:
+                try:
+                    entry.ack = _ack_decoder.decode(msg.data)
+                except msgspec.DecodeError as exc:
+                    entry.problem = f"undecodable publish ack: {exc}"
+            entry.done = True
+            self._progress.set()
+
+        sub = await nc.subscribe(f"{inbox}.*", cb=on_reply)
+        in_flight: collections.deque[_InFlight] = collections.deque()
+        self._last_stream_seq = 0
+        rejected: list[tuple[int, str]] = []
+        resend_next = 0
+        resend_epoch = -1
+        token = 0
+        headers = {"Nats-Expected-Stream": self.stream, "Nats-Msg-Id": "", "Edge-Kind": ""}
+        device = self.log.device
+        try:
+            while True:
+                self._progress.clear()
+                if nc.is_closed:
+                    raise nats.errors.ConnectionClosedError
+                self._check_ack_timeout(in_flight)
+                self._settle(in_flight, rejected)
+                self._in_flight = len(in_flight)
+                if rejected and not in_flight:
+                    seq, reason = rejected[0]
+                    raise _Rejected(f"{self.stream} rejected seq {seq}: {reason}")
+                room = self.window - len(in_flight)
+                rows: list[tuple[int, str, bytes]] = []
+                resend = False
+                if room > 0 and not rejected:
+                    if self._resend is not None:
+                        if resend_epoch != self._resend_epoch:
+                            # A new repair, or this connection's first look at one: start at the
+                            # first record not yet acked.
+                            resend_epoch = self._resend_epoch
+                            resend_next = self._resend[0]
+                        end = self._resend[1]
+                        if resend_next <= end:
+                            limit = min(room, _READ_CHUNK, end - resend_next + 1)
+                            rows = [r for r in await self.log._read_wire(resend_next, limit) if r[0] <= end]
+                            resend_next = rows[-1][0] + 1 if rows else end + 1
+                            resend = True
+                    elif next_seq <= self.log.last_seq:
+                        rows = await self.log._read_wire(next_seq, min(room, _READ_CHUNK))
+                        if rows:
+                            next_seq = rows[-1][0] + 1
+                for seq, kind, payload in rows:
+                    if self.max_bytes_per_s:
+                        await self._throttle(len(payload))
+                    token += 1
+                    entry = _InFlight(seq=seq, sent_at=time.monotonic(), resend=resend)
+                    waiting[str(token)] = entry
+                    in_flight.append(entry)
+                    headers["Nats-Msg-Id"] = f"{device}:{seq}"
+                    headers["Edge-Kind"] = kind
+                    await nc.publish(self.subject, payload, reply=f"{inbox}.{token}", headers=headers)
+                    self._published += 1
+                if rows:
+                    continue
+                tick = 0.25 if in_flight else 1.0
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(tick):
+                        await self._progress.wait()
+        finally:
+            waiting.clear()
+            if not nc.is_closed:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+    def _check_ack_timeout(self, in_flight: collections.deque[_InFlight]) -> None:
+        if not in_flight or time.monotonic() - in_flight[0].sent_at <= self.ack_timeout_s:
+            return
+        head = in_flight[0]
+        if any(e.done and e.ack is not None and e.ack.error is None for e in in_flight):
+            # The server answered later records but never this one: treat it as refused, so a
+            # later record that got in makes it a reported hole rather than a silent skip.
+            head.problem = f"no publish ack in {self.ack_timeout_s}s while later records were acked"
+            head.done = True
+            return
+        raise TimeoutError(f"no publish ack for seq {head.seq} in {self.ack_timeout_s}s")
+
+    def _settle(self, in_flight: collections.deque[_InFlight], rejected: list[tuple[int, str]]) -> None:
+        """Take the acks that arrived, in send order; advance synced_seq over the contiguous prefix."""
+        synced_to = 0
+        while in_flight and in_flight[0].done:
+            entry = in_flight.popleft()
+            if entry.problem == _NO_RESPONDERS:
+                self._stream_missing = True
+                raise StreamMissing(self.stream, self.subject)
+            ack = entry.ack
+            if ack is None or ack.error is not None:
+                # The server refused this record. Keep settling: if a later one gets in, this one
+                # is a hole in the stream.
+                if ack is not None and ack.error is not None:
+                    reason = f"{ack.error.description} (err_code {ack.error.err_code})"
+                else:
+                    reason = entry.problem
+                log.error("audit upload: %s refused seq %d: %s", self.stream, entry.seq, reason)
+                rejected.append((entry.seq, reason))
+                continue
+            self._acked += 1
+            if ack.duplicate:
+                self._duplicates += 1
+            elif ack.seq <= self._last_stream_seq or ack.stream != self.stream:
+                self._anomalies += 1
+                raise SyncError(
+                    f"unexpected ack for seq {entry.seq}: stored in {ack.stream!r} at {ack.seq} "
+                    f"after {self._last_stream_seq}"
+                )
+            else:
+                self._last_stream_seq = ack.seq
+            if entry.resend:
+                if self._resend is not None:
+                    self._resend = None if entry.seq >= self._resend[1] else (entry.seq + 1, self._resend[1])
+                continue
+            if rejected:
+                # A later record got in after a refused one: the refused ones can no longer go in order.
+                for seq, reason in rejected:
+                    self._note(self._holes, (seq, seq))
+                    self.last_error = f"{self.stream} rejected seq {seq} and later records got in: {reason}"
+                    log.error("audit upload: %s", self.last_error)
+                rejected.clear()
+            synced_to = entry.seq
+        if synced_to:
+            self.log.mark_synced(synced_to)
+            self._synced_changed.set()
+
+    async def _throttle(self, size: int) -> None:
+        rate = float(self.max_bytes_per_s or 0)
+        now = time.monotonic()
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        self._tokens -= size
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / rate)  # rate limiting: pay the debt in time
+
+    @staticmethod
+    def _note(ranges: list[tuple[int, int]], span: tuple[int, int]) -> None:
+        if ranges and ranges[-1][1] + 1 == span[0]:
+            ranges[-1] = (ranges[-1][0], span[1])
+        elif len(ranges) < _MAX_REPORTED:
+            ranges.append(span)

@@ -1,0 +1,173 @@
+"""Helpers to run a real Runtime (in-process or as a subprocess) against real nats-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from edge._config import Config, decode_config
+from models import bundled_model_path
+
+PUMP_INPUT = {"rms": "float", "kurtosis": "float", "temp_c": "float", "rpm": "float", "asset": "str?"}
+PUMP_RULES = [
+    {"when": "temp_c > 95 or rms > 7.5", "action": "shutdown", "label": "critical"},
+    {"when": "rms > 4.5 and kurtosis > 5", "action": "inspect", "label": "anomaly"},
+    {"default": True, "action": "none", "label": "normal"},
+]
+NORMAL = {"rms": 1.2, "kurtosis": 3.0, "temp_c": 45.0, "rpm": 1480.0, "asset": "p1"}
+ANOMALY = {"rms": 5.5, "kurtosis": 7.0, "temp_c": 60.0, "rpm": 1480.0, "asset": "p1"}
+CRITICAL = {"rms": 9.0, "kurtosis": 4.0, "temp_c": 99.0, "rpm": 1480.0, "asset": "p1"}
+
+
+def config_data(tmp_path: Path, local_url: str, *, upstream_url: str = "", device: str = "gw-test",
+                pipeline: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """A pump config as plain data, pointing at the given servers; override any part."""
+    p: dict[str, Any] = {
+        "name": "pump",
+        "subscribe": ["sensors.*.pump"],
+        "input": PUMP_INPUT,
+        "ladder": ["model", "rules"],
+        "model": "pump-anomaly",
+        "min_confidence": 0.8,
+        "rules": PUMP_RULES,
+        "labels": {"anomaly": "inspect", "critical": "shutdown", "normal": "none"},
+    }
+    p.update(pipeline or {})
+    data: dict[str, Any] = {
+        "device_id": device,
+        "data_dir": str(tmp_path / f"var-{device}"),
+        "nats": {"local": local_url, "upstream": upstream_url},
+        "link": {"probe_interval_ms": 100, "probe_timeout_ms": 100, "breaker_failures": 3, "breaker_reset_ms": 500},
+        "audit": {"create_stream": True},
+        "models": [{"name": "pump-anomaly", "path": str(bundled_model_path())}],
+        "pipelines": [p],
+    }
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+def make_config(tmp_path: Path, local_url: str, **kwargs: Any) -> Config:
+    return decode_config(config_data(tmp_path, local_url, **kwargs), base_dir=tmp_path, env={})
+
+
+def write_config(tmp_path: Path, data: dict[str, Any], name: str = "edge.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(_to_toml(data))
+    return path
+
+
+def _to_toml(data: dict[str, Any]) -> str:
+    # A tiny TOML writer for test configs (tables of scalars, lists and inline tables).
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return msgspec.json.encode(v).decode()
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items()
+             if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"[{k}]")
+            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines.append(f"[[{k}]]")
+                lines += [f"{kk} = {value(vv)}" for kk, vv in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Collector:
+    """Subscribes to a subject and keeps every message; wait for counts with a deadline."""
+
+    def __init__(self) -> None:
+        self.messages: list[Msg] = []
+        self._changed = asyncio.Event()
+
+    async def start(self, nc: NATS, subject: str) -> Collector:
+        async def on_message(msg: Msg) -> None:
+            self.messages.append(msg)
+            self._changed.set()
+
+        await nc.subscribe(subject, cb=on_message)
+        await nc.flush()
+        return self
+
+    def decoded(self) -> list[dict[str, Any]]:
+        return [msgspec.json.decode(m.data) for m in self.messages]
+
+    async def wait_for(self, count: int, within: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while len(self.messages) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"expected {count} messages, got {len(self.messages)} in {within}s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                continue
+        return self.decoded()
+
+
+async def poll(predicate: Callable[[], bool], within: float = 10.0, interval: float = 0.02) -> None:
+    """Poll with a deadline until `predicate()` holds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(interval)  # poll with deadline
+
+
+async def wait_until_answering(nc: NATS, subject: str, payload: bytes, within: float = 20.0) -> Msg:
+    """Request until someone answers (a runtime starting in another process), with a deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await nc.request(subject, payload, timeout=0.5)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # poll with deadline
+
+
+async def connect(url: str, **options: Any) -> NATS:
+    return await nats.connect(url, **options)
+
+
+def start_runtime_process(config_path: Path, *extra: str, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """`edge run -c config_path` as a child process; its log goes to `log_path` (beside the config)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = log_path or config_path.with_suffix(".log")
+    with log_path.open("ab") as log_file:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge", "--log-format", "json", "run", "-c", str(config_path), *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, env=env,
+        )
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    return msgspec.json.encode(data)

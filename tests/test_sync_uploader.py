@@ -1,0 +1,246 @@
+"""The Uploader against real nats-servers: exactly once, in order, through restarts and stream loss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StorageType
+
+from edge import NatsServer
+from sync import AuditLog, Chain, StreamMissing, Uploader, UploaderState, encode_record, verify_upstream
+from tests.nats_harness import ServerFactory
+from tests.sync_helpers import wait_until
+
+BODY = {"reading": "x" * 300, "rms": 4.2, "label": "normal"}
+FAST = {"retry_s": 0.05, "retry_max_s": 0.3}
+
+
+def connector(server: NatsServer) -> Callable[[], Awaitable[Client]]:
+    async def quiet(exc: Exception) -> None:
+        pass  # the uploader reports connection errors itself
+
+    async def connect() -> Client:
+        return await nats.connect(
+            server.url, allow_reconnect=False, pending_size=0, connect_timeout=1, error_cb=quiet
+        )
+
+    return connect
+
+
+@contextlib.asynccontextmanager
+async def admin(server: NatsServer) -> AsyncIterator[Client]:
+    nc = await nats.connect(server.url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def stream_seqs(server: NatsServer, stream: str = "EDGE_AUDIT") -> list[int]:
+    """The record seqs in the stream, in stream order."""
+    async with admin(server) as nc:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        seqs = []
+        for n in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, n)
+            assert msg.data is not None
+            seqs.append(int(msg.data.split(b'"seq":')[1].split(b",")[0]))
+        return seqs
+
+
+async def test_a_backlog_is_synced_exactly_once_in_order_with_msg_ids(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(2000)])
+        await log.append("link", {"state": "up"})
+        async with Uploader(log, connector(nats_server), create_stream=True, **FAST) as uploader:
+            assert await uploader.sync_now(20) == 0
+            status = uploader.status()
+            assert status["state"] == "syncing" and status["connected"] is True
+            assert status["published"] == status["acked"] == 2001 and status["duplicates"] == 0
+        assert log.synced_seq == 2001
+    async with admin(nats_server) as nc:
+        js = nc.jetstream()
+        info = await js.stream_info("EDGE_AUDIT")
+        assert info.config.storage == StorageType.FILE and info.config.duplicate_window == 120
+        msg = await js.get_msg("EDGE_AUDIT", 2001)
+        assert msg.subject == "audit.gw-1"
+        assert msg.headers is not None
+        assert msg.headers["Nats-Msg-Id"] == "gw-1:2001" and msg.headers["Edge-Kind"] == "link"
+        report = (await verify_upstream(js, device="gw-1"))["gw-1"]
+    assert report.ok, report.summary()
+    assert (report.records, report.first_seq, report.last_seq, report.out_of_order) == (2001, 1, 2001, 0)
+    assert await stream_seqs(nats_server) == list(range(1, 2002))
+
+
+async def test_steady_appends_through_upstream_stop_and_kill(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with AuditLog(tmp_path / "audit.db", "gw-1", commit_interval_ms=1) as log:
+        stop = asyncio.Event()
+
+        async def appender() -> None:
+            while not stop.is_set():
+                await log.append("decision", BODY)
+                await asyncio.sleep(0.001)  # a steady trickle of decisions
+
+        async with Uploader(log, connector(nats_server), create_stream=True, window=64, **FAST) as uploader:
+            task = asyncio.create_task(appender())
+            try:
+                for outage in (nats_server.stop, nats_server.kill, nats_server.kill, nats_server.stop):
+                    mark = log.last_seq
+                    await wait_until(lambda m=mark: log.synced_seq > m + 50, what="sync while up")  # type: ignore[misc]
+                    await outage()
+                    mark = log.last_seq
+                    await wait_until(lambda m=mark: log.last_seq > m + 100, what="appends while down")  # type: ignore[misc]
+                    assert not uploader.connected
+                    await nats_server.start()
+            finally:
+                stop.set()
+                await task
+            assert await uploader.sync_now(20) == 0
+            assert uploader.status()["reconnects"] >= 4
+            last = log.last_seq
+    async with admin(nats_server) as nc:
+        report = (await verify_upstream(nc.jetstream(), device="gw-1"))["gw-1"]
+    assert report.ok, report.summary()
+    assert (report.records, report.last_seq, report.duplicates) == (last, last, 0)
+
+
+async def test_stream_deleted_and_recreated_is_refilled_from_the_kept_records(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    # Chosen behaviour: the stream lost what we had synced, so synced_seq moves back and every record
+    # still kept locally (keep_synced) goes out again, in order, into the new stream.
+    async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(300)])
+        async with Uploader(log, connector(nats_server), create_stream=True, **FAST) as uploader:
+            assert await uploader.sync_now(20) == 0
+            async with admin(nats_server) as nc:
+                await nc.jetstream().delete_stream("EDGE_AUDIT")
+            await asyncio.gather(*[log.append("decision", BODY) for _ in range(100)])
+            await wait_until(lambda: log.synced_seq == 400 and log.backlog == 0, what="refill")
+            assert uploader.status()["upstream_lost"] == []
+    assert await stream_seqs(nats_server) == list(range(1, 401))
+
+
+async def test_a_missing_stream_is_reported_and_sync_resumes_once_it_exists(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(50)])
+        async with Uploader(log, connector(nats_server), create_stream=False, **FAST) as uploader:
+            await wait_until(lambda: uploader.status()["stream_missing"] is True, what="stream_missing")
+            assert "nats stream add EDGE_AUDIT" in str(uploader.last_error)
+            assert log.synced_seq == 0
+            async with admin(nats_server) as nc:
+                await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120)
+            assert await uploader.sync_now(10) == 0
+            assert uploader.status()["stream_missing"] is False
+    assert await stream_seqs(nats_server) == list(range(1, 51))
+    assert issubclass(StreamMissing, Exception)
+
+
+async def test_a_restarted_uploader_behind_the_stream_does_not_duplicate(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    path = tmp_path / "audit.db"
+    async with admin(nats_server) as nc:
+        # A tiny duplicate window: the stream's own de-duplication cannot hide a re-send.
+        await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=0.1)
+    async with AuditLog(path, "gw-1") as log:
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(500)])
+        async with Uploader(log, connector(nats_server), **FAST) as uploader:
+            assert await uploader.sync_now(20) == 0
+    # A crash between publish and bookkeeping: the file forgot what was synced.
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '0' WHERE key = 'synced_seq'")
+    async with AuditLog(path, "gw-1") as log:
+        assert log.synced_seq == 0 and log.backlog == 500
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(10)])
+        async with Uploader(log, connector(nats_server), **FAST) as uploader:
+            assert await uploader.sync_now(20) == 0
+            assert uploader.status()["published"] == 10  # only the new records went out
+    assert await stream_seqs(nats_server) == list(range(1, 511))
+
+
+async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with admin(nats_server) as nc:
+        js = nc.jetstream()
+        await js.add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120, max_msg_size=4096)
+        async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+            huge = {"blob": "z" * 8000}
+            futures = [log.append("decision", huge if i == 5 else BODY) for i in range(1, 11)]
+            await asyncio.gather(*futures)
+            async with Uploader(log, connector(nats_server), **FAST) as uploader:
+                # 5 is refused while 6..10, already in flight, get in: a hole, said out loud.
+                await wait_until(lambda: log.synced_seq == 10, what="sync past the refused record")
+                status = uploader.status()
+                assert status["holes"] == [[5, 5]]
+                assert "rejected seq 5" in str(status["last_error"])
+                report = (await verify_upstream(js, device="gw-1"))["gw-1"]
+                assert report.missing == [(5, 5)] and not report.ok
+
+                # A refused record with nothing after it blocks the sync instead of being skipped.
+                await log.append("decision", huge)
+                await wait_until(lambda: "rejected seq 11" in str(uploader.last_error), what="refusal of 11")
+                assert await uploader.sync_now(0.3) == 1
+
+                # The operator lifts the limit: 11 goes out, and resend() repairs 5 (out of order).
+                await js.update_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120)
+                assert await uploader.sync_now(10) == 0
+                assert uploader.resend(5, 5) == 1
+                await wait_until(lambda: uploader.status()["resend"] is None, what="resend of 5")
+        report = (await verify_upstream(js, device="gw-1"))["gw-1"]
+        assert report.missing == [] and report.out_of_order == 1 and report.duplicates == 0
+    assert await stream_seqs(nats_server) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 5]
+
+
+async def test_refuses_to_publish_when_the_stream_is_ahead_of_the_local_log(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with admin(nats_server) as nc:
+        js = nc.jetstream()
+        await js.add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120)
+        other = Chain("gw-1")
+        for _ in range(30):
+            await js.publish("audit.gw-1", encode_record(other.make("decision", {}, ts=1)))
+    async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+        await log.append("decision", BODY)
+        async with Uploader(log, connector(nats_server), **FAST) as uploader:
+            await wait_until(lambda: "reset or replaced" in str(uploader.last_error), what="refusal")
+            assert uploader.status()["published"] == 0 and log.synced_seq == 0
+
+
+async def test_bandwidth_cap_slows_the_catch_up(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(60)])  # ~30 KB of records
+        started = time.monotonic()
+        async with Uploader(
+            log, connector(nats_server), create_stream=True, max_bytes_per_s=50_000, **FAST
+        ) as uploader:
+            assert await uploader.sync_now(10) == 0
+        assert time.monotonic() - started >= 0.4
+
+
+async def test_close_is_idempotent_and_stops_the_task(tmp_path: Path, nats_servers: ServerFactory) -> None:
+    server = await nats_servers("hub")
+    async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
+        uploader = Uploader(log, connector(server), create_stream=True, **FAST)
+        async with uploader:
+            await log.append("start", {})
+            assert await uploader.sync_now(10) == 0
+        await uploader.close()
+        assert uploader.state is UploaderState.CLOSED and not uploader.connected
+        await log.append("stop", {})
+        assert log.backlog == 1  # nobody is syncing any more
+    with pytest.raises(ValueError):
+        Uploader(log, connector(server), window=0)
