@@ -309,12 +309,16 @@ class Runtime:
             upstream = self.upstream
             if upstream is None or not self.link.begin_probe():
                 continue
+            if not upstream.is_connected:
+                self.link.probe_failed("disconnected")
+                continue
             started = time.perf_counter()
             try:
                 if link_config.probe_subject:
                     await upstream.request(link_config.probe_subject, b"", timeout=timeout)
                 else:
-                    await upstream.flush(timeout=timeout)
+                    # rtt(), not flush(): flush() returns at once, unanswered, while nats-py reconnects.
+                    await upstream.rtt(timeout=timeout)
             except (TimeoutError, nats.errors.Error) as exc:
                 self.link.probe_failed(type(exc).__name__)
             else:

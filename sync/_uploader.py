@@ -124,7 +124,9 @@ class Uploader:
 
     `async with Uploader(log, connect):` starts the background task; leaving the block stops it and
     closes its connection. `connect()` must return a *new* connection made with
-    `allow_reconnect=False, pending_size=0` (see the module docstring for why).
+    `allow_reconnect=False, pending_size=0` (see the module docstring for why); pass also
+    `max_reconnect_attempts=1` and a short `reconnect_time_wait`, or nats-py's connect retries a
+    refused server for minutes before giving up (it does so even with allow_reconnect=False).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class Uploader:
         retry_s: float = 0.5,
         retry_max_s: float = 5.0,
         ack_timeout_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -151,6 +154,7 @@ class Uploader:
         self.retry_s = retry_s
         self.retry_max_s = max(retry_s, retry_max_s)
         self.ack_timeout_s = ack_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -282,7 +286,8 @@ class Uploader:
             self.state = UploaderState.CONNECTING
             acked_before = self._acked
             try:
-                nc = await self._connect()
+                async with asyncio.timeout(self.connect_timeout_s):
+                    nc = await self._connect()
             except Exception as exc:  # any failure to connect is reported and retried
                 self._report(exc)
             else:
@@ -507,8 +512,9 @@ class Uploader:
         while in_flight and in_flight[0].done:
             entry = in_flight.popleft()
             if entry.problem == _NO_RESPONDERS:
-                self._stream_missing = True
-                raise StreamMissing(self.stream, self.subject)
+                # Nothing answered on the subject: the stream was deleted, or JetStream is shutting
+                # down or not up yet. The next connection's stream check tells which.
+                raise SyncError(f"no JetStream responder for {self.subject} (seq {entry.seq})")
             ack = entry.ack
             if ack is None or ack.error is not None:
                 # The server refused this record. Keep settling: if a later one gets in, this one

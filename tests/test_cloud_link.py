@@ -128,7 +128,9 @@ FAULTS: dict[str, tuple[Action, Action, set[str]]] = {
     "proxy-close": (_proxy("close"), _proxy("pass_through"), {"unreachable", "breaker_open", "timeout"}),
     "proxy-reset": (_proxy("reset"), _proxy("pass_through"), {"unreachable", "breaker_open", "timeout"}),
     "proxy-blackhole": (_proxy("blackhole"), _proxy("pass_through"), {"timeout", "breaker_open", "unreachable"}),
-    "high-latency": (_proxy("latency", 2 * TIMEOUT_MS), _proxy("pass_through"), {"timeout", "breaker_open"}),
+    # A slow link may also be declared stale by the client's own pings, and reconnect.
+    "high-latency": (_proxy("latency", 2 * TIMEOUT_MS), _proxy("pass_through"),
+                     {"timeout", "breaker_open", "unreachable"}),
     "flapping": (_flap, _noop, {"unreachable", "breaker_open", "timeout"}),
     "server-restarted": (_restart, _noop, {"unreachable", "breaker_open", "timeout"}),
 }

@@ -177,7 +177,7 @@ async def test_failed_commits_fail_their_futures_and_do_not_break_the_chain(tmp_
         await log._run_in_writer(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
         seqs = [await log.append("decision", {"after": i}) for i in range(5)]
         assert seqs == [21, 22, 23, 24, 25]  # the failed seqs are reused: still gap-free
-        assert log.state is LogState.OPEN
+        assert log.status()["state"] == "open"
     assert seqs_in(path) == list(range(1, 26))
     report = verify_chain(path)
     assert report.ok, report.problem
@@ -190,7 +190,8 @@ async def test_drop_oldest_writes_a_gap_record_naming_what_was_lost(tmp_path: Pa
             await asyncio.gather(*[log.append("decision", BODY) for _ in range(60)])
         assert log.oldest_seq > 1
         last = log.last_seq
-        assert log.used_bytes <= 64 * 1024 * 1.2
+        # Retention converges: once appends stop, the store is back under max_bytes.
+        await wait_until(lambda: log.used_bytes <= 64 * 1024, what="retention under max_bytes")
     records = list(iter_records(path))
     gaps = [msgspec.json.decode(bytes(r.body)) for r in records if r.kind == GAP_KIND]
     assert gaps and all(g["reason"] == "store_full" for g in gaps)

@@ -84,8 +84,13 @@ def test_tampering_with_any_field_is_detected(field: str) -> None:
     record = chain.make("k", {"v": 2}, ts=11)
     assert hash_ok(record)
     changes: dict[str, object] = {
-        "device": "gw-2", "seq": 3, "ts": 12, "kind": "x", "body": msgspec.Raw(b'{"v":3}'),
-        "prev": "f" * 64, "hash": "0" * 64,
+        "device": "gw-2",
+        "seq": 3,
+        "ts": 12,
+        "kind": "x",
+        "body": msgspec.Raw(b'{"v":3}'),
+        "prev": "f" * 64,
+        "hash": "0" * 64,
     }
     forged = msgspec.structs.replace(record, **{field: changes[field]})
     assert not hash_ok(forged)

@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -20,7 +21,6 @@ from tests.nats_harness import ServerFactory
 from tests.sync_helpers import wait_until
 
 BODY = {"reading": "x" * 300, "rms": 4.2, "label": "normal"}
-FAST = {"retry_s": 0.05, "retry_max_s": 0.3}
 
 
 def connector(server: NatsServer) -> Callable[[], Awaitable[Client]]:
@@ -29,10 +29,21 @@ def connector(server: NatsServer) -> Callable[[], Awaitable[Client]]:
 
     async def connect() -> Client:
         return await nats.connect(
-            server.url, allow_reconnect=False, pending_size=0, connect_timeout=1, error_cb=quiet
+            server.url,
+            allow_reconnect=False,
+            pending_size=0,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.01,  # nats-py only sleeps it: a float works
+            connect_timeout=1,
+            error_cb=quiet,
         )
 
     return connect
+
+
+def uploading(log: AuditLog, server: NatsServer, **options: Any) -> Uploader:
+    """An Uploader that retries fast, as tests need."""
+    return Uploader(log, connector(server), retry_s=0.05, retry_max_s=0.3, **options)
 
 
 @contextlib.asynccontextmanager
@@ -57,13 +68,11 @@ async def stream_seqs(server: NatsServer, stream: str = "EDGE_AUDIT") -> list[in
         return seqs
 
 
-async def test_a_backlog_is_synced_exactly_once_in_order_with_msg_ids(
-    tmp_path: Path, nats_server: NatsServer
-) -> None:
+async def test_a_backlog_is_synced_exactly_once_in_order_with_msg_ids(tmp_path: Path, nats_server: NatsServer) -> None:
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(2000)])
         await log.append("link", {"state": "up"})
-        async with Uploader(log, connector(nats_server), create_stream=True, **FAST) as uploader:
+        async with uploading(log, nats_server, create_stream=True) as uploader:
             assert await uploader.sync_now(20) == 0
             status = uploader.status()
             assert status["state"] == "syncing" and status["connected"] is True
@@ -92,7 +101,7 @@ async def test_steady_appends_through_upstream_stop_and_kill(tmp_path: Path, nat
                 await log.append("decision", BODY)
                 await asyncio.sleep(0.001)  # a steady trickle of decisions
 
-        async with Uploader(log, connector(nats_server), create_stream=True, window=64, **FAST) as uploader:
+        async with uploading(log, nats_server, create_stream=True, window=64) as uploader:
             task = asyncio.create_task(appender())
             try:
                 for outage in (nats_server.stop, nats_server.kill, nats_server.kill, nats_server.stop):
@@ -107,7 +116,8 @@ async def test_steady_appends_through_upstream_stop_and_kill(tmp_path: Path, nat
                 stop.set()
                 await task
             assert await uploader.sync_now(20) == 0
-            assert uploader.status()["reconnects"] >= 4
+            reconnects = uploader.status()["reconnects"]
+            assert isinstance(reconnects, int) and reconnects >= 4
             last = log.last_seq
     async with admin(nats_server) as nc:
         report = (await verify_upstream(nc.jetstream(), device="gw-1"))["gw-1"]
@@ -122,7 +132,7 @@ async def test_stream_deleted_and_recreated_is_refilled_from_the_kept_records(
     # still kept locally (keep_synced) goes out again, in order, into the new stream.
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(300)])
-        async with Uploader(log, connector(nats_server), create_stream=True, **FAST) as uploader:
+        async with uploading(log, nats_server, create_stream=True) as uploader:
             assert await uploader.sync_now(20) == 0
             async with admin(nats_server) as nc:
                 await nc.jetstream().delete_stream("EDGE_AUDIT")
@@ -137,7 +147,7 @@ async def test_a_missing_stream_is_reported_and_sync_resumes_once_it_exists(
 ) -> None:
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(50)])
-        async with Uploader(log, connector(nats_server), create_stream=False, **FAST) as uploader:
+        async with uploading(log, nats_server, create_stream=False) as uploader:
             await wait_until(lambda: uploader.status()["stream_missing"] is True, what="stream_missing")
             assert "nats stream add EDGE_AUDIT" in str(uploader.last_error)
             assert log.synced_seq == 0
@@ -158,7 +168,7 @@ async def test_a_restarted_uploader_behind_the_stream_does_not_duplicate(
         await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=0.1)
     async with AuditLog(path, "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(500)])
-        async with Uploader(log, connector(nats_server), **FAST) as uploader:
+        async with uploading(log, nats_server) as uploader:
             assert await uploader.sync_now(20) == 0
     # A crash between publish and bookkeeping: the file forgot what was synced.
     with sqlite3.connect(path) as conn:
@@ -166,7 +176,7 @@ async def test_a_restarted_uploader_behind_the_stream_does_not_duplicate(
     async with AuditLog(path, "gw-1") as log:
         assert log.synced_seq == 0 and log.backlog == 500
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(10)])
-        async with Uploader(log, connector(nats_server), **FAST) as uploader:
+        async with uploading(log, nats_server) as uploader:
             assert await uploader.sync_now(20) == 0
             assert uploader.status()["published"] == 10  # only the new records went out
     assert await stream_seqs(nats_server) == list(range(1, 511))
@@ -180,7 +190,7 @@ async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Pat
             huge = {"blob": "z" * 8000}
             futures = [log.append("decision", huge if i == 5 else BODY) for i in range(1, 11)]
             await asyncio.gather(*futures)
-            async with Uploader(log, connector(nats_server), **FAST) as uploader:
+            async with uploading(log, nats_server) as uploader:
                 # 5 is refused while 6..10, already in flight, get in: a hole, said out loud.
                 await wait_until(lambda: log.synced_seq == 10, what="sync past the refused record")
                 status = uploader.status()
@@ -215,7 +225,7 @@ async def test_refuses_to_publish_when_the_stream_is_ahead_of_the_local_log(
             await js.publish("audit.gw-1", encode_record(other.make("decision", {}, ts=1)))
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await log.append("decision", BODY)
-        async with Uploader(log, connector(nats_server), **FAST) as uploader:
+        async with uploading(log, nats_server) as uploader:
             await wait_until(lambda: "reset or replaced" in str(uploader.last_error), what="refusal")
             assert uploader.status()["published"] == 0 and log.synced_seq == 0
 
@@ -224,9 +234,7 @@ async def test_bandwidth_cap_slows_the_catch_up(tmp_path: Path, nats_server: Nat
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(60)])  # ~30 KB of records
         started = time.monotonic()
-        async with Uploader(
-            log, connector(nats_server), create_stream=True, max_bytes_per_s=50_000, **FAST
-        ) as uploader:
+        async with uploading(log, nats_server, create_stream=True, max_bytes_per_s=50_000) as uploader:
             assert await uploader.sync_now(10) == 0
         assert time.monotonic() - started >= 0.4
 
@@ -234,7 +242,7 @@ async def test_bandwidth_cap_slows_the_catch_up(tmp_path: Path, nats_server: Nat
 async def test_close_is_idempotent_and_stops_the_task(tmp_path: Path, nats_servers: ServerFactory) -> None:
     server = await nats_servers("hub")
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
-        uploader = Uploader(log, connector(server), create_stream=True, **FAST)
+        uploader = uploading(log, server, create_stream=True)
         async with uploader:
             await log.append("start", {})
             assert await uploader.sync_now(10) == 0
@@ -243,4 +251,4 @@ async def test_close_is_idempotent_and_stops_the_task(tmp_path: Path, nats_serve
         await log.append("stop", {})
         assert log.backlog == 1  # nobody is syncing any more
     with pytest.raises(ValueError):
-        Uploader(log, connector(server), window=0)
+        uploading(log, server, window=0)
