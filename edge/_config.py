@@ -9,6 +9,7 @@ config is either wholly valid or rejected; nothing here has side effects.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -244,6 +245,29 @@ def encode_config(config: Config, *, redact: bool = True) -> dict[str, Any]:
     return data
 
 
+def config_sha256(config: Config) -> str:
+    """A fingerprint of a config's content (what operators compare across a fleet)."""
+    return hashlib.sha256(msgspec.json.encode(encode_config(config, redact=False), order="sorted")).hexdigest()
+
+
+def write_persisted_config(path: Path, config: Config) -> None:
+    """Keep a config in `data_dir` so a restart comes back with it (written atomically)."""
+    data = {"base_dir": config.base_dir, "config": encode_config(config, redact=False)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(data))
+    os.replace(tmp, path)
+
+
+def read_persisted_config(path: Path) -> Config:
+    """A config written by `write_persisted_config`, checked again as if it were new."""
+    try:
+        data = msgspec.json.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError) as exc:
+        raise ConfigError([Problem("", f"cannot read the persisted config: {exc}")], str(path)) from None
+    base = Path(data.get("base_dir") or ".")
+    return decode_config(data["config"], source=str(path), base_dir=base, env={})
+
+
 def _problem_from_msgspec(message: str) -> Problem:
     # msgspec says "Expected `int`, got `str` - at `$.pipelines[0].max_input_bytes`".
     text, sep, where = message.rpartition(" - at `")
@@ -397,12 +421,12 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
             yield Problem(f"{where}.{key}", f"unknown model {name!r} (define it under [[models]])")
             continue
         for feature in model_features[name]:
-            kind = p.input.get(feature)
-            if kind is None:
+            wanted = p.input.get(feature)
+            if wanted is None:
                 yield Problem(f"{where}.{key}",
                               f"model {name!r} needs input field {feature!r}, which the pipeline's input lacks")
-            elif kind not in ("float", "int"):
-                yield Problem(f"{where}.input.{feature}", f"model {name!r} needs a required number, got {kind!r}")
+            elif wanted not in ("float", "int"):
+                yield Problem(f"{where}.input.{feature}", f"model {name!r} needs a required number, got {wanted!r}")
     if "cloud" in p.ladder and p.cloud is None:
         yield Problem(f"{where}.cloud", "the ladder has 'cloud' but no cloud = {subject, timeout_ms} is set")
     if p.cloud is not None:

@@ -34,7 +34,7 @@ class Answer(msgspec.Struct, frozen=True):
 class Tier(Protocol):
     name: str
 
-    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer | Fallback: ...
+    async def answer(self, values: Mapping[str, Any]) -> Answer | Fallback: ...
 
 
 def action_for(label: str, labels: Mapping[str, str]) -> str:
@@ -49,6 +49,11 @@ class ModelSlotLike(Protocol):
     def model(self) -> Model | None: ...
 
     async def predict(self, row: Sequence[float]) -> Prediction: ...
+
+
+def feature_row(model: Model, values: Mapping[str, Any]) -> list[float]:
+    """The input values in the order the model wants its columns."""
+    return [values[name] for name in model.manifest.features]
 
 
 class ModelTier:
@@ -69,10 +74,11 @@ class ModelTier:
         self._ref_cache = (model, ref)
         return ref
 
-    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer | Fallback:
+    async def answer(self, values: Mapping[str, Any]) -> Answer | Fallback:
         model = self.slot.model
-        if model is None or row is None:
+        if model is None:
             return Fallback("model", "unavailable")
+        row = feature_row(model, values)
         if model.manifest.out_of_range(row) is not None:
             return Fallback("model", "out_of_range")
         try:
@@ -103,7 +109,7 @@ class CloudTier:
         self.min_confidence = min_confidence
         self.labels = dict(labels)
 
-    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer | Fallback:
+    async def answer(self, values: Mapping[str, Any]) -> Answer | Fallback:
         skip = self.link.skip_reason()
         if skip is not None:
             return Fallback("cloud", skip)
@@ -141,7 +147,7 @@ class RulesTier:
     def __init__(self, rules: RuleSet) -> None:
         self.rules = rules
 
-    async def answer(self, values: Mapping[str, Any], row: Sequence[float] | None) -> Answer:
+    async def answer(self, values: Mapping[str, Any]) -> Answer:
         rule = self.rules.decide(values)
         return Answer("rules", rule.label or rule.action, rule.action, None)
 
@@ -153,11 +159,11 @@ class Ladder:
         self.tiers = tuple(tiers)
         self.rules = rules
 
-    async def decide(self, values: Mapping[str, Any], row: Sequence[float] | None) -> tuple[Answer, list[Fallback]]:
+    async def decide(self, values: Mapping[str, Any]) -> tuple[Answer, list[Fallback]]:
         fallbacks: list[Fallback] = []
         for tier in self.tiers:
-            result = await tier.answer(values, row)
+            result = await tier.answer(values)
             if isinstance(result, Answer):
                 return result, fallbacks
             fallbacks.append(result)
-        return await self.rules.answer(values, row), fallbacks
+        return await self.rules.answer(values), fallbacks

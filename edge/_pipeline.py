@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -27,11 +27,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from models import ModelSlot, Prediction
+
 from ._config import PipelineConfig
 from ._errors import InputRejected
 from ._governance import ApprovalOutcome, Backlog, Governor, Unreachable, Verdict
 from ._inputs import MSGPACK, InputSchema, rejection
-from ._ladder import Answer, Ladder
+from ._ladder import Answer, Ladder, feature_row
 from ._messages import (
     JSON_ENCODER,
     MSGPACK_ENCODER,
@@ -65,8 +67,29 @@ class AuditSink(msgspec.Struct):
 class Shadow(msgspec.Struct):
     """The candidate model beside the active one: asked for every input, never acted on."""
 
-    predict: Callable[[Sequence[float]], Awaitable[Any]]
-    version: Callable[[], str]
+    slot: ModelSlot
+
+    async def predict(self, values: Mapping[str, Any]) -> Prediction | None:
+        model = self.slot.model
+        if model is None:
+            return None
+        return await self.slot.predict(feature_row(model, values))
+
+    def version(self) -> str:
+        return self.slot.model.manifest.version if self.slot.model is not None else ""
+
+
+class PipelineLogic:
+    """Everything one config of a pipeline decides with; swapped whole, between messages."""
+
+    def __init__(self, config: PipelineConfig, *, device: str, ladder: Ladder, governor: Governor,
+                 shadow: Shadow | None = None) -> None:
+        self.config = config
+        self.ladder = ladder
+        self.governor = governor
+        self.shadow = shadow
+        self.schema = InputSchema(config.input, max_bytes=config.max_input_bytes)
+        self.publish_subject = config.publish.format(device=device, pipeline=config.name)
 
 
 class PipelineStats:
@@ -107,38 +130,26 @@ class Pipeline:
 
     def __init__(
         self,
-        config: PipelineConfig,
+        logic: PipelineLogic,
         *,
         device: str,
         bus: NATS,
-        ladder: Ladder,
-        governor: Governor,
         audit: AuditSink,
-        feature_names: Sequence[str] = (),
-        shadow: Shadow | None = None,
         is_paused: Callable[[], bool] = lambda: False,
         approver: Callable[[ApprovalRequest, float], Awaitable[ApprovalOutcome]] | None = None,
-        audit_blocked: Callable[[], bool] = lambda: False,
     ) -> None:
-        self.config = config
-        self.name = config.name
+        self.logic = logic
+        self.name = logic.config.name
         self.device = device
         self.bus = bus
-        self.ladder = ladder
-        self.governor = governor
         self.audit = audit
-        self.shadow = shadow
         self.is_paused = is_paused
         self.approver = approver
-        self.audit_blocked = audit_blocked
-        self.schema = InputSchema(config.input, max_bytes=config.max_input_bytes)
-        self.feature_names = tuple(feature_names)
-        self.publish_subject = config.publish.format(device=device, pipeline=config.name)
-        self.rejected_subject = f"edge.{device}.rejected.{config.name}"
+        self.rejected_subject = f"edge.{device}.rejected.{self.name}"
         self.stats = PipelineStats()
         self.state = PipelineState.NEW
         self._inbox: asyncio.Queue[Msg | None] = asyncio.Queue(INBOX)
-        self._subs: list[Subscription] = []
+        self._subs: dict[str, Subscription] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
@@ -151,14 +162,40 @@ class Pipeline:
     async def __aenter__(self) -> Pipeline:
         self._workers = [asyncio.create_task(self._worker(), name=f"{self.name}-worker-{i}") for i in range(WORKERS)]
         self._reject_flusher = asyncio.create_task(self._flush_rejections_every_second())
-        for subject in self.config.subscribe:
-            sub = await self.bus.subscribe(
-                subject, queue=self.config.queue_group, cb=self._on_message,
-                pending_msgs_limit=INBOX * 4, pending_bytes_limit=64 * 1024 * 1024,
-            )
-            self._subs.append(sub)
+        await self._subscribe(self.logic.config)
         self.state = PipelineState.RUNNING
         return self
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.logic.config
+
+    async def _subscribe(self, config: PipelineConfig) -> None:
+        for subject in config.subscribe:
+            key = f"{subject} {config.queue_group}"
+            if key not in self._subs:
+                self._subs[key] = await self.bus.subscribe(
+                    subject, queue=config.queue_group, cb=self._on_message,
+                    pending_msgs_limit=INBOX * 4, pending_bytes_limit=64 * 1024 * 1024,
+                )
+
+    async def swap(self, logic: PipelineLogic) -> PipelineLogic:
+        """Decide with `logic` from the next message on; no message is lost or decided twice.
+
+        Subjects in both configs keep their one subscription; new ones are subscribed before the
+        switch, dropped ones drained after it (what they had already delivered is still decided).
+        """
+        old = self.logic
+        await self._subscribe(logic.config)
+        self.logic = logic
+        keep = {f"{subject} {logic.config.queue_group}" for subject in logic.config.subscribe}
+        for key in [k for k in self._subs if k not in keep]:
+            sub = self._subs.pop(key)
+            try:
+                await sub.drain()  # type: ignore[no-untyped-call]
+            except nats.errors.Error as exc:
+                log.warning("pipeline %s: could not drain %s: %s", self.name, sub.subject, exc)
+        return old
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -170,10 +207,10 @@ class Pipeline:
         if self.state in (PipelineState.DRAINING, PipelineState.STOPPED):
             return
         self.state = PipelineState.DRAINING
-        for sub in self._subs:
+        for sub in self._subs.values():
             # drain(): the server stops sending, and what it already sent is still delivered to us.
             try:
-                await sub.drain()
+                await sub.drain()  # type: ignore[no-untyped-call]
             except nats.errors.Error as exc:
                 log.warning("pipeline %s: could not drain %s: %s", self.name, sub.subject, exc)
         for _ in self._workers:
@@ -210,33 +247,33 @@ class Pipeline:
         received = time.time_ns()
         start = time.perf_counter_ns()
         content_type = headers.get("Content-Type", "") if headers else ""
+        logic = self.logic  # one config decides one message from start to end, even across a swap
         try:
-            values = self.schema.decode(data, content_type)
+            values = logic.schema.decode(data, content_type)
         except InputRejected as error:
             await self._reject(subject, data, error, reply)
             return
-        row = [float(values[f]) for f in self.feature_names] if self.feature_names else None
-        shadow_task = asyncio.ensure_future(self.shadow.predict(row)) if self.shadow and row is not None else None
-        answer, fallbacks = await self.ladder.decide(values, row)
-        shadow = await self._shadow_result(shadow_task, answer) if shadow_task is not None else None
-        verdict = self.governor.review(answer.action, answer.tier, answer.confidence, paused=self.is_paused())
+        shadow_task = asyncio.ensure_future(logic.shadow.predict(values)) if logic.shadow is not None else None
+        answer, fallbacks = await logic.ladder.decide(values)
+        shadow = await self._shadow_result(logic, shadow_task, answer) if shadow_task is not None else None
+        verdict = logic.governor.review(answer.action, answer.tier, answer.confidence, paused=self.is_paused())
         decision = self._decision(subject, received, answer, fallbacks, shadow, verdict, data)
         if verdict.status == "approval_pending":
             if self.approver is None:
-                decision = self._settled(decision, verdict, Unreachable())
-            elif len(self._side_tasks) >= self.config.max_pending_approvals:
-                decision = self._settled(decision, verdict, Backlog())
+                decision = self._settled(logic, decision, verdict, Unreachable())
+            elif len(self._side_tasks) >= logic.config.max_pending_approvals:
+                decision = self._settled(logic, decision, verdict, Backlog())
             else:
                 # A human may take seconds: wait off the worker pool so other inputs keep flowing.
                 task = asyncio.create_task(
-                    self._finish_after_approval(decision, verdict, values, reply, content_type, start))
+                    self._finish_after_approval(logic, decision, verdict, values, reply, content_type, start))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)
                 return
-        await self._commit_and_publish(decision, reply, content_type, start)
+        await self._commit_and_publish(logic, decision, reply, content_type, start)
 
-    async def _finish_after_approval(self, decision: Decision, verdict: Verdict, values: Mapping[str, Any],
-                                     reply: str, content_type: str, start: int) -> None:
+    async def _finish_after_approval(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
+                                     values: Mapping[str, Any], reply: str, content_type: str, start: int) -> None:
         assert self.approver is not None and verdict.approval is not None
         request = ApprovalRequest(
             decision_id=decision.id, device=self.device, pipeline=self.name,
@@ -245,11 +282,12 @@ class Pipeline:
             timeout_ms=verdict.approval.timeout_ms,
         )
         outcome = await self.approver(request, verdict.approval.timeout_ms / 1000)
-        decision = self._settled(decision, verdict, outcome)
-        await self._commit_and_publish(decision, reply, content_type, start)
+        decision = self._settled(logic, decision, verdict, outcome)
+        await self._commit_and_publish(logic, decision, reply, content_type, start)
 
-    def _settled(self, decision: Decision, verdict: Verdict, outcome: ApprovalOutcome) -> Decision:
-        final = self.governor.settle(verdict, outcome, paused=self.is_paused())
+    def _settled(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
+                 outcome: ApprovalOutcome) -> Decision:
+        final = logic.governor.settle(verdict, outcome, paused=self.is_paused())
         body = {"decision_id": decision.id, "pipeline": self.name, "requested_action": final.requested_action,
                 "action": final.action, "status": final.status, "by": final.by, "reason": final.reason}
         try:
@@ -285,16 +323,17 @@ class Pipeline:
             input_sha256=hashlib.sha256(data).hexdigest(),
         )
 
-    async def _commit_and_publish(self, decision: Decision, reply: str, content_type: str, start: int) -> None:
+    async def _commit_and_publish(self, logic: PipelineLogic, decision: Decision, reply: str, content_type: str,
+                                  start: int) -> None:
         # Write-ahead: the decision is on record before anyone hears of it.
         try:
             seq = await self.audit.append("decision", lambda seq: msgspec.structs.replace(decision, audit_seq=seq))
         except Exception as exc:  # noqa: BLE001 - the audit error tree is the sync package's; any failure blocks
-            decision = self._unaudited(decision, exc)
+            decision = self._unaudited(logic, decision, exc)
         else:
             decision = msgspec.structs.replace(decision, audit_seq=seq)
         payload = JSON_ENCODER.encode(decision)
-        await self.bus.publish(self.publish_subject, payload)
+        await self.bus.publish(logic.publish_subject, payload)
         if reply:
             await self.bus.publish(reply, MSGPACK_ENCODER.encode(decision) if content_type == MSGPACK else payload)
         stats = self.stats
@@ -305,9 +344,9 @@ class Pipeline:
         stats.governance[decision.governance.status] += 1
         stats.latencies_ns.append(time.perf_counter_ns() - start)
 
-    def _unaudited(self, decision: Decision, exc: Exception) -> Decision:
+    def _unaudited(self, logic: PipelineLogic, decision: Decision, exc: Exception) -> Decision:
         """The log could not take the record: act safely (the `instead` action) and say why."""
-        verdict = self.governor.block(decision.governance.requested_action, f"audit log: {exc}")
+        verdict = logic.governor.block(decision.governance.requested_action, f"audit log: {exc}")
         log.error("pipeline %s: decision %s not audited: %s", self.name, decision.id, exc)
         return msgspec.structs.replace(
             decision, action=verdict.action,
@@ -315,17 +354,20 @@ class Pipeline:
                                   by=None, reason=verdict.reason),
         )
 
-    async def _shadow_result(self, task: asyncio.Future[Any], answer: Answer) -> ShadowResult | None:
-        assert self.shadow is not None
+    async def _shadow_result(self, logic: PipelineLogic, task: asyncio.Future[Prediction | None],
+                             answer: Answer) -> ShadowResult | None:
+        assert logic.shadow is not None
         try:
             prediction = await task
         except Exception as exc:  # noqa: BLE001 - a failing candidate must never affect the live decision
             log.debug("shadow model failed: %s", exc)
             return None
+        if prediction is None:
+            return None
         self.stats.shadow_total += 1
         if prediction.label == answer.label:
             self.stats.shadow_agree += 1
-        return ShadowResult(label=prediction.label, confidence=prediction.confidence, version=self.shadow.version())
+        return ShadowResult(label=prediction.label, confidence=prediction.confidence, version=logic.shadow.version())
 
     # -- rejections ------------------------------------------------------------------------------
 

@@ -21,26 +21,38 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from models import ModelRegistry, ModelSlot
+from models import Model, ModelError, ModelRegistry, load_model
 from sync import AuditLog, SyncError, Uploader
 
 from ._approvals import ApprovalDesk
-from ._config import Auth, Config, PipelineConfig, parse_duration, parse_size
+from ._config import (
+    Auth,
+    Config,
+    PipelineConfig,
+    config_sha256,
+    parse_duration,
+    parse_size,
+    read_persisted_config,
+    write_persisted_config,
+)
+from ._errors import CommandError, ConfigError
 from ._governance import Governor
 from ._ladder import CloudTier, Ladder, ModelTier, RulesTier, Tier
 from ._link import CircuitBreaker, CloudLink, LinkState
+from ._models import ModelManager
 from ._nats_server import NatsServer
-from ._pipeline import AuditSink, Pipeline, Shadow
+from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
 from ._rules import compile_rules
 
 log = logging.getLogger("edge.runtime")
@@ -96,6 +108,7 @@ class Runtime:
         self.local: NATS | None = None
         self.upstream: NATS | None = None
         self.registry = ModelRegistry()
+        self.models = ModelManager(self)
         self.audit: AuditLog | None = None
         self.uploader: Uploader | None = None
         self.link = CloudLink(
@@ -126,8 +139,8 @@ class Runtime:
         return self
 
     async def _start(self) -> None:
-        config = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config = self._with_applied_config(self.config)
         stack = self._stack
         if config.nats.local == "embedded":
             self.server = NatsServer(name=f"edge-{self.device}", store_dir=self.data_dir / "nats",
@@ -152,6 +165,7 @@ class Runtime:
         for model in config.models:
             await self.registry.load(model.name, config.resolve(model.path),
                                      max_batch=model.max_batch, max_wait_us=model.max_wait_us)
+        await self.models.restore()
 
         audit = config.audit
         self.audit = AuditLog(
@@ -173,11 +187,10 @@ class Runtime:
         if self.server is not None:
             self._tasks.create_task(self._supervise_server(self.server), name="embedded-supervisor")
         # Pipelines last: by the time input flows, everything a decision needs is up.
-        for pipeline_config in config.pipelines:
-            pipeline = self._build_pipeline(pipeline_config)
-            await stack.enter_async_context(pipeline)
-            self.pipelines[pipeline.name] = pipeline
         stack.push_async_callback(self._record_stop)
+        stack.push_async_callback(self._drain_pipelines)
+        for pipeline_config in config.pipelines:
+            await self._start_pipeline(pipeline_config)
         # Background tasks are cancelled first on the way out (callbacks run in reverse).
         stack.callback(self._stop.set)
 
@@ -318,7 +331,7 @@ class Runtime:
                     await upstream.request(link_config.probe_subject, b"", timeout=timeout)
                 else:
                     # rtt(), not flush(): flush() returns at once, unanswered, while nats-py reconnects.
-                    await upstream.rtt(timeout=timeout)
+                    await upstream.rtt(timeout=timeout)  # type: ignore[arg-type]  # nats-py accepts float
             except (TimeoutError, nats.errors.Error) as exc:
                 self.link.probe_failed(type(exc).__name__)
             else:
@@ -333,35 +346,113 @@ class Runtime:
 
     # -- pipelines -------------------------------------------------------------------------------
 
-    def _build_pipeline(self, p: PipelineConfig) -> Pipeline:
+    def _build_logic(self, p: PipelineConfig) -> PipelineLogic:
         tiers: list[Tier] = []
-        features: Sequence[str] = ()
         for tier in p.ladder:
             if tier == "model":
-                slot = self.registry.slot(p.model)
-                tiers.append(ModelTier(slot, min_confidence=p.min_confidence, labels=p.labels))
-                features = self._features(slot)
+                tiers.append(ModelTier(self.registry.slot(p.model), min_confidence=p.min_confidence, labels=p.labels))
             elif tier == "cloud" and p.cloud is not None:
                 tiers.append(CloudTier(self.link, self._cloud_request, subject=p.cloud.subject,
                                        timeout_ms=p.cloud.timeout_ms, min_confidence=p.min_confidence,
                                        labels=p.labels))
         rules = RulesTier(compile_rules(p.rules, p.input))
-        shadow = None
-        if p.shadow:
-            shadow_slot = self.registry.slot(p.shadow)
-            shadow = Shadow(predict=shadow_slot.predict,
-                            version=lambda s=shadow_slot: s.model.manifest.version if s.model else "")
-            features = features or self._features(shadow_slot)
-        assert self.audit is not None and self.local is not None
-        return Pipeline(
-            p, device=self.device, bus=self.local, ladder=Ladder(tiers, rules), governor=Governor(p.actions),
-            audit=AuditSink(append=self.audit.append), feature_names=features, shadow=shadow,
-            is_paused=lambda: self.paused, approver=self.approvals.ask,
-        )
+        # A candidate deployed in shadow mode wins over the config's own `shadow`.
+        shadow_slot_name = self.models.shadow_slot(p.model) if p.model else None
+        if shadow_slot_name is None and p.shadow:
+            shadow_slot_name = p.shadow
+        shadow = Shadow(slot=self.registry.slot(shadow_slot_name)) if shadow_slot_name else None
+        return PipelineLogic(p, device=self.device, ladder=Ladder(tiers, rules), governor=Governor(p.actions),
+                             shadow=shadow)
 
-    @staticmethod
-    def _features(slot: ModelSlot) -> Sequence[str]:
-        return tuple(slot.model.manifest.features) if slot.model is not None else ()
+    async def _start_pipeline(self, p: PipelineConfig) -> Pipeline:
+        assert self.audit is not None and self.local is not None
+        pipeline = Pipeline(self._build_logic(p), device=self.device, bus=self.local,
+                            audit=AuditSink(append=self.audit.append), is_paused=lambda: self.paused,
+                            approver=self.approvals.ask)
+        await pipeline.__aenter__()
+        self.pipelines[pipeline.name] = pipeline
+        return pipeline
+
+    async def _drain_pipelines(self) -> None:
+        # Every pipeline at once: in-flight decisions finish and are audited before the log closes.
+        pipelines = list(self.pipelines.values())
+        await asyncio.gather(*(p.drain() for p in pipelines), return_exceptions=True)
+
+    async def _rebuild_pipelines(self, names: set[str] | None = None) -> None:
+        """Swap in freshly built logic (after a model change) for the named pipelines, or all."""
+        for pipeline in self.pipelines.values():
+            if names is None or pipeline.name in names:
+                await pipeline.swap(self._build_logic(pipeline.config))
+
+    # -- config.apply / rollback -------------------------------------------------------------------
+
+    def _with_applied_config(self, file_config: Config) -> Config:
+        """The config last applied over NATS, if any; the file keeps what cannot change at runtime."""
+        applied = self._config_dir / "applied.json"
+        if not applied.exists():
+            return file_config
+        try:
+            persisted = read_persisted_config(applied)
+        except ConfigError as exc:
+            log.error("ignoring the applied config kept in %s: %s", applied, exc)
+            return file_config
+        log.info("using the config applied over NATS (%s)", applied)
+        return msgspec.structs.replace(persisted, device_id=file_config.device_id, data_dir=str(self.data_dir),
+                                       nats=file_config.nats, audit=file_config.audit)
+
+    async def apply_config(self, new: Config, *, by: str = "") -> dict[str, Any]:
+        """Apply a validated config atomically: all of it or, on any error, none of it."""
+        old = self.config
+        frozen = [key for key in ("device_id", "data_dir", "nats", "audit")
+                  if msgspec.to_builtins(getattr(new, key)) != msgspec.to_builtins(getattr(old, key))]
+        if frozen:
+            raise CommandError("restart_required",
+                               f"{', '.join(frozen)} cannot change on a running device; change the file and restart")
+        # Load every new or changed model before touching anything: a bad one fails the whole apply.
+        loaded: dict[str, Model] = {}
+        for m in new.models:
+            before = old.model(m.name)
+            if before is None or new.resolve(m.path) != old.resolve(before.path):
+                try:
+                    loaded[m.name] = await asyncio.to_thread(load_model, new.resolve(m.path))
+                except ModelError as exc:
+                    raise CommandError("bad_model", f"models: {m.name}: {exc}") from None
+        # Past this point nothing can fail: install, swap, persist.
+        for m in new.models:
+            if m.name in loaded:
+                slot = self.registry.slot(m.name, max_batch=m.max_batch, max_wait_us=m.max_wait_us)
+                await slot.install(loaded[m.name])
+        self.config = new
+        names = {p.name for p in new.pipelines}
+        for p in new.pipelines:
+            current = self.pipelines.get(p.name)
+            if current is None:
+                await self._start_pipeline(p)
+            else:
+                await current.swap(self._build_logic(p))
+        for name in [n for n in self.pipelines if n not in names]:
+            await self.pipelines.pop(name).drain()
+        self._persist_config(new, old)
+        summary = {"pipelines": sorted(names), "models": [m.name for m in new.models], "by": by,
+                   "sha256": config_sha256(new)}
+        self._record("config", summary)
+        return summary
+
+    async def rollback_config(self, *, by: str = "") -> dict[str, Any]:
+        previous = self._config_dir / "previous.json"
+        if not previous.exists():
+            raise CommandError("nothing_to_roll_back", "no previous config is kept on this device")
+        return await self.apply_config(read_persisted_config(previous), by=by)
+
+    @property
+    def _config_dir(self) -> Path:
+        return self.data_dir / "config"
+
+    def _persist_config(self, new: Config, old: Config) -> None:
+        folder = self._config_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        write_persisted_config(folder / "previous.json", old)
+        write_persisted_config(folder / "applied.json", new)
 
     async def _cloud_request(self, subject: str, payload: bytes, deadline_s: float) -> bytes:
         upstream = self.upstream

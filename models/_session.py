@@ -121,25 +121,25 @@ class Model:
     def _warm_up(self) -> None:
         """Run once on a plausible row: pays one-off allocation costs and proves the outputs fit."""
         row = np.asarray([midpoint_row(self.manifest)], dtype=np.float32)
+        fed = self._pad(row)
         file = self.path / self.manifest.file
         try:
-            out = self._run(self._output_names, {self._input_name: self._pad(row)})[0]
+            out = self._run(self._output_names, {self._input_name: fed})[0]
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise ModelUnavailable(f"{file}: warm-up run failed: {exc}") from exc
-        classes = len(self._labels)
-        kind = self._plan.kind
+        rows, classes, kind = fed.shape[0], len(self._labels), self._plan.kind
         if kind == "zipmap":
             self._zipmap_keys = self._check_zipmap(out, file)
         elif kind == "regression":
             size = np.asarray(out).size
-            if size != self._pad(row).shape[0]:
-                raise GraphMismatch(file, f"regressor output has {size} values for one row, expected 1")
+            if size != rows:
+                raise GraphMismatch(file, f"regressor output has {size} values for {rows} rows, expected one per row")
         else:
-            shape = np.asarray(out).shape
-            if len(shape) != 2 or shape[1] != classes:
+            shape = list(np.asarray(out).shape)
+            if shape != [rows, classes]:
                 raise GraphMismatch(
                     file,
-                    f"score output has shape {list(shape)}, expected [batch, {classes}] ({classes} labels)",
+                    f"score output has shape {shape} for {rows} rows, expected [{rows}, {classes}] ({classes} labels)",
                 )
         try:
             self.predict(row)

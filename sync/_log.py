@@ -30,11 +30,11 @@ Back-pressure: `append` does not block and never raises for a slow disk; `pendin
 appended but not yet committed, for the runtime to throttle on. (The runtime awaits each future
 before publishing, so its own concurrency bounds `pending`.)
 
-Retention (checked after every commit): when the used size (pages in use, excluding the WAL)
-exceeds `max_bytes`, synced records older than `keep_synced_s` go first, then the oldest synced
-records; synced records older than `keep_synced_s` are also deleted every few minutes whatever
-the size. When only unsynced records remain, `on_full="drop_oldest"` deletes the oldest and, in
-the same transaction, appends a `gap` record `{from_seq, to_seq, reason}` naming the range lost;
+Retention (checked after every commit, and every minute when idle): synced records older than
+`keep_synced_s` are deleted whatever the size. When the used size (pages in use, excluding the
+WAL) exceeds `max_bytes`, the oldest synced records go next, down to 90% of `max_bytes`. When
+only unsynced records remain, `on_full="drop_oldest"` deletes the oldest and, in the same
+transaction, appends a `gap` record `{from_seq, to_seq, reason}` naming the range lost;
 `on_full="block"` makes `append` raise AuditFull (and `full` is true) until the uploader's
 progress lets synced records be deleted. The newest record is never deleted, so the chain can
 always continue after a restart.
@@ -80,7 +80,7 @@ _SELECT = "SELECT seq, ts, kind, body, prev, hash FROM records"
 _MAX_BATCH = 8192  # records per transaction: bounds a transaction's size and the writer's latency
 _TAIL_CHECK = 64  # records re-verified on open
 _SYNCED_PERSIST_S = 0.05  # synced_seq is persisted at most this often on its own (free with a batch)
-_HOUSEKEEPING_S = 300.0  # how often synced records older than keep_synced are swept regardless of size
+_HOUSEKEEPING_S = 60.0  # an idle log still sweeps expired synced records this often
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _BUSY_TIMEOUT_MS = 2000
@@ -687,14 +687,10 @@ class AuditLog:
     def _housekeeping(self, conn: sqlite3.Connection) -> None:
         try:
             self._used_bytes = used = self._measure(conn)
-            now = time.monotonic()
-            sweep = now >= self._next_housekeeping
-            if used <= self.max_bytes and not sweep:
-                if self._full:
-                    self._full = False
+            self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_S
+            if used <= self.max_bytes and not self._oldest_expired(conn):
+                self._full = False
                 return
-            if sweep:
-                self._next_housekeeping = now + _HOUSEKEEPING_S
             self._delete_synced(conn, over=used > self.max_bytes)
             self._used_bytes = used = self._measure(conn)
             if used <= self.max_bytes:
@@ -713,6 +709,14 @@ class AuditLog:
                     log.warning("audit log: rollback after failed retention failed: %s", rollback_exc)
             self.last_error = f"audit retention failed: {type(exc).__name__}: {exc}"
             log.warning("%s", self.last_error)
+
+    def _oldest_expired(self, conn: sqlite3.Connection) -> bool:
+        # One primary-key lookup per commit: is the oldest record synced and past keep_synced?
+        oldest = self._oldest
+        if oldest == 0 or oldest > min(self._synced_target, self._w_last_seq - 1):
+            return False
+        row = conn.execute("SELECT ts FROM records WHERE seq = ?", (oldest,)).fetchone()
+        return row is not None and int(row[0]) < time.time_ns() - int(self.keep_synced_s * 1e9)
 
     def _delete_synced(self, conn: sqlite3.Connection, *, over: bool) -> None:
         with self._cond:

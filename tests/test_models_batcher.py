@@ -93,6 +93,25 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(weigh
     assert [p.value for p in results] == [expected(r) for r in rows]
     assert batcher.rows == 200
     assert batcher.batches < 200 and batcher.rows / batcher.batches > 1
+    assert batcher.batches <= 200 // 64 + 2  # near-full batches, not a trickle
+
+
+async def staggered(batcher: MicroBatcher, i: int, passes: int) -> Prediction:
+    for _ in range(passes):
+        await asyncio.sleep(0)  # arrive `passes` turns of the event loop later
+    return await batcher.predict(row(i))
+
+
+@pytest.mark.parametrize(("max_wait_us", "first_batch"), [(1_000_000, 15), (0, 5)], ids=["linger", "no-wait"])
+async def test_calls_arriving_over_successive_loop_passes_join_one_batch(
+    weighted_sum: Model, max_wait_us: int, first_batch: int
+) -> None:
+    probe = Probe(weighted_sum)
+    async with MicroBatcher(probe, max_wait_us=max_wait_us) as batcher:  # type: ignore[arg-type]
+        results = await asyncio.gather(*(staggered(batcher, i, i % 3) for i in range(15)))
+    assert [p.value for p in results] == [expected(row(i)) for i in range(15)]
+    # Lingering while each pass brings more calls makes one batch; without it the first pass goes alone.
+    assert probe.sizes[0] == first_batch
 
 
 async def test_calls_arriving_while_a_batch_runs_form_the_next_batch(weighted_sum: Model) -> None:
