@@ -78,6 +78,9 @@ class ApprovalDesk:
             return Unreachable()
         finally:
             self._pending.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            # The server says nobody subscribes to approvals: there is no one to wait for.
+            return Unreachable()
         try:
             reply = APPROVAL_REPLY_DECODER.decode(msg.data)
         except msgspec.DecodeError as exc:

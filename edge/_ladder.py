@@ -86,7 +86,7 @@ class ModelTier:
         except ModelError:
             return Fallback("model", "error")
         confidence = prediction.confidence
-        if confidence is None or confidence < self.min_confidence:
+        if confidence is None or not confidence >= self.min_confidence:  # NaN is never confident enough
             return Fallback("model", "low_confidence")
         return Answer("model", prediction.label, action_for(prediction.label, self.labels), confidence,
                       self._ref(model))

@@ -95,10 +95,10 @@ class ModelRegistry:
         slot = self.slot(name, max_batch=max_batch, max_wait_us=max_wait_us)
         try:
             model = await asyncio.to_thread(load_model, folder)
+            await slot.install(model)
         except ModelError as exc:
+            # A model that cannot load, or cannot replace the one serving, leaves the slot as it was.
             slot.fail(str(exc))
-            return slot
-        await slot.install(model)
         return slot
 
     def status(self) -> list[dict[str, Any]]:

@@ -282,9 +282,20 @@ async def responder(nats_server: NatsServer) -> AsyncIterator[Client]:
         await msg.respond(msg.data)
 
     await nc.subscribe("echo", cb=answer)
-    await nc.flush()
+    await settle(nc)
     yield nc
     await nc.close()
+
+
+async def settle(nc: Client) -> None:
+    """Return once the server has every SUB and PUB sent so far.
+
+    One flush is not enough with nats-py 2.16: flush() writes its PING straight to the socket, ahead
+    of commands still pending for the flusher task, so its PONG can come back before the server has
+    seen a SUB. By the time that PONG arrives the flusher has written them, so a second PING follows.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 async def rtt(nc: Client) -> float:
@@ -302,7 +313,7 @@ async def test_nats_pass_through_pub_sub_and_request(proxy: FaultProxy, connect:
         await got.put(msg.data)
 
     await nc.subscribe("t.up", cb=on_msg)
-    await nc.flush()
+    await settle(nc)
     await responder.publish("t.up", b"hello")  # server -> proxy -> client
     assert await asyncio.wait_for(got.get(), 5) == b"hello"
     await rtt(nc)  # client -> proxy -> server -> responder and back
@@ -377,7 +388,7 @@ async def test_nats_throttle_caps_throughput(proxy: FaultProxy, connect: Connect
         received += 1
 
     await sink.subscribe("bulk", cb=count)
-    await sink.flush()
+    await settle(sink)
     payload = b"x" * 1000
 
     async def burst(expected: int) -> float:
