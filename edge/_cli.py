@@ -36,8 +36,20 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time of the record (tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
@@ -96,6 +108,146 @@ def cmd_models_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- audit ------------------------------------------------------------------------------------------
+
+
+def _audit_db(args: argparse.Namespace) -> Path:
+    if args.db:
+        path = Path(args.db)
+    else:
+        config = _load(args)
+        path = config.resolve(config.data_dir) / "audit.db"
+    if not path.exists():
+        raise FileNotFoundError(f"no audit log at {path} (use --db or -c)")
+    return path
+
+
+def _since_ns(text: str | None) -> int | None:
+    if not text:
+        return None
+    from ._config import parse_duration
+
+    try:
+        return time.time_ns() - int(parse_duration(text) * 1e9)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(text).timestamp() * 1e9)
+    except ValueError:
+        raise EdgeError(f"--since: expected a duration such as '10m' or an ISO time, got {text!r}") from None
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    import msgspec
+
+    return {"device": record.device, "seq": record.seq, "ts": record.ts, "kind": record.kind,
+            "body": msgspec.json.decode(record.body), "prev": record.prev, "hash": record.hash}
+
+
+def _print_records(records: Sequence[Any], as_json: bool) -> None:
+    for record in records:
+        if as_json:
+            sys.stdout.write(json.dumps(_record_dict(record)) + "\n")
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.ts / 1e9))
+            body = bytes(record.body).decode()
+            print(f"{record.seq:>8}  {when}  {record.kind:<16} {body[:120]}")
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    from collections import deque
+
+    from sync import iter_records
+
+    last = deque(iter_records(_audit_db(args), kinds=args.kind or None), maxlen=args.n)
+    _print_records(list(last), args.json)
+    return EXIT_OK
+
+
+def cmd_audit_query(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from sync import iter_records
+
+    records = iter_records(_audit_db(args), from_seq=args.from_seq, to_seq=args.to_seq,
+                           kinds=args.kind or None, since_ns=_since_ns(args.since))
+    _print_records(list(islice(records, args.limit)), args.json)
+    return EXIT_OK
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from sync import iter_records
+
+    records = iter_records(_audit_db(args), from_seq=args.from_seq, to_seq=args.to_seq,
+                           kinds=args.kind or None, since_ns=_since_ns(args.since))
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115 - closed below
+    count = 0
+    try:
+        for record in records:
+            out.write(json.dumps(_record_dict(record), separators=(",", ":")) + "\n")
+            count += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.out:
+        print(f"exported {count} records to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sync import verify_chain
+
+    if args.upstream:
+        return run_async(_verify_upstream(args))  # type: ignore[no-any-return]
+    report = verify_chain(_audit_db(args))
+    if args.json:
+        import msgspec
+
+        print_json(msgspec.to_builtins(report))
+    else:
+        print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+async def _verify_upstream(args: argparse.Namespace) -> int:
+    import msgspec
+    import nats
+
+    from sync import verify_upstream
+
+    server = args.server
+    stream = args.stream
+    device = args.device
+    if not server or not device:
+        config = _load(args)
+        server = server or config.nats.upstream or _local_url(config)
+        device = device or config.device_id
+        stream = stream or config.audit.stream
+    nc = await nats.connect(server, connect_timeout=5, allow_reconnect=False)
+    try:
+        reports = await verify_upstream(nc.jetstream(), stream or "EDGE_AUDIT", device)
+    finally:
+        await nc.close()
+    ok = bool(reports) and all(r.ok for r in reports.values())
+    if args.json:
+        print_json({name: msgspec.to_builtins(r) for name, r in reports.items()})
+    else:
+        if not reports:
+            print(f"no records of {device} in stream {stream}")
+        for report in reports.values():
+            print(report.summary())
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _local_url(config: Config) -> str:
+    if config.nats.local != "embedded":
+        return config.nats.local
+    url_file = config.resolve(config.data_dir) / "local.url"
+    return url_file.read_text().strip() if url_file.exists() else f"nats://127.0.0.1:{config.nats.embedded_port}"
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config) if getattr(args, "config", None) else None)
 
@@ -125,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model files").add_subparsers(dest="models_command", required=True)
     p = add("inspect", cmd_models_inspect, "print a model's inputs, outputs, manifest and sha256", models)
     p.add_argument("path")
+    audit = sub.add_parser("audit", help="read and verify the local audit log").add_subparsers(
+        dest="audit_command", required=True)
+
+    def audit_command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> Any:
+        p = add(name, handler, help_text, audit)
+        p.add_argument("-c", "--config", help="config file (default: the bundled example); finds data_dir")
+        p.add_argument("--db", help="the audit log file itself (instead of -c)")
+        p.add_argument("--kind", action="append", help="only records of this kind (repeatable)")
+        return p
+
+    p = audit_command("tail", cmd_audit_tail, "the last records")
+    p.add_argument("-n", type=int, default=20)
+    for name, handler, help_text in (("query", cmd_audit_query, "records by seq, kind and time"),
+                                     ("export", cmd_audit_export, "records as JSON lines")):
+        p = audit_command(name, handler, help_text)
+        p.add_argument("--from-seq", type=int, default=1)
+        p.add_argument("--to-seq", type=int)
+        p.add_argument("--since", help="a duration back from now ('10m', '2h') or an ISO time")
+        if name == "query":
+            p.add_argument("--limit", type=int, default=1000)
+        else:
+            p.add_argument("--out", help="file to write (default: stdout)")
+    p = audit_command("verify", cmd_audit_verify, "check the hash chain (locally, or the upstream stream)")
+    p.add_argument("--upstream", action="store_true", help="verify the JetStream stream instead of the file")
+    p.add_argument("--server", help="upstream NATS URL (default: from the config)")
+    p.add_argument("--stream", help="stream name (default: from the config)")
+    p.add_argument("--device", help="device id (default: from the config)")
     return parser
 
 

@@ -1,0 +1,101 @@
+"""The command line: exit codes, precise messages, and the audit commands on a real log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge._cli import main
+from edge._config import BUNDLED_CONFIG
+from edge._runtime import Runtime
+from models import bundled_model_path
+from tests.nats_harness import ServerFactory
+from tests.runtime_harness import ANOMALY, NORMAL, connect, encode, make_config, poll
+
+
+def test_check_accepts_the_bundled_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(BUNDLED_CONFIG)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_check_names_the_file_and_every_key_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = BUNDLED_CONFIG.read_text().replace("rms > 4.5 and kurtosis > 5", "rms > 4.5 and kurtosiz > 5")
+    text = text.replace('ladder = ["model", "cloud", "rules"]', 'ladder = ["rules", "model"]')
+    text = text.replace("../../models/bundled/pump-anomaly/1", str(bundled_model_path()))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err
+    assert "pipelines[0].rules[1].when" in err and "kurtosiz" in err
+    assert "pipelines[0].ladder" in err
+
+
+def test_check_of_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_models_inspect_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "inspect", str(bundled_model_path()), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sha256_matches"] is True
+    assert info["manifest"]["features"] == ["rms", "kurtosis", "temp_c", "rpm"]
+
+
+def test_python_dash_m_edge_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "edge", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "audit" in result.stdout and "check" in result.stdout
+
+
+async def test_audit_commands_on_a_real_log(nats_servers: ServerFactory, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    server = await nats_servers("hub")
+    config = make_config(tmp_path, server.url)
+    async with Runtime(config) as runtime:
+        nc = await connect(server.url)
+        for row in (NORMAL, ANOMALY, NORMAL):
+            await nc.request("sensors.p1.pump", encode(row), timeout=5)
+        uploader = runtime.uploader
+        assert uploader is not None
+        await poll(lambda: runtime.audit is not None and uploader.status()["synced_seq"] == runtime.audit.last_seq)
+        await nc.close()
+    db = str(runtime.data_dir / "audit.db")
+
+    assert main(["audit", "tail", "--db", db, "-n", "2", "--json"]) == 0
+    tail = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kind"] for r in tail][-1] == "stop" and len(tail) == 2
+
+    assert main(["audit", "query", "--db", db, "--kind", "decision", "--json"]) == 0
+    decisions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["body"]["label"] for d in decisions] == ["normal", "anomaly", "normal"]
+    assert all(d["body"]["audit_seq"] == d["seq"] for d in decisions)
+
+    out = tmp_path / "export.jsonl"
+    assert main(["audit", "export", "--db", db, "--out", str(out)]) == 0
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq"] for r in exported] == list(range(1, len(exported) + 1))
+
+    assert main(["audit", "verify", "--db", db]) == 0
+    # The CLI runs its own event loop: call it from a thread, as a shell would from outside.
+    upstream = ["audit", "verify", "--upstream", "--server", server.url, "--device", "gw-test"]
+    assert await asyncio.to_thread(main, upstream) == 0
+    capsys.readouterr()
+
+    # Tamper with one decision: verify names its seq and fails.
+    victim = decisions[1]["seq"]
+    with sqlite3.connect(db) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(records)")]
+        body_column = "body" if "body" in columns else columns[3]
+        conn.execute(f"UPDATE records SET {body_column} = CAST(replace({body_column}, 'inspect', 'none') AS BLOB) WHERE seq = ?",
+                     (victim,))
+    assert main(["audit", "verify", "--db", db, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["first_bad_seq"] == victim
