@@ -43,6 +43,7 @@ from ._messages import (
     Governance,
     ShadowResult,
 )
+from ._natsutil import server_barrier
 
 log = logging.getLogger("edge.pipeline")
 
@@ -171,6 +172,7 @@ class Pipeline:
         return self.logic.config
 
     async def _subscribe(self, config: PipelineConfig) -> None:
+        added = False
         for subject in config.subscribe:
             key = f"{subject} {config.queue_group}"
             if key not in self._subs:
@@ -178,6 +180,13 @@ class Pipeline:
                     subject, queue=config.queue_group, cb=self._on_message,
                     pending_msgs_limit=INBOX * 4, pending_bytes_limit=64 * 1024 * 1024,
                 )
+                added = True
+        if added and self.bus.is_connected:
+            # Ready means the server has our SUBs.
+            try:
+                await server_barrier(self.bus)
+            except nats.errors.Error as exc:
+                log.warning("pipeline %s: subscriptions not confirmed yet: %s", self.name, exc)
 
     async def swap(self, logic: PipelineLogic) -> PipelineLogic:
         """Decide with `logic` from the next message on; no message is lost or decided twice.

@@ -327,15 +327,17 @@ class Runtime:
                 continue
             started = time.perf_counter()
             try:
-                if link_config.probe_subject:
-                    await upstream.request(link_config.probe_subject, b"", timeout=timeout)
-                else:
-                    # rtt(), not flush(): flush() returns at once, unanswered, while nats-py reconnects.
-                    await upstream.rtt(timeout=timeout)  # type: ignore[arg-type]  # nats-py accepts float
+                # A request, not flush()/rtt(): in nats-py 2.16 a timed-out PING leaves a cancelled
+                # future in the PONG queue and the next PONG kills the read loop. Without a probe
+                # subject, "no responders" from the server is the proof of a round trip.
+                await upstream.request(link_config.probe_subject or f"_edge.probe.{self.device}", b"",
+                                       timeout=timeout)
+            except nats.errors.NoRespondersError:
+                pass
             except (TimeoutError, nats.errors.Error) as exc:
                 self.link.probe_failed(type(exc).__name__)
-            else:
-                self.link.probe_succeeded(time.perf_counter() - started)
+                continue
+            self.link.probe_succeeded(time.perf_counter() - started)
 
     def _on_link_change(self, old: LinkState, new: LinkState, reason: str) -> None:
         log.warning("link %s -> %s (%s)", old.value, new.value, reason)

@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 from models import Model, bundled_model_path, load_model
 
 from ._messages import ApprovalReply, ApprovalRequest
+from ._natsutil import server_barrier
 
 
 class CloudMode(enum.Enum):
@@ -64,7 +65,7 @@ class CloudSimulator:
     async def __aenter__(self) -> CloudSimulator:
         self._model = await asyncio.to_thread(load_model, self.model_path)
         self._sub = await self.nc.subscribe(self.subject, cb=self._on_request)
-        await self.nc.flush()
+        await server_barrier(self.nc)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -127,7 +128,7 @@ class AutoApprover:
 
     async def __aenter__(self) -> AutoApprover:
         self._sub = await self.nc.subscribe(self.subject, cb=self._on_request)
-        await self.nc.flush()
+        await server_barrier(self.nc)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

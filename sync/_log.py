@@ -11,13 +11,14 @@ Durability of a resolved `append` future, by `fsync` mode (WAL journal in every 
 - `"always"`: synchronous=FULL and no waiting: the writer commits whatever is queued at once (under
   load, what queued during the previous commit forms the next group). The WAL is fsynced on every
   commit, so a resolved record survives a process crash *and* a power loss or OS crash.
-- `"batch"` (default): synchronous=FULL as well, but the writer first waits up to
-  `commit_interval_ms` after the first queued record to gather more into the same transaction.
-  Same guarantee as `"always"` for every resolved future (one fsync per group), fewer fsyncs, at
-  the cost of up to `commit_interval_ms` of added latency.
-- `"off"`: synchronous=OFF: commits are written to the OS (they survive `kill -9` of the process)
-  but never fsynced: a power loss or OS crash can lose recent commits and, as SQLite documents,
-  may corrupt the file. For throwaway devices and benchmarks.
+- `"batch"` (default): synchronous=FULL as well, but at most one commit per `commit_interval_ms`:
+  records arriving within the interval after a commit wait for the next one and share it; a record
+  arriving after a quiet spell is committed at once. Same guarantee as `"always"` for every
+  resolved future (one fsync per group), fewer fsyncs under load (flash wear, slow SD cards), at
+  the cost of up to `commit_interval_ms` of added latency under load.
+- `"off"`: synchronous=OFF, grouped like `"batch"`: commits are written to the OS, so they survive
+  `kill -9` of the process, but never fsynced: a power loss or OS crash can lose recent commits
+  and, as SQLite documents, may corrupt the file. For throwaway devices and benchmarks.
 
 A failed commit (disk full, read-only, locked, corrupt) fails the futures of that batch *and of
 every record queued after it* with AuditUnavailable, and rewinds the chain to the last committed
@@ -173,7 +174,7 @@ class AuditLog:
         self._cond = threading.Condition()
         self._chain = Chain(self.device)
         self._queue: list[_Queued] = []
-        self._first_queued_at = 0.0
+        self._last_commit_at = 0.0  # monotonic start of the writer's last transaction (writer thread)
         self._stopping = False
         self._synced_target = 0  # the newest synced_seq the loop has been told about
         self._calls: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]] = []
@@ -259,8 +260,9 @@ class AuditLog:
         """Queue the next record; the future resolves with its seq once it is committed.
 
         The seq is assigned now, in call order, gap-free; `body(seq)` is called first when body is
-        callable. Raises AuditFull when the store is full and `on_full="block"`, SyncError when the
-        log is not open; a failed commit fails the future with AuditUnavailable.
+        callable. Raises AuditFull when the store is full and `on_full="block"`, AuditUnavailable
+        when the log is not open. A failed commit fails the future with AuditUnavailable, and that
+        seq is given to a later record (the record it named was never written).
         """
         if self.state not in (LogState.OPEN, LogState.FAILING):
             raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
@@ -273,7 +275,6 @@ class AuditLog:
         with self._cond:
             record = self._chain.make(kind, body, ts)
             if not self._queue:
-                self._first_queued_at = time.monotonic()
                 self._cond.notify()
             elif len(self._queue) + 1 >= _MAX_BATCH:
                 self._cond.notify()
@@ -558,7 +559,8 @@ class AuditLog:
                     if self._queue:
                         if self.fsync == "always" or len(self._queue) >= _MAX_BATCH:
                             break
-                        left = self._first_queued_at + self.commit_interval_s - now
+                        # At most one commit per interval; after a quiet spell, at once.
+                        left = self._last_commit_at + self.commit_interval_s - now
                         if left <= 0:
                             break
                         self._cond.wait(left)
@@ -612,6 +614,7 @@ class AuditLog:
     def _commit(
         self, conn: sqlite3.Connection, batch: list[_Queued], synced: int, drop: tuple[int, int, int] | None
     ) -> bool:
+        self._last_commit_at = time.monotonic()
         try:
             conn.execute("BEGIN IMMEDIATE")
             if drop is not None:

@@ -34,6 +34,11 @@ without k, and "resume after the last message" would skip k forever. Hence:
    record is retried on the next connection (and stays blocking, in `last_error`, until the
    stream accepts it: a record is never skipped on purpose). The stream sequences of successive
    acks must increase; anything else is reported as an anomaly and the connection is dropped.
+   Acks come back on an inbox of the uploader's own, not through `js.publish_async`: in nats-py
+   2.16 an error ack raises inside publish_async's reply handler and its future never resolves,
+   which would turn "the stream refused k" into a timeout, a reconnect and a silent skip. A head
+   record whose ack never comes while later ones are acked is treated as refused, for the same
+   reason.
 
 When the stream holds *less* than synced_seq (stream deleted and recreated, purged, restored from
 an older snapshot), the uploader moves synced_seq back and re-sends every record it still keeps

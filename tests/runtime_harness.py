@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from edge._config import Config, decode_config
+from edge._natsutil import server_barrier
 from models import bundled_model_path
 
 PUMP_INPUT = {"rms": "float", "kurtosis": "float", "temp_c": "float", "rpm": "float", "asset": "str?"}
@@ -113,7 +114,7 @@ class Collector:
             self._changed.set()
 
         await nc.subscribe(subject, cb=on_message)
-        await nc.flush()
+        await server_barrier(nc)
         return self
 
     def decoded(self) -> list[dict[str, Any]]:

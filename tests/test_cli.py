@@ -94,8 +94,8 @@ async def test_audit_commands_on_a_real_log(nats_servers: ServerFactory, tmp_pat
     with sqlite3.connect(db) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(records)")]
         body_column = "body" if "body" in columns else columns[3]
-        conn.execute(f"UPDATE records SET {body_column} = CAST(replace({body_column}, 'inspect', 'none') AS BLOB) WHERE seq = ?",
-                     (victim,))
+        tampered = f"CAST(replace({body_column}, 'inspect', 'none') AS BLOB)"
+        conn.execute(f"UPDATE records SET {body_column} = {tampered} WHERE seq = ?", (victim,))
     assert main(["audit", "verify", "--db", db, "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["first_bad_seq"] == victim

@@ -55,7 +55,7 @@ async def test_seqs_are_gap_free_and_in_call_order_across_concurrent_appenders(t
 async def test_group_commit_puts_many_appends_in_few_transactions(tmp_path: Path) -> None:
     async with AuditLog(tmp_path / "batch.db", "gw-1", fsync="batch", commit_interval_ms=5) as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(3000)])
-        assert log.commits <= 10, log.commits
+        assert log.commits <= 30, log.commits  # 100+ records a transaction on average
     # One awaited append at a time cannot share: each is its own transaction.
     async with AuditLog(tmp_path / "always.db", "gw-1", fsync="always") as log:
         for _ in range(20):

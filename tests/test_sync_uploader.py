@@ -252,3 +252,24 @@ async def test_close_is_idempotent_and_stops_the_task(tmp_path: Path, nats_serve
         assert log.backlog == 1  # nobody is syncing any more
     with pytest.raises(ValueError):
         uploading(log, server, window=0)
+
+
+async def test_records_dropped_while_offline_arrive_upstream_as_an_explained_gap(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    async with AuditLog(tmp_path / "audit.db", "gw-1", max_bytes=64 * 1024, on_full="drop_oldest") as log:
+        await asyncio.gather(*[log.append("decision", BODY) for _ in range(50)])
+        async with uploading(log, nats_server, create_stream=True) as uploader:
+            assert await uploader.sync_now(10) == 0
+        # Offline for long enough that the store fills: synced records go, then unsynced ones.
+        for _ in range(10):
+            await asyncio.gather(*[log.append("decision", BODY) for _ in range(60)])
+        assert log.oldest_seq > 51
+        async with uploading(log, nats_server) as uploader:
+            assert await uploader.sync_now(10) == 0
+        last = log.last_seq
+    async with admin(nats_server) as nc:
+        report = (await verify_upstream(nc.jetstream(), device="gw-1"))["gw-1"]
+    assert report.ok, report.summary()
+    assert report.missing == [] and report.explained and report.explained[0][0] == 51
+    assert report.last_seq == last

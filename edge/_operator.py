@@ -1,0 +1,677 @@
+"""The operator's side of the fleet (SPEC §3, §8): `edge fleet ...`, `edge status`, `edge approvals watch`.
+
+Every command is a scatter-gather over upstream NATS: publish once with a reply inbox, collect
+replies until the timeout (or until as many as expected have answered), and report who did not
+answer. The devices expected are the ones that announce themselves: `$SRV.PING.edge` replies
+(device id and groups in the service metadata) and heartbeats heard meanwhile.
+
+`register(sub, add)` adds the subcommands to the CLI; each `cmd_*` takes the parsed arguments and
+returns an exit code (0 ok, 1 a device failed or did not answer, 2 bad usage or input file); the
+`async` functions beside them do the work and are what tests call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from models import ModelError, load_manifest
+
+from ._config import DEVICE_ID, Config, decode_config, load_config
+from ._errors import CommandError, ConfigError
+from ._fleet import (
+    REPLY_DECODER,
+    VERBS,
+    ModelDeploy,
+    Reply,
+    load_seed,
+    pack_model_folder,
+    sign,
+    sign_command,
+)
+from ._messages import ApprovalRequest, Heartbeat
+
+log = logging.getLogger("edge.operator")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
+DEFAULT_TIMEOUT_S = 2.0
+_JSON = msgspec.json.Encoder()
+_HEARTBEAT = msgspec.json.Decoder(Heartbeat)
+_APPROVAL = msgspec.json.Decoder(ApprovalRequest)
+
+
+class _Ping(msgspec.Struct):
+    """A `$SRV.PING` reply (only what discovery needs)."""
+
+    name: str = ""
+    metadata: dict[str, str] = {}
+
+
+_PING = msgspec.json.Decoder(_Ping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scatter-gather
+
+
+class Gathered(msgspec.Struct):
+    """What a fleet command got back: every reply, who was expected and did not answer."""
+
+    subject: str
+    replies: list[Reply]
+    did_not_answer: list[str]
+    invalid: list[str]  # replies that are not Replies (first 200 bytes)
+    no_responders: bool
+    elapsed_s: float
+
+    @property
+    def all_ok(self) -> bool:
+        return bool(self.replies) and all(r.ok for r in self.replies) and not self.did_not_answer \
+            and not self.invalid
+
+    def to_builtins(self) -> dict[str, Any]:
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        data["ok"] = self.all_ok
+        return data
+
+
+def command_subject(target: str, verb: str) -> str:
+    """`edge.<device>.cmd.<verb>`, `edge.group.<group>.cmd.<verb>` (target `group:<name>`) or `edge.all.cmd.<verb>`."""
+    if verb not in VERBS:
+        raise CommandError("unknown_verb", f"unknown verb {verb!r}; expected one of {', '.join(sorted(VERBS))}")
+    if target == "all":
+        return f"edge.all.cmd.{verb}"
+    if target.startswith("group:"):
+        group = target.removeprefix("group:")
+        if not DEVICE_ID.fullmatch(group):
+            raise CommandError("bad_target", f"group {group!r}: expected [A-Za-z0-9_-]{{1,64}}")
+        return f"edge.group.{group}.cmd.{verb}"
+    if not DEVICE_ID.fullmatch(target) or target == "group":
+        raise CommandError("bad_target", f"target {target!r}: expected a device id, group:<name> or all")
+    return f"edge.{target}.cmd.{verb}"
+
+
+async def gather(nc: NATS, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str] | None = None,  # noqa: ASYNC109
+                 expect: int | None = None, stop: asyncio.Event | None = None) -> tuple[list[Msg], bool]:
+    """Publish once and collect replies until `timeout`, `expect` replies, `stop`, or "no responders"."""
+    inbox = nc.new_inbox()
+    got: list[Msg] = []
+    done = asyncio.Event()
+    no_responders = False
+
+    async def on_reply(msg: Msg) -> None:
+        nonlocal no_responders
+        if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+            no_responders = True  # the server says nobody subscribes: nothing to wait for
+            done.set()
+            return
+        got.append(msg)
+        if expect is not None and len(got) >= expect:
+            done.set()
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(subject, payload, reply=inbox, headers=headers)
+        waiters = [asyncio.ensure_future(done.wait())]
+        if stop is not None:
+            waiters.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return got, no_responders
+
+
+class Discovery:
+    """Devices that announce themselves while a command runs: `$SRV.PING.edge` replies and heartbeats."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, list[str]] = {}  # device -> groups
+
+    async def run(self, nc: NATS, *, timeout: float, stop: asyncio.Event) -> None:  # noqa: ASYNC109
+        async def on_heartbeat(msg: Msg) -> None:
+            try:
+                beat = _HEARTBEAT.decode(msg.data)
+            except msgspec.DecodeError:
+                return
+            self.devices.setdefault(beat.device, list(beat.groups))
+
+        heartbeats = await nc.subscribe("edge.*.heartbeat", cb=on_heartbeat)
+        try:
+            pings, _ = await gather(nc, "$SRV.PING.edge", b"", timeout=timeout, stop=stop)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await heartbeats.unsubscribe()
+        for msg in pings:
+            try:
+                ping = _PING.decode(msg.data)
+            except msgspec.DecodeError:
+                continue
+            device = ping.metadata.get("device_id", "")
+            if ping.name == "edge" and device:
+                groups = [g for g in ping.metadata.get("groups", "").split(",") if g]
+                self.devices[device] = groups
+
+    def members(self, target: str) -> set[str]:
+        if target == "all":
+            return set(self.devices)
+        if target.startswith("group:"):
+            group = target.removeprefix("group:")
+            return {d for d, groups in self.devices.items() if group in groups}
+        return {target}
+
+
+async def send_command(nc: NATS, target: str, verb: str, body: dict[str, Any] | None = None, *,
+                       timeout: float = DEFAULT_TIMEOUT_S, expect: int | None = None,  # noqa: ASYNC109
+                       seed: bytes | None = None, discover: bool = True) -> Gathered:
+    """Send one command to a device, a group or all, and gather the replies (see the module docstring)."""
+    subject = command_subject(target, verb)
+    payload = _JSON.encode(body or {})
+    headers = sign_command(seed, subject, payload) if seed is not None else None
+    if expect is None and target != "all" and not target.startswith("group:"):
+        expect = 1
+    started = time.monotonic()
+    stop = asyncio.Event()
+    discovery = Discovery()
+    finder = asyncio.ensure_future(discovery.run(nc, timeout=timeout, stop=stop)) if discover else None
+    try:
+        msgs, no_responders = await gather(nc, subject, payload, timeout=timeout, headers=headers, expect=expect)
+    finally:
+        stop.set()
+        if finder is not None:
+            await finder
+    elapsed = time.monotonic() - started
+    replies: list[Reply] = []
+    invalid: list[str] = []
+    for msg in msgs:
+        try:
+            replies.append(REPLY_DECODER.decode(msg.data))
+        except msgspec.DecodeError:
+            invalid.append(msg.data[:200].decode(errors="replace"))
+    replies.sort(key=lambda r: r.device)
+    answered = {r.device for r in replies}
+    expected = discovery.members(target) if discover else ({target} if expect == 1 and target != "all" else set())
+    return Gathered(subject=subject, replies=replies, did_not_answer=sorted(expected - answered), invalid=invalid,
+                    no_responders=no_responders, elapsed_s=round(elapsed, 4))
+
+
+async def publish_model(nc: NATS, folder: Path, *, bucket: str, name: str, version: str) -> tuple[str, str]:
+    """Pack `folder` (deterministic .tar.gz) into the Object Store `bucket` (created if missing): (object, sha256)."""
+    data = await asyncio.to_thread(pack_model_folder, folder)
+    sha256 = hashlib.sha256(data).hexdigest()
+    js = nc.jetstream()
+    try:
+        store = await js.object_store(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        store = await js.create_object_store(bucket)
+    obj = f"{name}-{version}.tar.gz"
+    await store.put(obj, data)
+    return obj, sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands (async; the cmd_* wrappers below run them)
+
+
+async def fleet_ls(args: argparse.Namespace) -> int:
+    """`edge fleet ls`: every device's status in a table, and who did not answer."""
+    async with _connected(args) as nc:
+        got = await send_command(nc, "all", "status", timeout=args.timeout, expect=args.expect, seed=_seed(args))
+    rows = [r.result for r in got.replies if r.ok and isinstance(r.result, dict)]
+    failed = [r for r in got.replies if not r.ok]
+    short = args.expect is not None and len(got.replies) < args.expect
+    if args.json:
+        _print_json({"devices": rows, "failed": [msgspec.to_builtins(r) for r in failed],
+                     "did_not_answer": got.did_not_answer, "elapsed_s": got.elapsed_s})
+    else:
+        _print_table(["DEVICE", "GROUPS", "VERSION", "LINK", "PAUSED", "DECISIONS", "P99_MS", "BACKLOG", "MODELS"],
+                     [_ls_row(row) for row in rows])
+        for reply in failed:
+            print(f"{reply.device}: {_error_text(reply)}")
+        if got.did_not_answer:
+            print(f"did not answer: {', '.join(got.did_not_answer)}")
+        print(f"{len(rows)} device(s) in {got.elapsed_s:.2f}s")
+    return EXIT_FAILURE if failed or got.did_not_answer or short or not got.replies else EXIT_OK
+
+
+async def fleet_status(args: argparse.Namespace) -> int:
+    """`edge fleet status DEVICE`."""
+    async with _connected(args) as nc:
+        got = await send_command(nc, args.device, "status", timeout=args.timeout, seed=_seed(args), discover=False)
+    return _report_status(args, got)
+
+
+async def fleet_cmd(args: argparse.Namespace) -> int:
+    """`edge fleet cmd TARGET VERB [--data JSON]`."""
+    try:
+        body = json.loads(args.data) if args.data else {}
+    except json.JSONDecodeError as exc:
+        print(f"edge: --data: not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not isinstance(body, dict):
+        print("edge: --data: expected a JSON object", file=sys.stderr)
+        return EXIT_USAGE
+    async with _connected(args) as nc:
+        got = await send_command(nc, args.target, args.verb, body, timeout=args.timeout, expect=args.expect,
+                                 seed=_seed(args))
+    return _report(args, got)
+
+
+async def fleet_deploy_model(args: argparse.Namespace) -> int:
+    """`edge fleet deploy-model TARGET FOLDER`: pack, upload, sign, send model.deploy, report per device."""
+    folder = Path(args.folder)
+    try:
+        manifest = load_manifest(folder)
+    except ModelError as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    name, version = args.name or manifest.name, args.version or manifest.version
+    if (name, version) != (manifest.name, manifest.version):
+        print(f"edge: {folder}: the manifest says {manifest.name} version {manifest.version}, not {name} "
+              f"version {version}", file=sys.stderr)
+        return EXIT_USAGE
+    model_file = folder / manifest.file
+    try:
+        actual = hashlib.sha256(await asyncio.to_thread(model_file.read_bytes)).hexdigest()
+    except OSError as exc:
+        print(f"edge: {model_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if actual != manifest.sha256:
+        print(f"edge: {model_file}: sha256 is {actual}, the manifest says {manifest.sha256}", file=sys.stderr)
+        return EXIT_USAGE
+    seed = _seed(args)
+    async with _connected(args) as nc:
+        obj, sha256 = await publish_model(nc, folder, bucket=args.bucket, name=name, version=version)
+        command = ModelDeploy(name=name, version=version, bucket=args.bucket, object=obj, sha256=sha256,
+                              signature=sign(seed, sha256.encode()) if seed is not None else "",
+                              mode="shadow" if args.shadow else "active")
+        body = msgspec.to_builtins(command)
+        got = await send_command(nc, args.target, "model.deploy", body, timeout=args.timeout, expect=args.expect,
+                                 seed=seed)
+    if not args.json:
+        print(f"uploaded {args.bucket}/{obj} (sha256 {sha256})")
+    return _report(args, got)
+
+
+async def fleet_config_push(args: argparse.Namespace) -> int:
+    """`edge fleet config push TARGET FILE`: validate the file here first, then send config.apply."""
+    path = Path(args.file)
+    data, problems = await asyncio.to_thread(read_push_file, path)
+    if problems:
+        for problem in problems:
+            print(f"edge: {path}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    async with _connected(args) as nc:
+        got = await send_command(nc, args.target, "config.apply", {"config": data}, timeout=args.timeout,
+                                 expect=args.expect, seed=_seed(args))
+    return _report(args, got)
+
+
+def read_push_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """A config file to push, and every problem found validating it here first (empty when it is good)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return {}, [f"cannot read the file: {exc.strerror or exc}"]
+    except tomllib.TOMLDecodeError as exc:
+        return {}, [f"not valid TOML: {exc}"]
+    try:
+        # As the device will see it, with paths relative to a config folder (here the file's).
+        decode_config(data, source=str(path), base_dir=path.resolve().parent, env={})
+    except ConfigError as exc:
+        return data, [str(p) for p in exc.problems]
+    return data, []
+
+
+async def device_status(args: argparse.Namespace) -> int:
+    """`edge status [-c FILE]`: ask the device of this config, on its local bus, for its status."""
+    config = await asyncio.to_thread(load_config, Path(args.config) if args.config else None)
+    args.server = await asyncio.to_thread(local_url, config)
+    async with _connected(args) as nc:
+        got = await send_command(nc, config.device_id, "status", timeout=args.timeout, seed=_seed(args),
+                                 discover=False)
+    return _report_status(args, got)
+
+
+def local_url(config: Config) -> str:
+    """The device's local bus: what the running runtime wrote in data_dir/local.url, else the config's."""
+    try:
+        return (config.resolve(config.data_dir) / "local.url").read_text().strip()
+    except OSError:
+        if config.nats.local != "embedded":
+            return config.nats.local
+        return f"nats://127.0.0.1:{config.nats.embedded_port}"
+
+
+async def approvals_watch(args: argparse.Namespace, lines: asyncio.Queue[str | None] | None = None) -> int:
+    """`edge approvals watch`: list approval requests; `a N` approves, `d N [reason]` denies (or `--auto`)."""
+    by = args.by or getpass.getuser()
+    pending: dict[int, tuple[Msg, ApprovalRequest, float]] = {}
+    numbers = iter(range(1, 1 << 62))
+    answered = 0
+    finished = asyncio.Event()
+
+    async def answer(number: int, approved: bool, reason: str) -> None:
+        nonlocal answered
+        entry = pending.pop(number, None)
+        if entry is None:
+            print(f"no pending request #{number}")
+            return
+        msg, request, _ = entry
+        await msg.respond(_JSON.encode({"approved": approved, "by": by, "reason": reason}))
+        answered += 1
+        verdict = "approved" if approved else "denied"
+        print(f"#{number} {request.device}/{request.pipeline} {request.requested_action}: {verdict}", flush=True)
+        if args.limit is not None and answered >= args.limit:
+            finished.set()
+
+    async def on_request(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            request = _APPROVAL.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            print(f"ignoring a malformed approval request on {msg.subject}: {exc}", file=sys.stderr)
+            return
+        number = next(numbers)
+        pending[number] = (msg, request, time.monotonic() + request.timeout_ms / 1000)
+        confidence = "-" if request.confidence is None else f"{request.confidence:.2f}"
+        print(f"#{number} {request.device}/{request.pipeline}: {request.requested_action} (label {request.label}, "
+              f"confidence {confidence}, tier {request.tier}) decision {request.decision_id}, "
+              f"{request.timeout_ms / 1000:.0f}s to answer", flush=True)
+        if args.auto:
+            await answer(number, args.auto == "approve", f"auto-{args.auto}")
+
+    async with _connected(args) as nc:
+        sub = await nc.subscribe("edge.*.approval.*", cb=on_request)
+        await nc.flush()
+        if lines is None and not args.auto:
+            lines = _stdin_lines()
+        print("watching edge.*.approval.* (a N: approve, d N [reason]: deny)", flush=True)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        try:
+            while not finished.is_set():
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                for number in [n for n, (_, _, until) in pending.items() if until < time.monotonic()]:
+                    del pending[number]  # the device has decided without us
+                if lines is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(finished.wait(), wait)
+                    continue
+                try:
+                    line = await asyncio.wait_for(lines.get(), wait)
+                except TimeoutError:
+                    continue
+                if line is None:  # end of input: nobody left to answer
+                    break
+                await _on_line(line, answer)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+    return EXIT_OK
+
+
+async def _on_line(line: str, answer: Callable[[int, bool, str], Awaitable[None]]) -> None:
+    parts = line.strip().split(maxsplit=2)
+    if not parts:
+        return
+    if parts[0] in ("a", "d") and len(parts) >= 2 and parts[1].isdigit():
+        await answer(int(parts[1]), parts[0] == "a", parts[2] if len(parts) > 2 else "")
+    else:
+        print("expected `a N` or `d N [reason]`", flush=True)
+
+
+def _stdin_lines() -> asyncio.Queue[str | None]:
+    # A daemon thread: a blocked readline() must not keep the process alive after the watch ends.
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=read, name="approvals-stdin", daemon=True).start()
+    return queue
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _report(args: argparse.Namespace, got: Gathered) -> int:
+    if args.json:
+        _print_json(got.to_builtins())
+    else:
+        for reply in got.replies:
+            if reply.ok:
+                print(f"{reply.device}: ok {_JSON.encode(reply.result).decode()[:300]}")
+            else:
+                print(f"{reply.device}: FAILED {_error_text(reply)}")
+        for text in got.invalid:
+            print(f"invalid reply: {text}")
+        if got.no_responders:
+            print(f"no device subscribes to {got.subject}")
+        if got.did_not_answer:
+            print(f"did not answer: {', '.join(got.did_not_answer)}")
+        oks = sum(r.ok for r in got.replies)
+        print(f"{oks}/{len(got.replies)} ok in {got.elapsed_s:.2f}s")
+    return EXIT_OK if got.all_ok else EXIT_FAILURE
+
+
+def _report_status(args: argparse.Namespace, got: Gathered) -> int:
+    if not got.replies:
+        print(f"edge: no answer on {got.subject}", file=sys.stderr)
+        return EXIT_FAILURE
+    reply = got.replies[0]
+    if not reply.ok:
+        print(f"edge: {reply.device}: {_error_text(reply)}", file=sys.stderr)
+        return EXIT_FAILURE
+    status = reply.result if isinstance(reply.result, dict) else {}
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    row = dict(zip(["device", "groups", "version", "link", "paused", "decisions", "p99_ms", "backlog", "models"],
+                   _ls_row(status), strict=True))
+    for key, value in row.items():
+        print(f"{key:10} {value}")
+    print(f"{'uptime_s':10} {status.get('uptime_s')}")
+    for name, pipeline in (status.get("pipelines") or {}).items():
+        latency = pipeline.get("latency_ms") or {}
+        print(f"pipeline {name}: {pipeline.get('decisions')} decisions, by tier {pipeline.get('by_tier')}, "
+              f"p50 {latency.get('p50')} ms, p99 {latency.get('p99')} ms, shadow {pipeline.get('shadow')}")
+    return EXIT_OK
+
+
+def _ls_row(status: dict[str, Any]) -> list[str]:
+    pipelines = (status.get("pipelines") or {}).values()
+    decisions = sum(int(p.get("decisions") or 0) for p in pipelines)
+    p99s = [p["latency_ms"]["p99"] for p in pipelines if (p.get("latency_ms") or {}).get("p99") is not None]
+    models = []
+    for slot in status.get("models") or []:
+        if slot.get("version") is not None:
+            models.append(f"{slot.get('name')}={slot.get('version')}")
+    return [
+        str(status.get("device", "?")),
+        ",".join(status.get("groups") or []) or "-",
+        str(status.get("version", "?")),
+        str((status.get("link") or {}).get("state", "?")),
+        "yes" if status.get("paused") else "no",
+        str(decisions),
+        f"{max(p99s):.2f}" if p99s else "-",
+        str((status.get("audit") or {}).get("backlog", "?")),
+        " ".join(models) or "-",
+    ]
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
+    for row in [header, *sorted(rows)]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _error_text(reply: Reply) -> str:
+    return f"{reply.error.code}: {reply.error.message}" if reply.error is not None else "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections, signing, the CLI
+
+
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace) -> AsyncIterator[NATS]:
+    async def quiet(exc: Exception) -> None:
+        log.debug("nats: %s", exc)
+
+    options: dict[str, Any] = {}
+    if getattr(args, "creds", None):
+        options["user_credentials"] = args.creds
+    try:
+        nc = await nats.connect(servers=[s.strip() for s in args.server.split(",")], name="edge-operator",
+                                allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+                                connect_timeout=max(1.0, float(args.timeout)), error_cb=quiet, **options)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise CommandError("unreachable", f"cannot connect to {args.server}: {exc or type(exc).__name__}") from None
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def _seed(args: argparse.Namespace) -> bytes | None:
+    path = getattr(args, "sign_with", None)
+    return load_seed(Path(path)) if path else None
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a command on uvloop where available; one line on stderr for an expected failure."""
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(coro)
+        return uvloop.run(coro)
+    except CommandError as exc:
+        print(f"edge: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE if exc.code in ("bad_target", "unknown_verb", "bad_seed") else EXIT_FAILURE
+    except (ConfigError, ModelError) as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_fleet_ls(args: argparse.Namespace) -> int:
+    return _run(fleet_ls(args))
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    return _run(fleet_status(args))
+
+
+def cmd_fleet_cmd(args: argparse.Namespace) -> int:
+    return _run(fleet_cmd(args))
+
+
+def cmd_fleet_deploy_model(args: argparse.Namespace) -> int:
+    return _run(fleet_deploy_model(args))
+
+
+def cmd_fleet_config_push(args: argparse.Namespace) -> int:
+    return _run(fleet_config_push(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _run(device_status(args))
+
+
+def cmd_approvals_watch(args: argparse.Namespace) -> int:
+    return _run(approvals_watch(args))
+
+
+Add = Callable[..., argparse.ArgumentParser]
+
+
+def _upstream_args(p: argparse.ArgumentParser, *, expect: bool = True) -> None:
+    p.add_argument("--server", default=os.environ.get("EDGE_SERVER", DEFAULT_SERVER),
+                   help="upstream NATS URL(s), comma-separated (env EDGE_SERVER)")
+    p.add_argument("--creds", help="NATS credentials file for the connection")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to gather replies")
+    p.add_argument("--sign-with", metavar="SEED_FILE", help="sign commands with this operator nkey seed")
+    if expect:
+        p.add_argument("--expect", type=int, help="stop gathering once this many devices have answered")
+
+
+def register(sub: Any, add: Add) -> None:
+    """Add `fleet ls|status|cmd|deploy-model|config push`, `status` and `approvals watch` to the CLI."""
+    fleet = sub.add_parser("fleet", help="operate a fleet over upstream NATS").add_subparsers(
+        dest="fleet_command", required=True)
+    p = add("ls", cmd_fleet_ls, "every device's status, and who did not answer", fleet)
+    _upstream_args(p)
+    p = add("status", cmd_fleet_status, "one device's status", fleet)
+    _upstream_args(p, expect=False)
+    p.add_argument("device")
+    p = add("cmd", cmd_fleet_cmd, "send a command to a device, group:<name> or all", fleet)
+    _upstream_args(p)
+    p.add_argument("target", help="a device id, group:<name> or all")
+    p.add_argument("verb", choices=sorted(VERBS))
+    p.add_argument("--data", help="the command's fields as a JSON object")
+    p = add("deploy-model", cmd_fleet_deploy_model, "upload a model folder and deploy it", fleet)
+    _upstream_args(p)
+    p.add_argument("target", help="a device id, group:<name> or all")
+    p.add_argument("folder", help="a model folder (model.onnx + manifest.toml)")
+    p.add_argument("--name", help="model name (default: the manifest's)")
+    p.add_argument("--version", help="model version (default: the manifest's)")
+    p.add_argument("--shadow", action="store_true", help="run beside the active version, never acted on")
+    p.add_argument("--bucket", default="models", help="JetStream Object Store bucket (created if missing)")
+    config = fleet.add_parser("config", help="fleet configuration").add_subparsers(
+        dest="fleet_config_command", required=True)
+    p = add("push", cmd_fleet_config_push, "validate a config file, then apply it on a target", config)
+    _upstream_args(p)
+    p.add_argument("target", help="a device id, group:<name> or all")
+    p.add_argument("file")
+
+    p = add("status", cmd_status, "ask the running device (of this config) for its status", sub)
+    p.add_argument("-c", "--config", help="config file (default: the bundled example)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    p.add_argument("--sign-with", metavar="SEED_FILE", help="sign the request (when the local bus is upstream)")
+
+    approvals = sub.add_parser("approvals", help="human approvals").add_subparsers(
+        dest="approvals_command", required=True)
+    p = add("watch", cmd_approvals_watch, "list approval requests and answer them", approvals)
+    _upstream_args(p, expect=False)
+    p.add_argument("--auto", choices=["approve", "deny"], help="answer every request without asking")
+    p.add_argument("--by", default="", help="who answers (default: the login name)")
+    p.add_argument("--limit", type=int, help="stop after answering this many")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+
