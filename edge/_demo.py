@@ -729,7 +729,8 @@ def write_timeline_png(path: Path, summary: DemoSummary, samples: Sequence[Sampl
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax1.set_ylabel("decisions / s\n(by input's second)")
     ax1.set_title(f"edge demo: {summary.device}, {summary.rate_hz:g} Hz from {summary.pumps} pumps; "
-                  f"cloud link blackholed {summary.outage_start_s:.1f}-{summary.outage_end_s:.1f}s")
+                  f"cloud link blackholed {summary.outage_start_s:.1f}-{summary.outage_end_s:.1f}s", pad=16)
+    ax1.set_ylim(0, max(bottom, default=1) * 1.12 or 1)
     mids = [s.t + 0.5 for s in secs]
     for attr, color, label in (("latency_max_ms", "#C44E52", "max"), ("latency_p50_ms", "#333333", "p50")):
         points = [(x, getattr(s, attr)) for x, s in zip(mids, secs, strict=True) if getattr(s, attr) is not None]
@@ -926,7 +927,7 @@ async def run_demo(options: DemoOptions) -> int:
             approvals_asked = len(approver.requests)
         await asyncio.to_thread(_copy_log, db, out_dir / "audit.db")
 
-    phases = summarize_phases(clock, recorder.decisions, clock.driver_done_s or end_s)
+    phases = summarize_phases(clock, recorder.decisions, options.duration_s)
     during = [d for d in recorder.decisions if clock.phase_of(d.received_at) == "during"]
     first_skip = min((d.received_at for d in during
                       if any(f.tier == "cloud" and f.reason in ("breaker_open", "unreachable") for f in d.fallbacks)),
@@ -943,7 +944,7 @@ async def run_demo(options: DemoOptions) -> int:
         backlog=summarize_backlog(clock, recorder.samples, final_backlog),
         approvals={"asked": approvals_asked, **dict(governance.most_common())},
         verification=verification,
-        timeline=timeline(clock, recorder.decisions, recorder.samples, end_s),
+        timeline=timeline(clock, recorder.decisions, recorder.samples, options.duration_s),
     )
     (out_dir / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(summary)) + b"\n")
     png = await asyncio.to_thread(write_timeline_png, out_dir / "timeline.png", summary, recorder.samples)

@@ -287,7 +287,9 @@ class Runtime:
         base = Path(self.config.base_dir or ".")
         return await nats.connect(
             servers=[u.strip() for u in self.upstream_url.split(",")], name=f"edge-{self.device}-audit",
-            allow_reconnect=False, pending_size=0, connect_timeout=2, ping_interval=2, max_outstanding_pings=2,
+            # One attempt: nats-py's connect() otherwise retries a refused server ~60 times, 2 s apart.
+            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+            pending_size=0, connect_timeout=2, ping_interval=2, max_outstanding_pings=2,
             **connect_options(self.config.nats.upstream_auth if self.config.nats.upstream else
                               self.config.nats.local_auth, base),
         )
