@@ -1111,6 +1111,10 @@ async def bench_blackhole(work: Path, driver: Driver, sizes: Sizes, seed: int) -
                                     ladder=("cloud", "model", "rules"))
             async with CloudSimulator(cloud_nc), Runtime(config) as rt:
                 await poll_until(lambda: rt.link.state is LinkState.ONLINE, 15, "the cloud link to come online")
+                # Warm every path (cloud requests, audit stream through the proxy) before the clock runs.
+                await driver.open_loop(OpenLoopJob(url=local.url, out_subject=decisions_subject(device), rate_hz=rate,
+                                                   count=int(rate / 2), seed=seed, key="sha256"))
+                await poll_until(lambda: rt.link.state is LinkState.ONLINE, 15, "the cloud link to stay online")
                 job = OpenLoopJob(url=local.url, out_subject=decisions_subject(device), rate_hz=rate,
                                   count=int(rate * (before_s + during_s + after_s)), seed=seed, key="sha256",
                                   details=True)
@@ -1188,9 +1192,8 @@ def _blackhole_figures(report: OpenLoopReport, rate: float, sizes: Sizes, blackh
 # Section 6: memory and start-up
 
 
-async def first_decision(nc: NATS, within: float) -> float:
+async def first_decision(nc: NATS, payload: bytes, within: float) -> float:
     """Ask (request/reply) until a runtime answers with a decision; returns when it did (monotonic)."""
-    payload = Payloads(1)(0)
     deadline = time.monotonic() + within
     while True:
         try:
@@ -1207,6 +1210,7 @@ async def startup_in_process(work: Path, repeats: int) -> list[tuple[float, floa
     from ._runtime import Runtime
 
     runs = []
+    payload = Payloads(1)(0)
     for _ in range(repeats):
         device = device_name("start")
         async with fresh_server(work, "start") as server:
@@ -1216,7 +1220,7 @@ async def startup_in_process(work: Path, repeats: int) -> list[tuple[float, floa
                 started = time.monotonic()
                 async with Runtime(config):
                     entered = time.monotonic()
-                    answered = await first_decision(nc, 30)
+                    answered = await first_decision(nc, payload, 30)
                 runs.append((entered - started, answered - started))
             finally:
                 await nc.close()
@@ -1233,6 +1237,7 @@ async def bench_memory(work: Path, driver: Driver, sizes: Sizes, seed: int) -> M
         config_path.write_text(to_toml(runtime_config_data(work, server.url, device=device)))
         nc = await connect(server.url)
         env = {k: v for k, v in os.environ.items() if k != "EDGE_DEVICE_ID"}
+        probe = Payloads(1)(0)
         try:
             with log_path.open("ab") as log_file:
                 spawned = time.monotonic()
@@ -1241,7 +1246,7 @@ async def bench_memory(work: Path, driver: Driver, sizes: Sizes, seed: int) -> M
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log_file, env=env,
                 )
             try:
-                first = await first_decision(nc, 60) - spawned
+                first = await first_decision(nc, probe, 60) - spawned
                 rss_start, _ = proc_memory_mib(proc.pid)
                 checkpoints: list[list[float]] = []
                 done = 0

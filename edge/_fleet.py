@@ -61,6 +61,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, assert_never
 
 import msgspec
+import msgspec.inspect
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -235,7 +236,13 @@ def _explain(verb: str, kind: type[_Command], text: str) -> str:
         return f"{verb}: the body must be an object with fields {', '.join(fields) or '(none)'}: {message}"
     if path == "verb":
         return f"{verb}: field 'verb' must be {verb!r} (the subject's verb) when given"
-    return f"{verb}: field {path!r}: {message[:1].lower()}{message[1:]}"
+    detail = f"{verb}: field {path!r}: {message[:1].lower()}{message[1:]}"
+    info = msgspec.inspect.type_info(kind)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        if field.name == path and isinstance(field.type, msgspec.inspect.LiteralType):
+            detail += f" (expected one of {', '.join(repr(v) for v in field.type.values)})"
+    return detail
 
 
 def encode_reply(reply: Reply, content_type: str = "") -> bytes:

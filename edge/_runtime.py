@@ -21,7 +21,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,7 @@ VERSION = "0.1.0"
 # and the audit stream has its own uploader that resumes from what the stream holds.
 UPSTREAM_PENDING_BYTES = 0
 LOCAL_PENDING_BYTES = 8 * 1024 * 1024
+SYNC_ON_STOP_S = 3.0
 
 
 class RuntimeState(enum.Enum):
@@ -120,6 +121,7 @@ class Runtime:
                                       record=self._record)
         self._stack = AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self.local_url = ""
         self.upstream_url = ""
@@ -181,11 +183,13 @@ class Runtime:
         await stack.enter_async_context(self.uploader)
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
-        self._tasks.create_task(self._probe_forever(), name="link-probe")
+        # On the way out the background loops are cancelled (then the TaskGroup awaits them).
+        stack.callback(self._cancel_background)
+        self._spawn(self._probe_forever(), "link-probe")
         if self.upstream is None:
-            self._tasks.create_task(self._connect_upstream_until_up(), name="upstream-connect")
+            self._spawn(self._connect_upstream_until_up(), "upstream-connect")
         if self.server is not None:
-            self._tasks.create_task(self._supervise_server(self.server), name="embedded-supervisor")
+            self._spawn(self._supervise_server(self.server), "embedded-supervisor")
         # Pipelines last: by the time input flows, everything a decision needs is up.
         stack.push_async_callback(self._record_stop)
         stack.push_async_callback(self._drain_pipelines)
@@ -206,6 +210,14 @@ class Runtime:
         finally:
             self.state = RuntimeState.STOPPED
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        assert self._tasks is not None
+        self._background.append(self._tasks.create_task(coro, name=name))
+
+    def _cancel_background(self) -> None:
+        for task in self._background:
+            task.cancel()
+
     def request_stop(self) -> None:
         """Ask `wait()` to return (signal handlers call this)."""
         self._stop.set()
@@ -221,6 +233,12 @@ class Runtime:
             await self.audit.append("stop", {"uptime_s": round(time.monotonic() - self.started_at, 3)})
         except SyncError as exc:
             log.warning("stop not audited: %s", exc)
+            return
+        # A clean stop with the cloud in reach leaves nothing behind (bounded: never hold a stop).
+        if self.uploader is not None and self.uploader.connected:
+            backlog = await self.uploader.sync_now(timeout=SYNC_ON_STOP_S)
+            if backlog:
+                log.info("stopping with %d audit records not yet synced; they go on the next start", backlog)
 
     def pause(self, by: str = "", reason: str = "") -> None:
         """Fleet kill switch: decisions go on, every action becomes its `instead` (audited)."""

@@ -1,0 +1,196 @@
+"""Helpers for the fleet tests: many runtimes on one server, operator arguments, model versions, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from edge._config import Config
+from edge._fleet import Fleet
+from edge._link import CircuitBreaker, CloudLink
+from edge._operator import DEFAULT_TIMEOUT_S, register
+from edge._runtime import Runtime
+from models import bundled_model_path
+from tests.runtime_harness import NORMAL, make_config
+
+RULES_ONLY = {"ladder": ["rules"], "model": ""}
+
+
+def new_seed() -> bytes:
+    """A fresh operator (user) nkey seed, "SU..."."""
+    import nkeys  # type: ignore[import-untyped]
+
+    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+
+
+def public_key(seed: bytes) -> str:
+    import nkeys
+
+    return str(nkeys.from_seed(seed).public_key.decode())
+
+
+def write_seed(tmp_path: Path, seed: bytes, name: str = "operator.nk") -> Path:
+    path = tmp_path / name
+    path.write_bytes(seed + b"\n")
+    return path
+
+
+def model_version(tmp_path: Path, version: str, *, corrupt: bool = False) -> Path:
+    """A copy of the bundled pump model as `version` (the manifest's sha256 is of model.onnx, so it stays valid)."""
+    folder = tmp_path / f"pump-anomaly-{version}{'-corrupt' if corrupt else ''}"
+    shutil.copytree(bundled_model_path(), folder)
+    manifest = folder / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace('version = "1"', f'version = "{version}"'))
+    if corrupt:
+        data = bytearray((folder / "model.onnx").read_bytes())
+        for i in range(100, 164):
+            data[i] ^= 0xFF  # flipped bytes: the manifest's sha256 no longer holds
+        (folder / "model.onnx").write_bytes(bytes(data))
+    return folder
+
+
+def ops(server: str, **kwargs: Any) -> argparse.Namespace:
+    """Arguments for the operator functions, as the CLI would parse them."""
+    defaults: dict[str, Any] = {"server": server, "timeout": DEFAULT_TIMEOUT_S, "json": True, "expect": None,
+                                "sign_with": None, "creds": None}
+    return argparse.Namespace(**{**defaults, **kwargs})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with the operator's subcommands, wired as edge/_cli.py does (same `add` helper)."""
+    parser = argparse.ArgumentParser(prog="edge")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    register(sub, add)
+    return parser
+
+
+@asynccontextmanager
+async def fleet_of(tmp_path: Path, url: str, count: int, *, groups: Callable[[int], list[str]] = lambda i: [],
+                   prefix: str = "gw", pipeline: dict[str, Any] | None = None,
+                   **top: Any) -> AsyncIterator[list[tuple[Runtime, Fleet]]]:
+    """`count` runtimes (each with its Fleet) on one server: distinct device ids and data_dirs."""
+    async with AsyncExitStack() as stack:
+        members = []
+        for i in range(count):
+            config = make_config(tmp_path, url, device=f"{prefix}-{i:03d}", groups=groups(i),
+                                 pipeline=pipeline, **top)
+            runtime = await stack.enter_async_context(Runtime(config))
+            fleet = await stack.enter_async_context(Fleet(runtime))
+            members.append((runtime, fleet))
+        yield members
+
+
+class Decisions:
+    """Every decision published on a bus, indexed by device and by input (its sha256)."""
+
+    def __init__(self) -> None:
+        self.all: list[dict[str, Any]] = []
+        self.per_input: dict[str, Counter[str]] = defaultdict(Counter)  # device -> input sha -> count
+        self._changed = asyncio.Event()
+
+    async def start(self, nc: NATS, subject: str = "edge.*.decision.*") -> Decisions:
+        async def on_message(msg: Msg) -> None:
+            decision = msgspec.json.decode(msg.data)
+            self.all.append(decision)
+            self.per_input[decision["device"]][decision["input_sha256"]] += 1
+            self._changed.set()
+
+        await nc.subscribe(subject, cb=on_message, pending_msgs_limit=1_000_000)
+        await nc.flush()
+        return self
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"condition not met within {within}s ({len(self.all)} decisions)")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                continue
+
+
+class Inputs:
+    """Publishes unique inputs at a steady pace; remembers each one's sha256 (decisions carry it)."""
+
+    def __init__(self, nc: NATS, subject: str = "sensors.p1.pump", base: dict[str, Any] | None = None) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.base = base or NORMAL
+        self.sent: list[str] = []  # input sha256s, in order
+
+    def payload(self, i: int) -> bytes:
+        row = {**self.base, "rms": round(self.base["rms"] + (i % 7) * 0.05, 3), "asset": f"in-{i}"}
+        return msgspec.json.encode(row)
+
+    async def send(self, count: int, *, every: float = 0.0) -> None:
+        for _ in range(count):
+            data = self.payload(len(self.sent))
+            self.sent.append(hashlib.sha256(data).hexdigest())
+            await self.nc.publish(self.subject, data)
+            if every:
+                await asyncio.sleep(every)  # pace: a steady input rate
+        await self.nc.flush()
+
+    async def run(self, stop: asyncio.Event, *, every: float) -> None:
+        while not stop.is_set():
+            await self.send(1, every=every)
+
+
+class _StubModels:
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+class StubRuntime:
+    """Just what a Fleet reads from a runtime: for many lightweight devices answering on a real server."""
+
+    def __init__(self, config: Config, upstream: NATS) -> None:
+        self.config = config
+        self.device = config.device_id
+        self.data_dir = config.resolve(config.data_dir)
+        self.local = upstream
+        self.upstream: NATS | None = upstream
+        self.started_at = time.monotonic()
+        self.paused = False
+        self.link = CloudLink(CircuitBreaker(3, 1.0))
+        self.audit = None
+        self.uploader = None
+        self.models = _StubModels()
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def status(self) -> dict[str, Any]:
+        return {"device": self.device, "groups": self.config.groups, "version": "0.1.0", "paused": self.paused,
+                "link": {"state": self.link.state.value}, "pipelines": {}, "models": [], "audit": {"backlog": 0}}
+
+    def pause(self, by: str = "", reason: str = "") -> None:
+        self.paused = True
+
+    def resume(self, by: str = "", reason: str = "") -> None:
+        self.paused = False
+
+    def _record(self, kind: str, body: dict[str, Any]) -> None:
+        self.records.append((kind, body))
