@@ -73,6 +73,7 @@ from models import ModelError, load_manifest
 from ._config import Config, config_sha256, decode_config, encode_config
 from ._errors import CommandError, ConfigError
 from ._messages import Heartbeat
+from ._natsutil import server_barrier
 
 if TYPE_CHECKING:
     from nats.micro.request import Request
@@ -239,9 +240,9 @@ def _explain(verb: str, kind: type[_Command], text: str) -> str:
     detail = f"{verb}: field {path!r}: {message[:1].lower()}{message[1:]}"
     info = msgspec.inspect.type_info(kind)
     assert isinstance(info, msgspec.inspect.StructType)
-    for field in info.fields:
-        if field.name == path and isinstance(field.type, msgspec.inspect.LiteralType):
-            detail += f" (expected one of {', '.join(repr(v) for v in field.type.values)})"
+    for spec in info.fields:
+        if spec.name == path and isinstance(spec.type, msgspec.inspect.LiteralType):
+            detail += f" (expected one of {', '.join(repr(v) for v in spec.type.values)})"
     return detail
 
 
@@ -630,8 +631,8 @@ class Fleet:
         self._nc = nc
         for subject in self._wanted_subjects():
             self._subs[subject] = await nc.subscribe(subject, cb=self._on_command)
+        await server_barrier(nc)  # the server has our SUBs: commands sent from now on reach us
         await self._register_service(nc)
-        await nc.flush(timeout=5)
         self.state = FleetState.RUNNING
         self._attached.set()
         log.info("fleet: device %s answering %s", self.device, ", ".join(self._subs))
@@ -661,10 +662,10 @@ class Fleet:
             await _unsubscribe(self._subs.pop(subject))
         for subject in [s for s in wanted if s not in self._subs]:
             self._subs[subject] = await nc.subscribe(subject, cb=self._on_command)
+        await server_barrier(nc)
         if self._service_groups != list(self.runtime.config.groups):
             await self._stop_service()
             await self._register_service(nc)
-        await nc.flush()
 
     async def _register_service(self, nc: NATS) -> None:
         from nats.micro import add_service
@@ -672,6 +673,8 @@ class Fleet:
         from ._runtime import VERSION
 
         groups = list(self.runtime.config.groups)
+        # add_service() ends with a flush(); run it only right after a barrier has proven the link
+        # answers, as a flush that times out breaks nats-py 2.16's connection (see _natsutil).
         service = await add_service(nc, name="edge", version=VERSION, description="edge orchestrator runtime",
                                     metadata={"device_id": self.device, "groups": ",".join(groups)})
         # A cheap summary (what heartbeats say) for `$SRV.INFO` discovery; commands stay on `.cmd.`.
@@ -680,12 +683,18 @@ class Fleet:
         self._service, self._service_groups = service, groups
 
     async def _stop_service(self) -> None:
+        # Not Service.stop(): it drains each of its nine subscriptions with a flush() — up to 10 s
+        # apiece on a dead link, and a timed-out flush breaks the connection (see _natsutil).
+        # Unsubscribing is all a stop needs from the server.
         service, self._service = self._service, None
-        if service is not None:
-            try:
-                await service.stop()
-            except nats.errors.Error as exc:
-                log.debug("fleet: service stop: %s", exc)
+        if service is None:
+            return
+        subs = [*service._subscriptions.values(), *(e._subscription for e in service._endpoints)]
+        for sub in subs:
+            if sub is not None:
+                await _unsubscribe(sub)
+        service._subscriptions, service._endpoints = {}, []
+        service.stopped.set()
 
     # -- heartbeat -------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from ._fleet import (
     sign_command,
 )
 from ._messages import ApprovalRequest, Heartbeat
+from ._natsutil import server_barrier
 
 log = logging.getLogger("edge.operator")
 
@@ -410,7 +411,7 @@ async def approvals_watch(args: argparse.Namespace, lines: asyncio.Queue[str | N
 
     async with _connected(args) as nc:
         sub = await nc.subscribe("edge.*.approval.*", cb=on_request)
-        await nc.flush()
+        await server_barrier(nc)
         if lines is None and not args.auto:
             lines = _stdin_lines()
         print("watching edge.*.approval.* (a N: approve, d N [reason]: deny)", flush=True)

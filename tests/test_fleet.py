@@ -552,24 +552,40 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
             requests.append(msg)
 
         await nc.subscribe("edge.*.approval.*", cb=on_request)
+        printed: list[str] = []
+
+        def said(text: str) -> bool:
+            printed.append(capsys.readouterr().out)
+            return text in "".join(printed)
+
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         watch = asyncio.create_task(approvals_watch(ops(server.url, auto=None, by="alice", limit=1, duration=20),
                                                     lines))
-        await asyncio.sleep(0.3)  # the watcher subscribes (no readiness signal from a CLI loop)
+        await poll(lambda: said("watching edge.*.approval.*"), within=5)  # it says so once subscribed
         pending = asyncio.ensure_future(nc.request("sensors.p1.pump", msgspec.json.encode(CRITICAL), timeout=10))
         await poll(lambda: len(requests) == 1, within=5)
+        await poll(lambda: said("#1 gw-c/pump: shutdown"), within=5)
         await lines.put("d 1 not now")
         denied = msgspec.json.decode((await pending).data)
         assert await watch == 0
+        assert said("#1 gw-c/pump shutdown: denied")
         assert denied["action"] == "hold" and denied["governance"]["status"] == "denied"
         assert denied["governance"]["by"] == "alice"
+        printed.clear()
         watch = asyncio.create_task(approvals_watch(ops(server.url, auto="approve", by="bot", limit=1, duration=20)))
-        await asyncio.sleep(0.3)
+        await poll(lambda: said("watching edge.*.approval.*"), within=5)
         approved = msgspec.json.decode((await nc.request("sensors.p1.pump", msgspec.json.encode(CRITICAL),
                                                          timeout=10)).data)
         assert await watch == 0
         assert approved["action"] == "shutdown" and approved["governance"]["by"] == "bot"
 
+        # Commands beyond what the device handles at once get `busy` at once, never a queue.
+        async with fleet._mutating:  # a long change in progress
+            msgs, _ = await gather(nc, "edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', timeout=0.5,
+                                   expect=40 - MAX_IN_FLIGHT)
+            assert len(msgs) == 40 - MAX_IN_FLIGHT  # not yet the others
+        msgs, _ = await gather(nc, "edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', timeout=0.5)
+        # (40 requests above, one subject: publish them all before gathering their answers)
         # Signed from a seed file, against a device that trusts it.
         seed_file = write_seed(tmp_path, SEED)
         runtime.config = msgspec.structs.replace(runtime.config, fleet=msgspec.structs.replace(
@@ -623,6 +639,17 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
         assert (await send_command(up, "group:fans", "status", seed=SEED, expect=1)).all_ok
         pings = [msgspec.json.decode(m.data) for m in (await _ping(up))]
         assert [p["metadata"] for p in pings] == [{"device_id": "gw-u", "groups": "fans"}]
+        summary = msgspec.json.decode((await up.request("edge.gw-u.svc.status", b"", timeout=2)).data)
+        assert summary["device"] == "gw-u" and summary["groups"] == ["fans"]
+        got = await send_command(up, "group:fans", "config.rollback", seed=SEED, expect=1)
+        assert got.all_ok and runtime.config.groups == ["pumps"]
+        assert (await send_command(up, "group:pumps", "status", seed=SEED, expect=1)).all_ok
+
+        # The audit verbs.
+        got = await send_command(up, "gw-u", "sync.now", {"timeout_s": 5}, seed=SEED)
+        assert got.all_ok and got.replies[0].result["backlog"] == 0, got
+        got = await send_command(up, "gw-u", "audit.resend", {"from_seq": 1}, seed=SEED)
+        assert got.all_ok and got.replies[0].result["queued"] >= 1
 
         # Upstream gone: no heartbeat is sent (none buffered for later); back, and commands work again.
         await hub.stop()
