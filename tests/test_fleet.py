@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from edge._errors import CommandError
 from edge._fleet import (
     H_NONCE,
     H_SIGNATURE,
+    MAX_IN_FLIGHT,
     CommandVerifier,
     Fleet,
     ModelDeploy,
@@ -42,6 +44,7 @@ from edge._operator import (
     fleet_deploy_model,
     fleet_ls,
     fleet_status,
+    gather,
     publish_model,
     send_command,
 )
@@ -522,7 +525,7 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
                                                "approval_timeout_ms": 10000}, "hold": {}}}, models=[])
     path = write_config(tmp_path, data, "device.toml")
     nc = await connect(server.url)
-    async with Runtime(decode_config(data, base_dir=tmp_path, env={})) as runtime, Fleet(runtime):
+    async with Runtime(decode_config(data, base_dir=tmp_path, env={})) as runtime, Fleet(runtime) as fleet:
         # The synchronous handler, as `edge fleet ls` runs it (its own event loop, in a thread here).
         capsys.readouterr()
         assert await asyncio.to_thread(args.handler, args) == 0
@@ -580,12 +583,21 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         assert approved["action"] == "shutdown" and approved["governance"]["by"] == "bot"
 
         # Commands beyond what the device handles at once get `busy` at once, never a queue.
-        async with fleet._mutating:  # a long change in progress
-            msgs, _ = await gather(nc, "edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', timeout=0.5,
-                                   expect=40 - MAX_IN_FLIGHT)
-            assert len(msgs) == 40 - MAX_IN_FLIGHT  # not yet the others
-        msgs, _ = await gather(nc, "edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', timeout=0.5)
-        # (40 requests above, one subject: publish them all before gathering their answers)
+        answers: list[dict[str, Any]] = []
+
+        async def on_answer(msg: nats.aio.msg.Msg) -> None:
+            answers.append(msgspec.json.decode(msg.data))
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_answer)
+        async with fleet._mutating:  # a long change in progress: promotes wait for it
+            for _ in range(MAX_IN_FLIGHT + 8):
+                await nc.publish("edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', reply=inbox)
+            await poll(lambda: len(answers) == 8, within=5)
+            assert {a["error"]["code"] for a in answers} == {"busy"}
+        await poll(lambda: len(answers) == MAX_IN_FLIGHT + 8, within=5)
+        assert Counter(a["error"]["code"] for a in answers) == {"busy": 8, "no_shadow": MAX_IN_FLIGHT}
+
         # Signed from a seed file, against a device that trusts it.
         seed_file = write_seed(tmp_path, SEED)
         runtime.config = msgspec.structs.replace(runtime.config, fleet=msgspec.structs.replace(
@@ -666,7 +678,5 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
 
 
 async def _ping(nc: nats.aio.client.Client) -> list[nats.aio.msg.Msg]:
-    from edge._operator import gather
-
     msgs, _ = await gather(nc, "$SRV.PING.edge", b"", timeout=0.5)
     return msgs

@@ -1,0 +1,47 @@
+"""The local bus: an embedded, supervised nats-server, and a local bus that restarts (SPEC §9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import msgspec
+
+from edge._runtime import Runtime
+from tests.nats_harness import ServerFactory
+from tests.runtime_harness import NORMAL, connect, encode, make_config, poll, wait_until_answering
+
+
+async def test_embedded_server_is_started_supervised_and_restarted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "embedded", nats={"local": "embedded", "embedded_port": -1})
+    async with Runtime(config) as runtime:
+        assert runtime.server is not None
+        url = (runtime.data_dir / "local.url").read_text()
+        assert url == runtime.server.url
+        nc = await connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        reply = await nc.request("sensors.p1.pump", encode(NORMAL), timeout=5)
+        assert msgspec.json.decode(reply.data)["label"] == "normal"
+
+        first_pid = runtime.server.pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)  # the child dies under us
+        await poll(lambda: runtime.server is not None and runtime.server.pid not in (None, first_pid), within=15)
+        # Same port, subscriptions back: the runtime answers again without a restart of its own.
+        reply = await wait_until_answering(nc, "sensors.p1.pump", encode(NORMAL), within=20)
+        assert msgspec.json.decode(reply.data)["label"] == "normal"
+        assert runtime.server.url == url
+        await nc.close()
+
+
+async def test_local_bus_restart_brings_subscriptions_back(nats_servers: ServerFactory, tmp_path: Path) -> None:
+    local = await nats_servers("local")
+    async with Runtime(make_config(tmp_path, local.url)) as runtime:
+        nc = await connect(local.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        await nc.request("sensors.p1.pump", encode(NORMAL), timeout=5)
+        await local.stop()
+        await local.start()
+        reply = await wait_until_answering(nc, "sensors.p1.pump", encode(NORMAL), within=20)
+        assert msgspec.json.decode(reply.data)["label"] == "normal"
+        assert runtime.state.value == "running"
+        await nc.close()
