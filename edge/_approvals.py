@@ -50,6 +50,12 @@ class ApprovalDesk:
     def pending(self) -> int:
         return len(self._pending)
 
+    def link_lost(self) -> None:
+        """The upstream link is gone: every pending request is settled as unreachable at once."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(nats.errors.ConnectionClosedError())
+
     async def ask(self, request: ApprovalRequest, timeout_s: float) -> ApprovalOutcome:
         """Ask for approval and wait at most `timeout_s`; never raises for link trouble."""
         nc = self.upstream()

@@ -33,7 +33,7 @@ by `ModelManager.deploy`; any failure leaves the serving model untouched.
 
 Error codes: bad_command, unknown_verb, unauthorized, replayed, busy, bad_config, unknown_model,
 unreachable, not_found, too_large, fetch_failed, checksum_mismatch, unsigned, bad_signature,
-bad_archive, manifest_mismatch, version_exists, unavailable, internal — and the runtime's own
+bad_archive, store_failed, manifest_mismatch, version_exists, unavailable, internal — and the runtime's own
 (restart_required, nothing_to_roll_back, no_shadow, bad_model, model_mismatch).
 """
 
@@ -483,11 +483,15 @@ def unpack_model_archive(data: bytes | memoryview, folder: Path, *, max_bytes: i
         if not (staging / "manifest.toml").is_file():
             raise CommandError("bad_archive", "no manifest.toml at the top of the archive")
         os.replace(staging, folder)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, FileExistsError):
-            raise CommandError("bad_archive", f"a path appears twice in the archive: {exc.filename}") from None
         raise CommandError("bad_archive", f"not a readable .tar.gz: {exc}") from None
+    except FileExistsError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CommandError("bad_archive", f"a path appears twice in the archive: {exc.filename}") from None
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CommandError("store_failed", f"cannot write the model store: {exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -549,7 +553,7 @@ class Fleet:
         self._service_groups: list[str] = []
         self._tasks: asyncio.TaskGroup | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._mutating = asyncio.Lock()  # one change at a time: config, models, pause
+        self._mutating = asyncio.Lock()  # one change of config or models at a time
         self._attached = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -571,7 +575,7 @@ class Fleet:
                 # The local bus is a separate connection: answer only the read-only status probe there.
                 self._local_sub = await runtime.local.subscribe(f"edge.{self.device}.cmd.status",
                                                                 cb=self._on_local_status)
-            if runtime.upstream is not None:
+            if runtime.upstream is not None and runtime.upstream.is_connected:
                 try:
                     await self._attach(runtime.upstream)  # ready as soon as `async with` returns
                 except nats.errors.Error as exc:  # (nats' TimeoutError included) retried by _follow_upstream
@@ -617,7 +621,7 @@ class Fleet:
         # while waiting, rarely once attached) and follow it if it is ever replaced by a new one.
         while not self._stop.is_set():
             upstream = self.runtime.upstream
-            if upstream is not None and upstream is not self._nc and not upstream.is_closed:
+            if upstream is not None and upstream is not self._nc and upstream.is_connected:
                 await self._detach()
                 try:
                     await self._attach(upstream)

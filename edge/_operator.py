@@ -195,8 +195,9 @@ async def send_command(nc: NATS, target: str, verb: str, body: dict[str, Any] | 
     subject = command_subject(target, verb)
     payload = _JSON.encode(body or {})
     headers = sign_command(seed, subject, payload) if seed is not None else None
-    if expect is None and target != "all" and not target.startswith("group:"):
-        expect = 1
+    single = target != "all" and not target.startswith("group:")
+    if expect is None and single:
+        expect = 1  # one device answers once: no need to wait for the timeout
     started = time.monotonic()
     stop = asyncio.Event()
     discovery = Discovery()
@@ -217,7 +218,7 @@ async def send_command(nc: NATS, target: str, verb: str, body: dict[str, Any] | 
             invalid.append(msg.data[:200].decode(errors="replace"))
     replies.sort(key=lambda r: r.device)
     answered = {r.device for r in replies}
-    expected = discovery.members(target) if discover else ({target} if expect == 1 and target != "all" else set())
+    expected = discovery.members(target) if discover else {target} if single else set()
     return Gathered(subject=subject, replies=replies, did_not_answer=sorted(expected - answered), invalid=invalid,
                     no_responders=no_responders, elapsed_s=round(elapsed, 4))
 

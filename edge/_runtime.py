@@ -361,10 +361,15 @@ class Runtime:
 
     def _on_link_change(self, old: LinkState, new: LinkState, reason: str) -> None:
         log.warning("link %s -> %s (%s)", old.value, new.value, reason)
+        if self.state in (RuntimeState.STOPPING, RuntimeState.STOPPED):
+            return  # our own connections closing, after the log's last record
         self._record("link", {"from": old.value, "to": new.value, "reason": reason,
                               "breaker": self.link.breaker.state.value})
         if new is LinkState.ONLINE and self.uploader is not None:
-            self.uploader.wake()
+            self.uploader.retry_now()
+        if new is LinkState.OFFLINE:
+            # Answers to pending approvals cannot arrive over a dead link: settle them now.
+            self.approvals.link_lost()
 
     # -- pipelines -------------------------------------------------------------------------------
 

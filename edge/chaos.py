@@ -333,10 +333,12 @@ class FaultProxy:
         if fault.kind is FaultKind.RESET:
             self._end_all(_End.RESET)
         elif old.kind is FaultKind.BLACKHOLE and fault.kind is not FaultKind.BLACKHOLE:
-            # A connection accepted during the drop never reached the target; once the network is
-            # back, its peer would answer the unknown connection with a reset, so we do that.
-            for conn in [c for c in self._conns if c.sink]:
-                conn.end(_End.RESET)
+            # TCP never delivers a stream with a hole in it, but the blackhole discarded bytes of
+            # every connection that lived through it. Resuming them would hand the peers a
+            # corrupted stream no real network produces; a real one ends them (retransmissions give
+            # up, the NAT forgot them, the peer answers an unknown connection with a reset). So
+            # every connection that saw the drop is reset when it lifts.
+            self._end_all(_End.RESET)
 
     def _end_all(self, how: _End) -> None:
         for conn in list(self._conns):

@@ -220,6 +220,12 @@ class Uploader:
         """New records were committed: publish them promptly (the log calls this after each commit)."""
         self._progress.set()
 
+    def retry_now(self) -> None:
+        """The link is back (the runtime saw it): cut a back-off short and reconnect at once."""
+        self._progress.set()
+        if self.state is UploaderState.BACKOFF:
+            self._kick.set()
+
     # A timeout parameter on purpose: the `sync.now` command replies with the backlog left after it.
     async def sync_now(self, timeout: float) -> int:  # noqa: ASYNC109
         """Try to sync everything at once (skipping any back-off); returns the backlog after `timeout` at most."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -27,6 +28,13 @@ from models import bundled_model_path
 from tests.runtime_harness import NORMAL, make_config
 
 RULES_ONLY = {"ladder": ["rules"], "model": ""}
+
+
+def figure(pytestconfig: pytest.Config, capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """A measured figure for the report: shown with `pytest -s`, silent otherwise (tests assert, never time)."""
+    if pytestconfig.getoption("capture") == "no":
+        with capsys.disabled():
+            print(f"\n{text}")
 
 
 def new_seed() -> bytes:
@@ -139,7 +147,7 @@ class Inputs:
     def __init__(self, nc: NATS, subject: str = "sensors.p1.pump", base: dict[str, Any] | None = None) -> None:
         self.nc = nc
         self.subject = subject
-        self.base = base or NORMAL
+        self.base: dict[str, Any] = base or NORMAL
         self.sent: list[str] = []  # input sha256s, in order
 
     def payload(self, i: int) -> bytes:

@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 
 from edge import NatsServer
 from edge._messages import ApprovalRequest
+from edge._natsutil import server_barrier
 from edge._runtime import Runtime
 from edge.chaos import FaultProxy
 from edge.cloudsim import AutoApprover
@@ -96,7 +97,7 @@ async def test_a_silent_approver_times_out_into_the_instead_action(rig: Rig) -> 
 
     # Someone is subscribed to approvals but never answers (a person away from the screen).
     silent = await rig.cloud_nc.subscribe("edge.*.approval.*")
-    await rig.cloud_nc.flush()
+    await server_barrier(rig.cloud_nc)
     started = time.monotonic()
     reply = await rig.sensors.request("sensors.p1.pump", encode(CRITICAL), timeout=10)
     waited = time.monotonic() - started
@@ -158,7 +159,7 @@ async def test_pending_approvals_do_not_stall_other_inputs(rig: Rig) -> None:
     async with AutoApprover(rig.cloud_nc, delay_s=(5.0, 5.0)):
         for i in range(1000):
             await rig.sensors.publish("sensors.p1.pump", encode({**CRITICAL, "asset": f"c{i}"}))
-        await rig.sensors.flush()
+        await server_barrier(rig.sensors)
         await poll(lambda: pipeline.pending_approvals == bound, within=10)
         latencies = []
         for _ in range(100):

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import nats
 
+from edge._natsutil import server_barrier
 from edge._runtime import Runtime
 from sync import iter_records, verify_chain, verify_upstream
 from tests.nats_harness import ServerFactory
@@ -56,7 +57,7 @@ async def test_kill_9_of_the_runtime_during_sync_loses_and_duplicates_nothing(
             for _ in range(rng.choice([300, 800, 1500])):
                 await sensors.publish(f"sensors.p{sent % 3}.pump", encode(NORMAL if sent % 7 else CRITICAL))
                 sent += 1
-            await sensors.flush()
+            await server_barrier(sensors)
             if round_ % 2 == 0:
                 await cloud.start()  # the backlog starts to drain...
             await asyncio.sleep(rng.uniform(0.05, 1.0))  # ...and at a seeded moment in it, the kill
@@ -144,7 +145,7 @@ async def test_full_store_with_drop_oldest_records_the_gap(nats_servers: ServerF
         nc = await connect(local.url)
         for i in range(1500):
             await nc.publish("sensors.p1.pump", encode({**NORMAL, "asset": f"a{i}"}))
-        await nc.flush()
+        await server_barrier(nc)
         assert runtime.audit is not None
         await poll(lambda: runtime.pipelines["pump"].stats.decisions == 1500, within=20)
         await poll(lambda: any(r.kind == "gap" for r in iter_records(runtime.audit.path)), within=20)  # type: ignore[union-attr]

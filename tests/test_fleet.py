@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from edge._config import decode_config, encode_config
 from edge._errors import CommandError
@@ -55,6 +57,7 @@ from tests.fleet_helpers import (
     Inputs,
     StubRuntime,
     build_parser,
+    figure,
     fleet_of,
     model_version,
     new_seed,
@@ -119,9 +122,9 @@ def test_signature_verification() -> None:
     headers = sign_command(SEED, subject, body, timestamp_ns=NOW, nonce="nonce-0001")
     assert verifier.verify(subject, body, headers, [OPERATOR]) == OPERATOR
 
-    def refused(code: str, *args: Any, trusted: list[str] | None = None) -> str:
+    def refused(code: str, subject: str, body: bytes, headers: dict[str, str] | None) -> str:
         with pytest.raises(CommandError) as caught:
-            verifier.verify(*args, trusted or [OPERATOR])
+            verifier.verify(subject, body, headers, [OPERATOR])
         assert caught.value.code == code, caught.value
         return caught.value.message
 
@@ -250,13 +253,13 @@ def test_targets_map_to_subjects() -> None:
 # Integration: a fleet of runtimes on one real server
 
 
-async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                               ) -> None:
+async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               pytestconfig: pytest.Config) -> None:
     server = await nats_servers("hub")
     nc = await connect(server.url)
     beats: set[str] = set()
 
-    async def on_heartbeat(msg: nats.aio.msg.Msg) -> None:
+    async def on_heartbeat(msg: Msg) -> None:
         beats.add(msgspec.json.decode(msg.data)["device"])
 
     await nc.subscribe("edge.*.heartbeat", cb=on_heartbeat)
@@ -276,8 +279,7 @@ async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, caps
         listing = json.loads(capsys.readouterr().out)
         assert {d["device"] for d in listing["devices"]} == devices and listing["did_not_answer"] == []
         assert all(d["link"]["state"] == "online" for d in listing["devices"])
-        with capsys.disabled():  # figures for the report (shown with -s)
-            print(f"\nfleet ls: 20 devices in {listing['elapsed_s']:.3f}s")
+        figure(pytestconfig, capsys, f"fleet ls: 20 devices in {listing['elapsed_s']:.3f}s")
         await poll(lambda: beats == devices, within=5)
 
         # A group command reaches exactly the group's members.
@@ -314,8 +316,8 @@ async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, caps
         for d in decisions.all:
             if d["input_sha256"] in late:
                 assert d["label"] == ("nominal" if d["device"] in pumps else "normal"), d
-        with capsys.disabled():
-            print(f"\nconfig push to 10 of 20 devices: {len(sent)} inputs x 20 devices, 0 lost, 0 doubled")
+        figure(pytestconfig, capsys,
+               f"config push to 10 of 20 devices: {len(sent)} inputs x 20 devices, 0 lost, 0 doubled")
         for rt, _ in fleet:
             applied = rt.data_dir / "config" / "applied.json"
             assert applied.exists() == (rt.device in pumps)
@@ -323,29 +325,38 @@ async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, caps
 
 
 async def test_many_lightweight_devices_are_listed(nats_servers: ServerFactory, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   pytestconfig: pytest.Config) -> None:
     """100 Fleets over stub runtimes (each with its own connection) answer `fleet ls` on a real server."""
     server = await nats_servers("hub")
     async with AsyncExitStack() as stack:
+        fleets = []
         for i in range(100):
             upstream = await connect(server.url)
             stack.push_async_callback(upstream.close)
             config = make_config(tmp_path, server.url, device=f"dev-{i:03d}", groups=[f"g{i % 4}"],
                                  pipeline=RULES_ONLY, models=[])
-            await stack.enter_async_context(Fleet(StubRuntime(config, upstream)))  # type: ignore[arg-type]
+            fleets.append(await stack.enter_async_context(Fleet(StubRuntime(config, upstream))))  # type: ignore[arg-type]
         capsys.readouterr()
         started = time.perf_counter()
         assert await fleet_ls(ops(server.url, expect=100, timeout=10)) == 0
         elapsed = time.perf_counter() - started
         listing = json.loads(capsys.readouterr().out)
         assert len(listing["devices"]) == 100 and listing["did_not_answer"] == []
-        with capsys.disabled():
-            print(f"\nfleet ls: 100 lightweight devices in {listing['elapsed_s']:.3f}s ({elapsed:.3f}s with connect)")
+        figure(pytestconfig, capsys,
+               f"fleet ls: 100 lightweight devices in {listing['elapsed_s']:.3f}s ({elapsed:.3f}s with connect)")
         nc = await connect(server.url)
         got = await send_command(nc, "group:g1", "pause", timeout=1.0, expect=25)
         assert len(got.replies) == 25 and got.all_ok
         assert {int(r.device[-3:]) % 4 for r in got.replies} == {1}
         await nc.close()
+
+        # A device that answers $SRV.PING but not its commands is reported, and the exit code says so.
+        for sub in fleets[7]._subs.values():
+            await sub.unsubscribe()
+        assert await fleet_ls(ops(server.url, timeout=1.0, json=False)) == 1
+        out = capsys.readouterr().out
+        assert "did not answer: dev-007" in out and "99 device(s)" in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +364,7 @@ async def test_many_lightweight_devices_are_listed(nats_servers: ServerFactory, 
 
 
 async def test_shadow_deploy_promote_rollback_loses_no_decision(
-    nats_servers: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    nats_servers: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str], pytestconfig: pytest.Config
 ) -> None:
     server = await nats_servers("hub")
     v2 = model_version(tmp_path, "2")
@@ -412,10 +423,10 @@ async def test_shadow_deploy_promote_rollback_loses_no_decision(
         assert any(d["model"] and d["model"]["version"] == "2" for d in decisions.all[mark:])
         late = set(inputs.sent[after_deploy:])
         assert {d["model"]["version"] for d in decisions.all if d["input_sha256"] in late and d["model"]} == {"3"}
-        with capsys.disabled():
-            print(f"\nmodel.deploy (shadow) -> first shadow decision {shadow_s * 1000:.0f} ms; promote -> first v2 "
-                  f"decision {promote_s * 1000:.0f} ms; deploy-model (active, pack+upload+fetch+load) -> first v3 "
-                  f"decision {active_s * 1000:.0f} ms; {len(sent)} inputs x 2 devices, 0 lost, 0 doubled")
+        figure(pytestconfig, capsys,
+               f"model.deploy (shadow) -> first shadow decision {shadow_s * 1000:.0f} ms; promote -> first v2 "
+               f"decision {promote_s * 1000:.0f} ms; deploy-model (active, pack+upload+fetch+load) -> first v3 "
+               f"decision {active_s * 1000:.0f} ms; {len(sent)} inputs x 2 devices, 0 lost, 0 doubled")
     await nc.close()
 
 
@@ -549,9 +560,9 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         assert "pipelines[0].ladder" in errors and "pipelines[0].rules" in errors
 
         # Approvals: one denied by hand, one approved by --auto.
-        requests: list[nats.aio.msg.Msg] = []
+        requests: list[Msg] = []
 
-        async def on_request(msg: nats.aio.msg.Msg) -> None:
+        async def on_request(msg: Msg) -> None:
             requests.append(msg)
 
         await nc.subscribe("edge.*.approval.*", cb=on_request)
@@ -585,7 +596,7 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         # Commands beyond what the device handles at once get `busy` at once, never a queue.
         answers: list[dict[str, Any]] = []
 
-        async def on_answer(msg: nats.aio.msg.Msg) -> None:
+        async def on_answer(msg: Msg) -> None:
             answers.append(msgspec.json.decode(msg.data))
 
         inbox = nc.new_inbox()
@@ -622,7 +633,7 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
     down = await connect(local.url)
     beats: list[dict[str, Any]] = []
 
-    async def on_heartbeat(msg: nats.aio.msg.Msg) -> None:
+    async def on_heartbeat(msg: Msg) -> None:
         beats.append(msgspec.json.decode(msg.data))
 
     await up.subscribe("edge.gw-u.heartbeat", cb=on_heartbeat)
@@ -677,6 +688,6 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
     await down.close()
 
 
-async def _ping(nc: nats.aio.client.Client) -> list[nats.aio.msg.Msg]:
+async def _ping(nc: NATS) -> list[Msg]:
     msgs, _ = await gather(nc, "$SRV.PING.edge", b"", timeout=0.5)
     return msgs

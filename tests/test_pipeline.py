@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from edge._natsutil import server_barrier
 from edge._runtime import Runtime
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import (
@@ -136,7 +137,7 @@ async def test_garbage_flood_is_aggregated_and_memory_bounded(nats_servers: Serv
         nc = await connect(server.url)
         for i in range(3000):
             await nc.publish("sensors.p1.pump", b"not json %d" % i)
-        await nc.flush()
+        await server_barrier(nc)
         pipeline = runtime.pipelines["pump"]
         await poll(lambda: pipeline.stats.rejected["not_json"] == 3000)
         await poll(lambda: runtime.audit is not None and runtime.audit.last_seq >= 2, within=5)
@@ -162,7 +163,7 @@ async def test_sigterm_drains_in_flight_decisions(nats_servers: ServerFactory, t
         burst = 2000
         for i in range(burst):
             await nc.publish(f"sensors.p{i % 5}.pump", encode(NORMAL))
-        await nc.flush()
+        await server_barrier(nc)
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 30)
         assert code == 0, path.with_suffix(".log").read_text()
