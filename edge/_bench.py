@@ -127,7 +127,7 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
     def pick(cls, options: BenchOptions) -> Sizes:
         if options.quick:
             sizes = cls(repeats=1, saturation_n=2000, warmup=300, latency_s=1.5, audit_n=1500, append_n=5000,
-                        sequential_n=40, sync_records=20_000, blackhole_phases_s=(1.5, 2.5, 6.5),
+                        sequential_n=40, sync_records=20_000, blackhole_phases_s=(1.5, 2.5, 7.5),
                         rss_decisions=20_000, startup_repeats=1, profile_n=3000)
         else:
             sizes = cls(repeats=3, saturation_n=20_000, warmup=2000, latency_s=10.0, audit_n=15_000,
@@ -148,6 +148,16 @@ class Machine(msgspec.Struct, kw_only=True):
     nats_server: str
     packages: dict[str, str]
     filesystem: str  # where the audit logs and JetStream stores live (fsync cost depends on it)
+
+
+class Contention(msgspec.Struct, kw_only=True):
+    """What the whole machine did during a section: on a shared box, others' work slows every figure."""
+
+    wall_s: float
+    machine_busy_cores: float  # every process, from /proc/stat
+    bench_cores: float  # this process, its finished children (servers, `edge run`) and the driver
+    other_cores: float  # the rest: work that is not the bench's
+    loadavg_1m: float  # at the end of the section
 
 
 class CpuUse(msgspec.Struct, kw_only=True):
@@ -195,6 +205,10 @@ class LatencyRun(msgspec.Struct, kw_only=True):
     why: str  # "50% of runtime saturation" or "fixed"
     bare: Latency
     runtime: Latency
+    # The runtime's own view (status(): start of handle() → decision published, last 8192 decisions):
+    # what is not in it was spent before handle() (socket, inbox, workers) or on the way to the sink.
+    runtime_internal_p50_ms: float
+    runtime_internal_p99_ms: float
 
 
 class AuditFigures(msgspec.Struct, kw_only=True):
@@ -268,6 +282,7 @@ class ProfileFigures(msgspec.Struct, kw_only=True):
     decisions_per_s: float  # under cProfile: slower than the real thing
     total_tottime_s: float
     top: list[ProfileEntry]
+    by_component: dict[str, float]  # share of the loop thread's tottime: edge, models, sync, nats, asyncio...
 
 
 class BenchResult(msgspec.Struct, kw_only=True):
@@ -279,6 +294,7 @@ class BenchResult(msgspec.Struct, kw_only=True):
     machine: Machine
     sizes: Sizes
     notes: list[str]
+    contention: dict[str, Contention] = msgspec.field(default_factory=dict)
     saturation: SaturationPair | None = None
     latency: list[LatencyRun] | None = None
     audit: AuditFigures | None = None
@@ -726,6 +742,35 @@ class CpuMeter:
         )
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds all processes spent busy since boot (user, nice, system, irq, softirq)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class ContentionMeter:
+    """Machine-wide busy time against the bench's own, over one section."""
+
+    def __init__(self, driver_pid: int) -> None:
+        self._driver_pid = driver_pid
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = _cpu_self_s() + children.ru_utime + children.ru_stime + proc_cpu_s(self._driver_pid)
+        return time.monotonic(), _machine_busy_s(), ours
+
+    def stop(self) -> Contention:
+        now, busy, ours = self._read()
+        wall = now - self._start[0]
+        busy_cores = (busy - self._start[1]) / wall
+        ours_cores = (ours - self._start[2]) / wall
+        return Contention(wall_s=round(wall, 1), machine_busy_cores=round(busy_cores, 2),
+                          bench_cores=round(ours_cores, 2), other_cores=round(max(0.0, busy_cores - ours_cores), 2),
+                          loadavg_1m=round(os.getloadavg()[0], 2))
+
+
 async def poll_until(predicate: Callable[[], bool], within: float, what: str, interval: float = 0.01) -> None:
     deadline = time.monotonic() + within
     while not predicate():
@@ -924,14 +969,18 @@ async def latency_bare(work: Path, driver: Driver, rate: float, count: int, seed
     return _open_loop_latency(report)
 
 
-async def latency_runtime(work: Path, driver: Driver, rate: float, count: int, seed: int) -> Latency:
+async def latency_runtime(work: Path, driver: Driver, rate: float, count: int,
+                          seed: int) -> tuple[Latency, dict[str, float]]:
+    """End-to-end latency, and the runtime's own p50/p99 (ms) of the same run."""
     from ._runtime import Runtime
 
     device = device_name("lat")
-    async with fresh_server(work, "runtime") as server, Runtime(runtime_config(work, server.url, device=device)):
+    async with (fresh_server(work, "runtime") as server,
+                Runtime(runtime_config(work, server.url, device=device)) as rt):
         report = await driver.open_loop(OpenLoopJob(url=server.url, out_subject=decisions_subject(device),
                                                     rate_hz=rate, count=count, seed=seed, key="sha256"))
-    return _open_loop_latency(report)
+        internal = rt.status()["pipelines"][PIPELINE]["latency_ms"]
+    return _open_loop_latency(report), internal
 
 
 def _open_loop_latency(report: OpenLoopReport) -> Latency:
@@ -944,8 +993,9 @@ async def bench_latency(work: Path, driver: Driver, sizes: Sizes, seed: int, run
     for rate, why in ((round(runtime_rate * 0.5), "50% of runtime saturation"), (1000.0, "fixed")):
         count = max(100, int(rate * sizes.latency_s))
         bare = await latency_bare(work, driver, rate, count, seed)
-        runtime = await latency_runtime(work, driver, rate, count, seed)
-        runs.append(LatencyRun(rate_hz=rate, why=why, bare=bare, runtime=runtime))
+        runtime, internal = await latency_runtime(work, driver, rate, count, seed)
+        runs.append(LatencyRun(rate_hz=rate, why=why, bare=bare, runtime=runtime,
+                               runtime_internal_p50_ms=internal["p50"], runtime_internal_p99_ms=internal["p99"]))
     return runs
 
 
@@ -1315,9 +1365,29 @@ async def profile_runtime(work: Path, driver: Driver, sizes: Sizes, seed: int, t
             raw.items(), key=lambda item: item[1][2], reverse=True)[:top]:
         entries.append(ProfileEntry(function=_where(file, line, func), ncalls=ncalls, tottime_s=round(tottime, 4),
                                     cumtime_s=round(cumtime, 4), percall_us=round(tottime / ncalls * 1e6, 2)))
-    return ProfileFigures(decisions=report.n, decisions_per_s=round(report.n / (report.finished_at -
-                                                                                  report.started_at), 1),
-                          total_tottime_s=round(total, 3), top=entries)
+    components: dict[str, float] = {}
+    for (file, _line, func), value in raw.items():
+        component = _component(file, func)
+        components[component] = components.get(component, 0.0) + value[2]
+    by_component = {k: round(v / total, 3) for k, v in sorted(components.items(), key=lambda kv: -kv[1])}
+    elapsed = report.finished_at - report.started_at
+    return ProfileFigures(decisions=report.n, decisions_per_s=round(report.n / elapsed, 1),
+                          total_tottime_s=round(total, 3), top=entries, by_component=by_component)
+
+
+def _component(file: str, func: str) -> str:
+    if file == "~":  # C functions: name them by what they belong to
+        for marker, name in (("msgspec", "msgspec"), ("sqlite", "sqlite3"), ("numpy", "numpy"),
+                             ("hashlib", "hashlib"), ("_hashlib", "hashlib"), ("onnxruntime", "onnxruntime")):
+            if marker in func:
+                return name
+        return "builtins"
+    for marker, name in (("/nats/", "nats-py"), ("/edge/", "edge"), ("/models/", "models"), ("/sync/", "sync"),
+                         ("/asyncio/", "asyncio"), ("/uvloop/", "asyncio"), ("/msgspec/", "msgspec"),
+                         ("/numpy/", "numpy")):
+        if marker in file:
+            return name
+    return "other"
 
 
 def _where(file: str, line: int, func: str) -> str:
@@ -1383,33 +1453,43 @@ async def run_bench(options: BenchOptions) -> BenchResult:
             mode="quick" if options.quick else "full", machine=machine_info(work), sizes=sizes, notes=NOTES,
         )
         async with Driver() as driver:
-            sections = set(options.sections)
             runtime_rate = 0.0
-            if "saturation" in sections:
-                log.info("section 1: saturation")
+
+            async def saturation() -> None:
+                nonlocal runtime_rate
                 result.saturation = await bench_saturation(work, driver, sizes, seed)
                 runtime_rate = result.saturation.runtime.decisions_per_s
-            if "latency" in sections:
-                log.info("section 2: latency")
-                if not runtime_rate:
-                    runtime_rate = (await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup,
-                                                           seed)).decisions_per_s
-                result.latency = await bench_latency(work, driver, sizes, seed, runtime_rate)
-            if "audit" in sections:
-                log.info("section 3: audit")
+
+            async def latency() -> None:
+                rate = runtime_rate or (await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup,
+                                                               seed)).decisions_per_s
+                result.latency = await bench_latency(work, driver, sizes, seed, rate)
+
+            async def audit() -> None:
                 result.audit = await bench_audit(work, driver, sizes, seed)
-            if "sync" in sections:
-                log.info("section 4: sync")
+
+            async def sync() -> None:
                 result.sync = await bench_sync(work, sizes)
-            if "blackhole" in sections:
-                log.info("section 5: blackhole")
+
+            async def blackhole() -> None:
                 result.blackhole = await bench_blackhole(work, driver, sizes, seed)
-            if "memory" in sections:
-                log.info("section 6: memory and start-up")
+
+            async def memory() -> None:
                 result.memory = await bench_memory(work, driver, sizes, seed)
-            if options.profile:
-                log.info("profile")
+
+            async def profile() -> None:
                 result.profile = await profile_runtime(work, driver, sizes, seed)
+
+            steps: dict[str, Callable[[], Awaitable[None]]] = {
+                "saturation": saturation, "latency": latency, "audit": audit, "sync": sync,
+                "blackhole": blackhole, "memory": memory, "profile": profile,
+            }
+            chosen = [name for name in SECTIONS if name in options.sections] + (["profile"] if options.profile else [])
+            for name in chosen:
+                log.info("bench section %s", name)
+                meter = ContentionMeter(driver.pid)
+                await steps[name]()
+                result.contention[name] = meter.stop()
     result.elapsed_s = round(time.monotonic() - begun, 1)
     if options.out is not None:
         await asyncio.to_thread(write_report, result, Path(options.out))
@@ -1448,7 +1528,7 @@ def format_table(r: BenchResult) -> str:
             f"   {'':34}{'bare':>12}{'runtime':>12}{'ratio':>9}",
             f"   {'decisions/s':34}{_n(s.bare.decisions_per_s):>12}{_n(s.runtime.decisions_per_s):>12}"
             f"{s.ratio:>9.3f}",
-            f"   {'runs':34}{' '.join(_n(x) for x in s.bare_runs):>12}  {' '.join(_n(x) for x in s.runtime_runs)}",
+            f"   {'each run':34}{_runs(s.bare_runs):>12}{_runs(s.runtime_runs):>12}",
             f"   {'CPU us/decision: SUT':34}{s.bare.cpu.sut_us:>12.1f}{s.runtime.cpu.sut_us:>12.1f}",
             f"   {'CPU us/decision: driver+sink':34}{s.bare.cpu.driver_us:>12.1f}{s.runtime.cpu.driver_us:>12.1f}",
             f"   {'CPU us/decision: nats-server':34}{s.bare.cpu.server_us:>12.1f}{s.runtime.cpu.server_us:>12.1f}",
@@ -1465,7 +1545,8 @@ def format_table(r: BenchResult) -> str:
             for name, lat in (("bare", run.bare), ("runtime", run.runtime)):
                 label = f"{name} @ {_n(run.rate_hz)}/s"
                 lines.append(f"   {label:30}{_lat_row(lat)}")
-            lines.append(f"   {'':30}({run.why})")
+            lines.append(f"   {'  runtime, inside handle()':30}{run.runtime_internal_p50_ms:>9.2f}"
+                         f"{run.runtime_internal_p99_ms:>9.2f}   ({run.why})")
         lines.append("")
     if r.audit is not None:
         a = r.audit
@@ -1535,8 +1616,19 @@ def format_table(r: BenchResult) -> str:
         ]
         lines += [f"   {e.tottime_s:>10.3f}{e.cumtime_s:>10.3f}{e.ncalls:>10}{e.percall_us:>9.2f}  {e.function}"
                   for e in p.top]
+        lines.append("   tottime by component: " + ", ".join(f"{k} {v:.0%}" for k, v in p.by_component.items()))
+        lines.append("")
+    if r.contention:
+        lines.append("Machine load during each section (cores busy; 'others' is work that is not the bench's)")
+        for name, c in r.contention.items():
+            lines.append(f"   {name:12}{c.wall_s:>7.0f}s  all {c.machine_busy_cores:4.2f}  bench {c.bench_cores:4.2f}  "
+                         f"others {c.other_cores:4.2f}  load avg {c.loadavg_1m:.2f}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _runs(values: list[float]) -> str:
+    return "/".join(f"{v / 1000:.1f}k" for v in values)
 
 
 def _lat_row(lat: Latency) -> str:

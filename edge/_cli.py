@@ -248,6 +248,22 @@ def _local_url(config: Config) -> str:
     return url_file.read_text().strip() if url_file.exists() else f"nats://127.0.0.1:{config.nats.embedded_port}"
 
 
+# -- demo and bench: their own option parsers ----------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import main as demo_main
+
+    logging.getLogger().handlers.clear()  # the demo logs to a file: the terminal is its live view
+    return demo_main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ._bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config) if getattr(args, "config", None) else None)
 
@@ -270,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the runtime until SIGINT/SIGTERM, then drain")
     p.add_argument("-c", "--config", help="config file (default: the bundled example)")
+
+    for name, handler, help_text in (
+        ("demo", cmd_demo, "the whole story on one machine: outage, recovery, verified audit (--help for options)"),
+        ("bench", cmd_bench, "the benchmark of SPEC §10 (--help for options)"),
+    ):
+        # Their options are their own parsers' (see main): everything after the name goes there.
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.set_defaults(handler=handler, passthrough=True)
 
     p = add("check", cmd_check, "validate a config file")
     p.add_argument("file")
@@ -309,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level, args.log_format)
     started = time.monotonic()
     try:
