@@ -23,6 +23,24 @@ How it measures, and why so:
   hidden (coordinated omission). The driver's own lateness (send lag) is reported beside it.
 * Freshness. Every measurement gets fresh nats-server(s) (JetStream on, a temp store dir) and,
   for the runtime, a fresh data dir.
+* A shared machine. Each section also records how many cores the whole machine was busy against
+  the bench's own processes (/proc/stat): work by others shows up as `other_cores`, so a noisy
+  figure can be recognised as such.
+
+Sections (all in one run; `--sections` picks some):
+
+1. saturation  bare vs runtime decisions/s (median of 3 alternating runs; 1 in --quick)
+2. latency     open loop at 50% of the runtime's saturation and at 1000/s: p50/p99/p99.9
+3. audit       the runtime per fsync mode; raw AuditLog appends/s and one-at-a-time commit latency
+4. sync        a backlog (200k; 20k quick) drained by the Uploader vs js.publish_async, same payloads
+5. blackhole   ladder cloud → model → rules at 200/s while a FaultProxy blackholes the cloud
+6. memory      RSS of `python -m edge run` over 1M decisions (20k quick; --rss-decisions), start-up
+               times in process (server already running) and as a process
+   --profile   cProfile of the event-loop thread at saturation: top functions by tottime
+
+The runtime runs the bundled example's pipeline and actions with ladder [model, rules], audit
+fsync "batch", and the local server as upstream (the audit stream is synced there while it runs,
+as with the bundled example config).
 
 Only Linux is supported: CPU and memory figures come from /proc.
 """
@@ -44,6 +62,7 @@ import platform
 import pstats
 import random
 import resource
+import shlex
 import signal
 import statistics
 import sys
@@ -1124,10 +1143,13 @@ async def bench_sync(work: Path, sizes: Sizes) -> SyncFigures:
             started = time.perf_counter()
             for seq, kind, payload in wire:
                 headers = {"Nats-Msg-Id": f"{device}:{seq}", "Edge-Kind": kind}
-                in_flight.append(await js.publish_async(subject, payload, stream="EDGE_AUDIT", headers=headers))
+                # wait_stall bounds the wait for a free slot: acks that never come fail the run.
+                in_flight.append(await js.publish_async(subject, payload, stream="EDGE_AUDIT", headers=headers,
+                                                        wait_stall=30.0))
                 while in_flight and in_flight[0].done():
                     failed += in_flight.popleft().exception() is not None
-            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+            async with asyncio.timeout(60):
+                outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
             failed += sum(isinstance(outcome, BaseException) for outcome in outcomes)
             raw_s = time.perf_counter() - started
         finally:
@@ -1318,7 +1340,8 @@ async def bench_memory(work: Path, driver: Driver, sizes: Sizes, seed: int) -> M
                     raise BenchError("`edge run` did not stop within 60s of SIGTERM") from None
                 stop_s = time.monotonic() - stopping
                 if code != 0:
-                    raise BenchError(f"`edge run` exited with {code}; see {log_path}")
+                    tail = log_path.read_text(errors="replace")[-1500:]
+                    raise BenchError(f"`edge run` exited with {code}; its log ends:\n{tail}")
             finally:
                 if proc.returncode is None:
                     proc.kill()
@@ -1449,7 +1472,7 @@ async def run_bench(options: BenchOptions) -> BenchResult:
         work = Path(tmp)
         result = BenchResult(
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            command=options.command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            command=options.command or _command_line(),
             mode="quick" if options.quick else "full", machine=machine_info(work), sizes=sizes, notes=NOTES,
         )
         async with Driver() as driver:
@@ -1653,13 +1676,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`scripts/bench.py`: run, print the table, write bench.json; exit 0, 1 on failure, 2 on bad usage."""
+    """`scripts/bench.py` and `edge bench`: run, print the table, write bench.json.
+
+    Exit 0, 1 when something could not be measured, 2 on bad usage.
+    """
     args = build_parser().parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    argv_used = list(sys.argv[1:] if argv is None else argv)
     options = BenchOptions(quick=args.quick, out=args.out, sections=sections, profile=args.profile,
-                           rss_decisions=args.rss_decisions, seed=args.seed,
-                           command=" ".join(["scripts/bench.py", *argv_used]))
+                           rss_decisions=args.rss_decisions, seed=args.seed, command=_command_line())
     if set(sections) - set(SECTIONS):
         print(f"bench: unknown sections {sorted(set(sections) - set(SECTIONS))}; expected some of {SECTIONS}",
               file=sys.stderr)
@@ -1674,7 +1698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     try:
         result = _run(run_bench(options))
-    except (BenchError, EdgeError, OSError) as exc:
+    except (EdgeError, OSError, TimeoutError, nats.errors.Error) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -1682,6 +1706,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result))
     print(f"wrote {out / 'bench.json'}")
     return 0
+
+
+def _command_line() -> str:
+    """How this process was started, as a reader would type it again."""
+    program = sys.argv[0] if sys.argv else "bench"
+    if Path(program).name == "__main__.py":
+        head = f"python -m {Path(program).parent.name}"
+    else:
+        head = shlex.quote(program)
+    return " ".join([head, *map(shlex.quote, sys.argv[1:])])
 
 
 def _run(coro: Awaitable[BenchResult]) -> BenchResult:

@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(handler=handler, passthrough=True)
 
+    from ._operator import register
+
+    register(sub, add)
+
     p = add("check", cmd_check, "validate a config file")
     p.add_argument("file")
 

@@ -200,6 +200,9 @@ def default_device_id() -> str:
 def decode_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | None = None,
                   env: Mapping[str, str] | None = None) -> Config:
     """Decode and check a config given as a mapping (a parsed TOML file or a pushed config)."""
+    if "base_dir" in data:
+        # Not a key: where relative paths start is the file's folder, never the file's say.
+        raise ConfigError([Problem("base_dir", "unknown key")], source)
     try:
         config = msgspec.convert(dict(data), Config)
     except msgspec.ValidationError as exc:

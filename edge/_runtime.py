@@ -47,6 +47,7 @@ from ._config import (
     write_persisted_config,
 )
 from ._errors import CommandError, ConfigError
+from ._fleet import Fleet
 from ._governance import Governor
 from ._ladder import CloudTier, Ladder, ModelTier, RulesTier, Tier
 from ._link import CircuitBreaker, CloudLink, LinkState
@@ -117,6 +118,8 @@ class Runtime:
             on_change=self._on_link_change,
         )
         self.pipelines: dict[str, Pipeline] = {}
+        self.fleet: Fleet | None = None
+        self.upstream_ready = asyncio.Event()
         self.approvals = ApprovalDesk(self.device, upstream=lambda: self.upstream, link=self.link,
                                       record=self._record)
         self._stack = AsyncExitStack()
@@ -161,6 +164,7 @@ class Runtime:
         else:
             self.upstream_url = self.local_url
             self.upstream = self.local
+            self.upstream_ready.set()
             self.link.connection_restored()
 
         await stack.enter_async_context(self.registry)
@@ -195,6 +199,8 @@ class Runtime:
         stack.push_async_callback(self._drain_pipelines)
         for pipeline_config in config.pipelines:
             await self._start_pipeline(pipeline_config)
+        # The fleet last: a device answers commands once it can decide, and stops answering first.
+        self.fleet = await stack.enter_async_context(Fleet(self))
         # Background tasks are cancelled first on the way out (callbacks run in reverse).
         stack.callback(self._stop.set)
 
@@ -265,6 +271,7 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
                 continue
             self.upstream = nc
+            self.upstream_ready.set()
             self.link.connection_restored()
             return
 
@@ -514,6 +521,7 @@ class Runtime:
             "local": self.local_url,
             "pipelines": {name: p.status() for name, p in self.pipelines.items()},
             "models": self.registry.status(),
+            "deployments": self.models.status(),
             "audit": audit,
             "sync": self.uploader.status() if self.uploader is not None else None,
         }

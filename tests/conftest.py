@@ -13,7 +13,7 @@ import pytest
 
 pytest_plugins = ["tests.nats_harness"]
 
-BOTH_LOOPS = {"test_pipeline", "test_approvals"}
+BOTH_LOOPS = {"test_pipeline", "test_audit_runtime"}
 
 
 def pytest_asyncio_loop_factories(

@@ -104,8 +104,8 @@ async def fleet_of(tmp_path: Path, url: str, count: int, *, groups: Callable[[in
             config = make_config(tmp_path, url, device=f"{prefix}-{i:03d}", groups=groups(i),
                                  pipeline=pipeline, **top)
             runtime = await stack.enter_async_context(Runtime(config))
-            fleet = await stack.enter_async_context(Fleet(runtime))
-            members.append((runtime, fleet))
+            assert runtime.fleet is not None  # every Runtime runs its Fleet
+            members.append((runtime, runtime.fleet))
         yield members
 
 

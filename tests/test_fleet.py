@@ -453,7 +453,7 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
         assert not reply.ok, reply
         return str(reply.error.code)
 
-    async with Runtime(config) as runtime, Fleet(runtime):
+    async with Runtime(config) as runtime:
         # Commands: unsigned, signed by a stranger, replayed.
         assert code(await send_command(nc, "gw-s", "pause")) == "unauthorized"
         assert code(await send_command(nc, "gw-s", "pause", seed=INTRUDER_SEED)) == "unauthorized"
@@ -501,7 +501,7 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
         applied_sha = (await send_command(nc, "gw-s", "status", seed=SEED)).replies[0].result["config_sha256"]
 
     # The same device again, from the same file: it comes back as it was left.
-    async with Runtime(config) as runtime, Fleet(runtime):
+    async with Runtime(config) as runtime:
         got = await send_command(nc, "gw-s", "status", seed=SEED)
         status = got.replies[0].result
         assert status["config_sha256"] == applied_sha
@@ -536,7 +536,9 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
                                                "approval_timeout_ms": 10000}, "hold": {}}}, models=[])
     path = write_config(tmp_path, data, "device.toml")
     nc = await connect(server.url)
-    async with Runtime(decode_config(data, base_dir=tmp_path, env={})) as runtime, Fleet(runtime) as fleet:
+    async with Runtime(decode_config(data, base_dir=tmp_path, env={})) as runtime:
+        fleet = runtime.fleet
+        assert fleet is not None
         # The synchronous handler, as `edge fleet ls` runs it (its own event loop, in a thread here).
         capsys.readouterr()
         assert await asyncio.to_thread(args.handler, args) == 0
@@ -637,7 +639,9 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
         beats.append(msgspec.json.decode(msg.data))
 
     await up.subscribe("edge.gw-u.heartbeat", cb=on_heartbeat)
-    async with Runtime(config) as runtime, Fleet(runtime) as fleet:
+    async with Runtime(config) as runtime:
+        fleet = runtime.fleet
+        assert fleet is not None
         await asyncio.wait_for(fleet.wait_attached(), 10)  # upstream connects in the background
         await poll(lambda: len(beats) >= 3, within=5)
         assert beats[-1]["groups"] == ["pumps"] and beats[-1]["link"] == "online"
