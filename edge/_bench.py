@@ -241,15 +241,18 @@ class AuditFigures(msgspec.Struct, kw_only=True):
 
 
 class SyncFigures(msgspec.Struct, kw_only=True):
-    """Section 4: draining a backlog with the Uploader against raw JetStream publishing."""
+    """Section 4: draining a backlog with the Uploader against raw JetStream publishing of the same bytes."""
 
     records: int
     mean_record_bytes: float
     uploader_records_per_s: float
     uploader_s: float
-    raw_records_per_s: float
-    raw_s: float
-    ratio: float  # uploader / raw
+    publish_async_records_per_s: float  # js.publish_async, at most 256 pending
+    publish_async_s: float
+    window_records_per_s: float  # nc.publish with a reply inbox, 256 acks awaited at most (no bookkeeping)
+    window_s: float
+    ratio_vs_publish_async: float  # uploader / publish_async
+    ratio_vs_window: float  # uploader / window
 
 
 class BlackholeFigures(msgspec.Struct, kw_only=True):
@@ -1132,34 +1135,86 @@ async def bench_sync(work: Path, sizes: Sizes) -> SyncFigures:
             if left:
                 raise BenchError(f"the uploader left {left} of {n} records unsynced: {uploader.status()}")
 
-    async with fresh_server(work, "sync-raw") as server:
-        nc = await connect(server.url)
-        try:
-            await make_stream(nc, "EDGE_AUDIT")
-            js = nc.jetstream(publish_async_max_pending=SYNC_WINDOW)
-            subject = f"audit.{device}"
-            in_flight: deque[asyncio.Future[Any]] = deque()
-            failed = 0
-            started = time.perf_counter()
-            for seq, kind, payload in wire:
-                headers = {"Nats-Msg-Id": f"{device}:{seq}", "Edge-Kind": kind}
-                # wait_stall bounds the wait for a free slot: acks that never come fail the run.
-                in_flight.append(await js.publish_async(subject, payload, stream="EDGE_AUDIT", headers=headers,
-                                                        wait_stall=30.0))
-                while in_flight and in_flight[0].done():
-                    failed += in_flight.popleft().exception() is not None
-            async with asyncio.timeout(60):
-                outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
-            failed += sum(isinstance(outcome, BaseException) for outcome in outcomes)
-            raw_s = time.perf_counter() - started
-        finally:
-            await nc.close()
+    timings: dict[str, float] = {}
+    for style in ("publish_async", "window"):
+        async with fresh_server(work, f"sync-{style}") as server:
+            nc = await connect(server.url)
+            try:
+                await make_stream(nc, "EDGE_AUDIT")
+                started = time.perf_counter()
+                async with asyncio.timeout(60 + n / 500):
+                    if style == "publish_async":
+                        failed = await publish_async_all(nc, device, wire)
+                    else:
+                        failed = await publish_window_all(nc, device, wire)
+                timings[style] = time.perf_counter() - started
+            finally:
+                await nc.close()
         if failed:
-            raise BenchError(f"raw JetStream publishing: {failed} of {n} publishes failed")
-    up_rate, raw_rate = n / uploader_s, n / raw_s
-    return SyncFigures(records=n, mean_record_bytes=round(mean_bytes, 1), uploader_records_per_s=round(up_rate, 1),
-                       uploader_s=round(uploader_s, 3), raw_records_per_s=round(raw_rate, 1), raw_s=round(raw_s, 3),
-                       ratio=round(up_rate / raw_rate, 3))
+            raise BenchError(f"raw JetStream publishing ({style}): {failed} of {n} publishes failed")
+    up_rate = n / uploader_s
+    async_rate, window_rate = n / timings["publish_async"], n / timings["window"]
+    return SyncFigures(
+        records=n, mean_record_bytes=round(mean_bytes, 1), uploader_records_per_s=round(up_rate, 1),
+        uploader_s=round(uploader_s, 3), publish_async_records_per_s=round(async_rate, 1),
+        publish_async_s=round(timings["publish_async"], 3), window_records_per_s=round(window_rate, 1),
+        window_s=round(timings["window"], 3), ratio_vs_publish_async=round(up_rate / async_rate, 3),
+        ratio_vs_window=round(up_rate / window_rate, 3),
+    )
+
+
+class _Ack(msgspec.Struct):
+    error: dict[str, Any] | None = None
+
+
+_ack_view = msgspec.json.Decoder(_Ack)
+
+
+async def publish_async_all(nc: NATS, device: str, wire: Sequence[tuple[int, str, bytes]]) -> int:
+    """Every record through js.publish_async, at most SYNC_WINDOW pending; returns how many failed."""
+    js = nc.jetstream(publish_async_max_pending=SYNC_WINDOW)
+    subject = f"audit.{device}"
+    in_flight: deque[asyncio.Future[Any]] = deque()
+    failed = 0
+    for seq, kind, payload in wire:
+        headers = {"Nats-Msg-Id": f"{device}:{seq}", "Edge-Kind": kind}
+        in_flight.append(await js.publish_async(subject, payload, stream="EDGE_AUDIT", headers=headers))
+        while in_flight and in_flight[0].done():
+            failed += in_flight.popleft().exception() is not None
+    outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+    return failed + sum(isinstance(outcome, BaseException) for outcome in outcomes)
+
+
+async def publish_window_all(nc: NATS, device: str, wire: Sequence[tuple[int, str, bytes]]) -> int:
+    """Every record by nc.publish with a reply inbox, at most SYNC_WINDOW unacknowledged; returns failures."""
+    inbox = nc.new_inbox()
+    subject = f"audit.{device}"
+    acked = failed = 0
+    progress = asyncio.Event()
+
+    async def on_ack(msg: Any) -> None:
+        nonlocal acked, failed
+        acked += 1
+        if (msg.headers and msg.headers.get("Status")) or _ack_view.decode(msg.data).error is not None:
+            failed += 1
+        progress.set()
+
+    sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
+    sent = 0
+    headers = {"Nats-Expected-Stream": "EDGE_AUDIT", "Nats-Msg-Id": "", "Edge-Kind": ""}
+    for seq, kind, payload in wire:
+        while sent - acked >= SYNC_WINDOW:
+            progress.clear()
+            await progress.wait()
+        headers["Nats-Msg-Id"] = f"{device}:{seq}"
+        headers["Edge-Kind"] = kind
+        await nc.publish(subject, payload, reply=f"{inbox}.{seq}", headers=headers)
+        sent += 1
+    while acked < sent:
+        progress.clear()
+        await progress.wait()
+    await sub.unsubscribe()
+    return failed
 
 
 # =============================================================================================
@@ -1590,10 +1645,12 @@ def format_table(r: BenchResult) -> str:
     if r.sync is not None:
         y = r.sync
         lines += [
-            f"4. Sync catch-up: {y.records:,} records (~{y.mean_record_bytes:.0f} B each)",
-            f"   Uploader            {_n(y.uploader_records_per_s):>10} records/s  ({y.uploader_s:.2f}s)",
-            f"   raw JetStream async {_n(y.raw_records_per_s):>10} records/s  ({y.raw_s:.2f}s, window {SYNC_WINDOW})",
-            f"   ratio uploader/raw  {y.ratio:>10.3f}",
+            f"4. Sync catch-up: {y.records:,} records (~{y.mean_record_bytes:.0f} B each), same bytes and Msg-Ids",
+            f"   {'Uploader':34}{_n(y.uploader_records_per_s):>10} records/s  ({y.uploader_s:.2f}s)",
+            f"   {f'raw js.publish_async ({SYNC_WINDOW} pending)':34}{_n(y.publish_async_records_per_s):>10} "
+            f"records/s  ({y.publish_async_s:.2f}s)  uploader/raw {y.ratio_vs_publish_async:.3f}",
+            f"   {f'raw nc.publish, {SYNC_WINDOW} unacked':34}{_n(y.window_records_per_s):>10} records/s  "
+            f"({y.window_s:.2f}s)  uploader/raw {y.ratio_vs_window:.3f}",
             "",
         ]
     if r.blackhole is not None:

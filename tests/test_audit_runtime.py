@@ -41,6 +41,7 @@ async def test_kill_9_of_the_runtime_during_sync_loses_and_duplicates_nothing(
     # A duplicate window far shorter than a restart: only the resume-from-the-stream logic can
     # prevent a duplicate, not JetStream's de-duplication.
     await admin.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=0.1)
+    await admin.close()  # reconnected below, once the cloud has stopped coming and going
     path = write_config(tmp_path, config_data(tmp_path, local.url, upstream_url=cloud.url,
                                               audit={"create_stream": False}))
     sensors = await connect(local.url)
@@ -65,6 +66,7 @@ async def test_kill_9_of_the_runtime_during_sync_loses_and_duplicates_nothing(
             process.send_signal(signal.SIGKILL)
             await asyncio.to_thread(process.wait, 10)
     # A last, clean life: everything published so far must reach the stream.
+    admin = await connect(cloud.url)
     process = start_runtime_process(path)
     try:
         await wait_until_answering(sensors, "sensors.p0.pump", encode(NORMAL))
