@@ -353,18 +353,28 @@ class Runtime:
                 self.link.probe_failed("disconnected")
                 continue
             started = time.perf_counter()
+            subject = self._probe_subject()
             try:
                 # A request, not flush()/rtt(): in nats-py 2.16 a timed-out PING leaves a cancelled
-                # future in the PONG queue and the next PONG kills the read loop. Without a probe
-                # subject, "no responders" from the server is the proof of a round trip.
-                await upstream.request(link_config.probe_subject or f"_edge.probe.{self.device}", b"",
-                                       timeout=timeout)
+                # future in the PONG queue and the next PONG kills the read loop.
+                await upstream.request(subject or f"_edge.probe.{self.device}", b"", timeout=timeout,
+                                       headers={"Edge-Probe": "1"})
             except nats.errors.NoRespondersError:
-                pass
+                if subject:  # the cloud service itself is gone, whatever the server says
+                    self.link.probe_failed("no_responders")
+                    continue
+                # No cloud subject to ask: the server's own answer proves the round trip.
             except (TimeoutError, nats.errors.Error) as exc:
                 self.link.probe_failed(type(exc).__name__)
                 continue
             self.link.probe_succeeded(time.perf_counter() - started)
+
+    def _probe_subject(self) -> str:
+        """What the probe asks: the configured subject, else a pipeline's cloud subject (any answer,
+        even an error, proves the service lives; a silent service must not pass for a live one)."""
+        if self.config.link.probe_subject:
+            return self.config.link.probe_subject
+        return next((p.cloud.subject for p in self.config.pipelines if p.cloud is not None and "cloud" in p.ladder), "")
 
     def _on_link_change(self, old: LinkState, new: LinkState, reason: str) -> None:
         log.warning("link %s -> %s (%s)", old.value, new.value, reason)

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
+import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -86,20 +87,22 @@ class CloudSimulator:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get("Edge-Probe"):
+            await self.nc.publish(msg.reply, b'{"ok": true}')  # the link probe: alive is all it asks
+            return
         if self.mode is CloudMode.WRONG:
             await self.nc.publish(msg.reply, b'{"verdict": "probably fine"}')
             return
         if self.delay_s:
             await asyncio.sleep(self.delay_s)  # the simulated cloud's think time
         assert self._model is not None
-        values = msgspec.json.decode(msg.data)
         features = self._model.manifest.features
         try:
+            values = msgspec.json.decode(msg.data)
             row = [[float(values[f]) for f in features]]
-        except (KeyError, TypeError, ValueError):
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             await self.nc.publish(msg.reply, b'{"error": "bad input"}')
             return
-        import numpy as np
 
         (prediction,) = self._model.predict(np.asarray(row, dtype=np.float32))
         confidence = max(prediction.confidence or 0.0, self.confidence_floor)

@@ -186,3 +186,43 @@ async def test_decisions_keep_flowing_through_a_cloud_fault(rig: Rig, fault: str
         # timeout, plus the failures it takes to open the breaker.
         waited = [d for d in got if "timeout" in reasons(d)]
         assert len(waited) <= RATE_HZ * TIMEOUT_MS / 1000 + BREAKER_FAILURES + 5
+
+
+async def test_cloud_misbehaviour_falls_through_with_the_reason(rig: Rig) -> None:
+    """Wrong answers, slow answers, silence and doubt each fall to the model with their own reason."""
+    import msgspec
+
+    nc = rig.driver_nc
+
+    async def decide() -> dict[str, Any]:
+        reply = await nc.request("sensors.p1.pump", encode(NORMAL), timeout=5)
+        decision: dict[str, Any] = msgspec.json.decode(reply.data)
+        return decision
+
+    assert (await decide())["tier"] == "cloud"
+    rig.sim.wrong()
+    wrong = await decide()
+    assert wrong["tier"] == "model" and wrong["fallbacks"] == [{"tier": "cloud", "reason": "invalid_reply"}]
+    rig.sim.slow(2 * TIMEOUT_MS)
+    slow = await decide()
+    assert slow["tier"] == "model" and slow["fallbacks"] == [{"tier": "cloud", "reason": "timeout"}]
+    assert latency_ms(slow) >= TIMEOUT_MS * 0.9
+    rig.sim.normal()
+    await poll(lambda: rig.runtime.link.skip_reason() is None, within=10)  # one timeout: breaker still closed
+    rig.sim.confidence_floor = 0.0
+    # A bar above any possible answer: the cloud's answer is always too doubtful.
+    rig.runtime.pipelines["pump"].logic.ladder.tiers[0].min_confidence = 1.01  # type: ignore[attr-defined]
+    doubtful = await decide()
+    assert doubtful["tier"] == "model" and doubtful["fallbacks"] == [{"tier": "cloud", "reason": "low_confidence"}]
+    rig.sim.silent()
+    # Silence is caught by live requests and by the probe (which asks the cloud subject itself):
+    # at most `breaker_failures` decisions wait, then the breaker is open and nobody waits.
+    reasons_seen = []
+    for _ in range(2 * BREAKER_FAILURES):
+        reasons_seen.append((await decide())["fallbacks"][0]["reason"])
+        if reasons_seen[-1] == "breaker_open":
+            break
+    assert reasons_seen[-1] == "breaker_open", reasons_seen
+    assert 1 <= reasons_seen.count("timeout") <= BREAKER_FAILURES
+    after = await decide()
+    assert after["fallbacks"][0]["reason"] == "breaker_open" and latency_ms(after) < TIMEOUT_MS / 2
