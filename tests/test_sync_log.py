@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import sqlite3
 from pathlib import Path
 
@@ -61,6 +62,24 @@ async def test_group_commit_puts_many_appends_in_few_transactions(tmp_path: Path
         for _ in range(20):
             await log.append("decision", BODY)
         assert log.commits == 20
+
+
+async def test_batch_mode_fsyncs_the_wal_once_per_interval_not_per_commit(tmp_path: Path) -> None:
+    """"batch": commits resolve at once; one fsync of the WAL covers every commit of an interval."""
+    interval_ms = 50
+    async with AuditLog(tmp_path / "b.db", "gw-1", fsync="batch", commit_interval_ms=interval_ms) as log:
+        started = time.monotonic()
+        for _ in range(200):  # one at a time: each is its own commit, none waits for an fsync
+            await log.append("decision", BODY)
+        elapsed = time.monotonic() - started
+        assert log.commits >= 200
+        # At most one fsync per interval elapsed (plus the one in flight), far fewer than commits.
+        assert log.wal_fsyncs <= elapsed / (interval_ms / 1000) + 2
+        # Nothing is left unsynced for long: the fsync for the last commits comes due by itself.
+        deadline = time.monotonic() + 5
+        while log._wal_dirty_since is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # poll with deadline
+        assert log._wal_dirty_since is None and log.wal_fsyncs >= 1
 
 
 async def test_callable_body_receives_the_seq(tmp_path: Path) -> None:
