@@ -46,6 +46,7 @@ always continue after a restart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import logging
@@ -85,6 +86,9 @@ _MAX_BATCH = 8192  # records per transaction: bounds a transaction's size and th
 _TAIL_CHECK = 64  # records re-verified on open
 _SYNCED_PERSIST_S = 0.05  # synced_seq is persisted at most this often on its own (free with a batch)
 _HOUSEKEEPING_S = 60.0  # an idle log still sweeps expired synced records this often
+_RETENTION_CHECK_S = 1.0  # a busy log measures itself at least this often
+_ROW_OVERHEAD_BYTES = 200  # per record beyond its body: seq, ts, kind, prev, hash, b-tree cells
+_TAIL_RECORDS = 16384  # recently committed records kept in memory for the uploader
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _BUSY_TIMEOUT_MS = 2000
@@ -210,6 +214,10 @@ class AuditLog:
         self._synced_written_at = 0.0
         self._drop: tuple[int, int, int] | None = None  # (delete_from, delete_to, gap_from)
         self._next_housekeeping = 0.0
+        self._next_retention = 0.0
+        # Committed records the uploader will want next, so it need not read them back from disk.
+        self._tail: collections.deque[AuditRecord] = collections.deque(maxlen=_TAIL_RECORDS)
+        self._tail_lock = threading.Lock()
         self._backoff = 0.0
         self._retry_at = 0.0
 
@@ -401,7 +409,17 @@ class AuditLog:
             raise AuditUnavailable("cannot read the audit log", exc) from exc
 
     async def _read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
-        """Like `read`, as (seq, kind, wire JSON), encoded on the reader thread (for the uploader)."""
+        """Like `read`, as (seq, kind, wire JSON), for the uploader: from the in-memory tail of
+        recent commits when it holds `from_seq` (the steady state), else from disk on the reader thread."""
+        with self._tail_lock:
+            first = self._tail[0].seq if self._tail else 0
+            if first and first <= from_seq <= self._tail[-1].seq:
+                start = from_seq - first
+                records = [self._tail[i] for i in range(start, min(start + limit, len(self._tail)))]
+            else:
+                records = []
+        if records:
+            return [(r.seq, r.kind, encode_record(r)) for r in records]
         reader = self._reader
         if reader is None:
             raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
@@ -603,7 +621,7 @@ class AuditLog:
                 continue
             if self._commit(conn, batch, synced, drop):
                 self._backoff = 0.0
-                if not self._stopping:
+                if not self._stopping and self._housekeeping_due(batch, drop):
                     self._housekeeping(conn)
 
     def _run_calls(
@@ -643,6 +661,12 @@ class AuditLog:
             self._drop = None
             self._deleted_through = drop[1]
             self._oldest = drop[1] + 1
+            with self._tail_lock:
+                while self._tail and self._tail[0].seq <= drop[1]:
+                    self._tail.popleft()  # deleted records must not be served from memory either
+        if batch:
+            with self._tail_lock:
+                self._tail.extend(record for record, _ in batch)
         if batch:
             self._w_last_seq, self._w_last_hash = batch[-1][0].seq, batch[-1][0].hash
             if self._oldest == 0:
@@ -705,6 +729,17 @@ class AuditLog:
         self._retry_at = time.monotonic() + self._backoff
 
     # ------------------------------------------------------------------ retention (writer thread)
+
+    def _housekeeping_due(self, batch: list[_Queued], drop: tuple[int, int, int] | None) -> bool:
+        # Measuring the file takes three PRAGMAs: after every commit that was a tenth of the
+        # writer's time. Between measures the size is estimated from what was written; the exact
+        # measure runs when the estimate nears max_bytes, after a drop, or every _RETENTION_CHECK_S.
+        self._used_bytes += sum(len(record.body) + _ROW_OVERHEAD_BYTES for record, _ in batch)
+        now = time.monotonic()
+        if drop is not None or self._full or self._used_bytes >= 0.9 * self.max_bytes or now >= self._next_retention:
+            self._next_retention = now + _RETENTION_CHECK_S
+            return True
+        return False
 
     def _measure(self, conn: sqlite3.Connection) -> int:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
