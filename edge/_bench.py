@@ -85,6 +85,8 @@ from ._nats_server import NatsServer, nats_server_binary
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
+    from ._config import Config
+
 # Heavy imports (onnxruntime through `models`, the runtime) are made inside the sections that need
 # them: the driver process imports this module too, and should stay small and quick to start.
 
@@ -848,7 +850,6 @@ class BareService:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.handled = 0
         self._nc: NATS | None = None
 
     async def __aenter__(self) -> BareService:
@@ -866,7 +867,6 @@ class BareService:
             x = decoder.decode(msg.data)
             (p,) = predict(asarray([[x.rms, x.kurtosis, x.temp_c, x.rpm]], dtype=float32))
             await publish(BARE_RESULT_SUBJECT, encoder.encode(BareResult(x.asset, p.label, p.confidence)))
-            self.handled += 1
 
         await nc.subscribe("sensors.*.pump", cb=on_input, pending_msgs_limit=SINK_PENDING_MSGS,
                            pending_bytes_limit=SINK_PENDING_BYTES)
@@ -882,9 +882,11 @@ class BareService:
 
 
 def runtime_config_data(work: Path, local_url: str, *, device: str, upstream_url: str = "",
-                        ladder: Sequence[str] = ("model", "rules"), fsync: str = "batch",
-                        link: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The bundled example config (its pipeline, rules, labels and actions) pointed at bench servers."""
+                        ladder: Sequence[str] = ("model", "rules"), fsync: str = "batch") -> dict[str, Any]:
+    """The bundled example config (its pipeline, rules, labels and actions) pointed at bench servers.
+
+    `link` keeps SPEC §4's defaults (probe every 1 s, breaker after 3 failures, reset after 5 s).
+    """
     from models import bundled_model_path
 
     from ._config import BUNDLED_CONFIG
@@ -894,7 +896,6 @@ def runtime_config_data(work: Path, local_url: str, *, device: str, upstream_url
     data["data_dir"] = str(work / f"var-{device}")
     data["nats"] = {"local": local_url, "upstream": upstream_url}
     data["audit"] = {"create_stream": True, "fsync": fsync}
-    data["link"] = link or {}
     data["models"][0]["path"] = str(bundled_model_path())
     pipeline = data["pipelines"][0]
     pipeline["ladder"] = list(ladder)
@@ -902,7 +903,7 @@ def runtime_config_data(work: Path, local_url: str, *, device: str, upstream_url
     return data
 
 
-def runtime_config(work: Path, local_url: str, **kwargs: Any) -> Any:
+def runtime_config(work: Path, local_url: str, **kwargs: Any) -> Config:
     from ._config import decode_config
 
     return decode_config(runtime_config_data(work, local_url, **kwargs), source="bench", base_dir=work, env={})
@@ -1255,7 +1256,8 @@ async def bench_blackhole(work: Path, driver: Driver, sizes: Sizes, seed: int) -
                                   details=True)
                 run = asyncio.create_task(driver.open_loop(job))
                 try:
-                    # The driver starts its schedule ~50 ms after it gets the job; phases follow its clock.
+                    # The schedule: the driver's own clock starts a little later (it connects first), and
+                    # every decision is put in its phase afterwards by absolute times, so this need not be exact.
                     await asyncio.sleep(before_s + 0.05)
                     proxy.blackhole()
                     blackholed_at = time.monotonic()

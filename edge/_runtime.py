@@ -284,6 +284,8 @@ class Runtime:
         upstream_role = role == "upstream"
 
         async def disconnected() -> None:
+            if self.state in (RuntimeState.STOPPING, RuntimeState.STOPPED):
+                return  # our own drain closing it
             log.warning("%s connection lost", role)
             if upstream_role or self.upstream is self.local:
                 self.link.connection_lost()
@@ -310,8 +312,13 @@ class Runtime:
     async def _connect_uploader(self) -> NATS:
         """The uploader's own upstream connection: no reconnect, no buffering (see sync.Uploader)."""
         base = Path(self.config.base_dir or ".")
+        async def error(exc: Exception) -> None:
+            # The uploader reports its own failures (status, one log line); nats-py's are noise.
+            log.debug("audit connection: %s", exc)
+
         return await nats.connect(
             servers=[u.strip() for u in self.upstream_url.split(",")], name=f"edge-{self.device}-audit",
+            error_cb=error,
             # One attempt: nats-py's connect() otherwise retries a refused server ~60 times, 2 s apart.
             allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
             pending_size=0, connect_timeout=2, ping_interval=2, max_outstanding_pings=2,

@@ -88,7 +88,7 @@ _SYNCED_PERSIST_S = 0.05  # synced_seq is persisted at most this often on its ow
 _HOUSEKEEPING_S = 60.0  # an idle log still sweeps expired synced records this often
 _RETENTION_CHECK_S = 1.0  # a busy log measures itself at least this often
 _ROW_OVERHEAD_BYTES = 200  # per record beyond its body: seq, ts, kind, prev, hash, b-tree cells
-_TAIL_RECORDS = 16384  # recently committed records kept in memory for the uploader
+_TAIL_RECORDS = 4096  # committed, not yet synced records kept in memory for the uploader (~4 MB)
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _BUSY_TIMEOUT_MS = 2000
@@ -306,6 +306,9 @@ class AuditLog:
         with self._cond:
             self._synced_target = seq
             self._cond.notify()
+        with self._tail_lock:
+            while self._tail and self._tail[0].seq <= seq:
+                self._tail.popleft()  # synced: the uploader will not ask for it again (resend reads disk)
 
     def rewind_synced(self, seq: int) -> None:
         """Move synced_seq back to `seq`: upstream lost records after it and they must be re-sent."""

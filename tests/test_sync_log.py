@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import sqlite3
+import time
 from pathlib import Path
 
 import msgspec
@@ -76,10 +76,8 @@ async def test_batch_mode_fsyncs_the_wal_once_per_interval_not_per_commit(tmp_pa
         # At most one fsync per interval elapsed (plus the one in flight), far fewer than commits.
         assert log.wal_fsyncs <= elapsed / (interval_ms / 1000) + 2
         # Nothing is left unsynced for long: the fsync for the last commits comes due by itself.
-        deadline = time.monotonic() + 5
-        while log._wal_dirty_since is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # poll with deadline
-        assert log._wal_dirty_since is None and log.wal_fsyncs >= 1
+        await wait_until(lambda: log._wal_dirty_since is None, within=5, what="the due group fsync")
+        assert log.wal_fsyncs >= 1
 
 
 async def test_callable_body_receives_the_seq(tmp_path: Path) -> None:
