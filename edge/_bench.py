@@ -92,7 +92,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.bench")
 
-SECTIONS = ("saturation", "latency", "audit", "sync", "blackhole", "memory")
+SECTIONS = ("saturation", "latency", "audit", "sync", "blackhole", "memory", "approvals")
 FSYNC_MODES: tuple[Literal["off", "batch", "always"], ...] = ("off", "batch", "always")
 INPUT_SUBJECT = "sensors.p1.pump"
 BARE_RESULT_SUBJECT = "bench.bare.result"
@@ -208,6 +208,12 @@ class SaturationPair(msgspec.Struct, kw_only=True):
     runtime_tiers: dict[str, int]
     runtime_fallbacks: dict[str, int]
     runtime_sync_backlog: int  # audit records not yet upstream when the last output arrived
+    # The same runtime with its upstream out of reach: the audit log is as durable, but syncing to
+    # JetStream (on this same 2-core machine, in the same event loop) is deferred. What the
+    # runtime itself costs, apart from the upstream's work that a real deployment does elsewhere.
+    deferred: Saturation
+    deferred_ratio: float
+    deferred_runs: list[float]
 
 
 class Latency(msgspec.Struct, kw_only=True):
@@ -314,6 +320,15 @@ class ProfileFigures(msgspec.Struct, kw_only=True):
     by_component: dict[str, float]  # share of the loop thread's tottime: edge, models, sync, nats, asyncio...
 
 
+class ApprovalFigures(msgspec.Struct, kw_only=True):
+    """Section 7: decisions that need no approval while many wait for a human (issue: governance)."""
+
+    pending: int  # approvals waiting on a slow approver while the other inputs were measured
+    requests: int  # request/reply round trips of inputs that need no approval, per phase
+    idle: Latency  # with no approval pending
+    busy: Latency  # with `pending` approvals pending
+
+
 class BenchResult(msgspec.Struct, kw_only=True):
     """Everything one run measured; written as bench.json."""
 
@@ -329,6 +344,7 @@ class BenchResult(msgspec.Struct, kw_only=True):
     audit: AuditFigures | None = None
     sync: SyncFigures | None = None
     blackhole: BlackholeFigures | None = None
+    approvals: ApprovalFigures | None = None
     memory: MemoryFigures | None = None
     profile: ProfileFigures | None = None
     elapsed_s: float = 0.0
@@ -945,12 +961,14 @@ async def saturate_bare(work: Path, driver: Driver, sizes: Sizes, seed: int) -> 
 
 
 async def saturate_runtime(work: Path, driver: Driver, n: int, warmup: int, seed: int, *, fsync: str = "batch",
-                           status: list[dict[str, Any]] | None = None) -> Saturation:
+                           status: list[dict[str, Any]] | None = None, sync: bool = True) -> Saturation:
     from ._runtime import Runtime
 
     device = device_name("sat")
     async with fresh_server(work, "runtime") as server:
-        async with Runtime(runtime_config(work, server.url, device=device, fsync=fsync)) as rt:
+        # Sync deferred: an upstream nobody listens on (port 1), as during an outage.
+        upstream = "" if sync else "nats://127.0.0.1:1"
+        async with Runtime(runtime_config(work, server.url, device=device, fsync=fsync, upstream_url=upstream)) as rt:
             meter = CpuMeter(server)
             report = await driver.saturate(server.url, decisions_subject(device), n, warmup=warmup, seed=seed)
             result = _saturation(report, meter)
@@ -969,16 +987,20 @@ async def bench_saturation(work: Path, driver: Driver, sizes: Sizes, seed: int) 
     bare: list[Saturation] = []
     runtime: list[Saturation] = []
     status: list[dict[str, Any]] = []
-    for _ in range(sizes.repeats):  # alternate, so drift on the machine touches both alike
+    deferred: list[Saturation] = []
+    for _ in range(sizes.repeats):  # alternate, so drift on the machine touches all alike
         bare.append(await saturate_bare(work, driver, sizes, seed))
         runtime.append(await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup, seed, status=status))
-    b, r = _median_run(bare), _median_run(runtime)
+        deferred.append(await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup, seed, sync=False))
+    b, r, d = _median_run(bare), _median_run(runtime), _median_run(deferred)
     pump = status[-1]["pipelines"][PIPELINE]
     return SaturationPair(
         bare=b, runtime=r, ratio=round(r.decisions_per_s / b.decisions_per_s, 3),
         bare_runs=[s.decisions_per_s for s in bare], runtime_runs=[s.decisions_per_s for s in runtime],
         runtime_tiers=dict(pump["by_tier"]), runtime_fallbacks=dict(pump["fallbacks"]),
         runtime_sync_backlog=int(status[-1]["sync"]["backlog"]),
+        deferred=d, deferred_ratio=round(d.decisions_per_s / b.decisions_per_s, 3),
+        deferred_runs=[x.decisions_per_s for x in deferred],
     )
 
 
@@ -1569,12 +1591,15 @@ async def run_bench(options: BenchOptions) -> BenchResult:
             async def memory() -> None:
                 result.memory = await bench_memory(work, driver, sizes, seed)
 
+            async def approvals() -> None:
+                result.approvals = await bench_approvals(work, sizes)
+
             async def profile() -> None:
                 result.profile = await profile_runtime(work, driver, sizes, seed)
 
             steps: dict[str, Callable[[], Awaitable[None]]] = {
                 "saturation": saturation, "latency": latency, "audit": audit, "sync": sync,
-                "blackhole": blackhole, "memory": memory, "profile": profile,
+                "blackhole": blackhole, "memory": memory, "approvals": approvals, "profile": profile,
             }
             chosen = [name for name in SECTIONS if name in options.sections] + (["profile"] if options.profile else [])
             for name in chosen:
@@ -1586,6 +1611,68 @@ async def run_bench(options: BenchOptions) -> BenchResult:
     if options.out is not None:
         await asyncio.to_thread(write_report, result, Path(options.out))
     return result
+
+
+async def bench_approvals(work: Path, sizes: Sizes) -> ApprovalFigures:
+    """p50/p99 of inputs that need no approval, with none and then 100 approvals pending."""
+    import nats as nats_client
+
+    from ._runtime import Runtime
+    from .cloudsim import AutoApprover
+
+    pending, requests = 100, (300 if sizes.repeats == 1 else 2000)
+    device = device_name("appr")
+    data = runtime_config_data(work, "", device=device, ladder=("rules",))
+    async with fresh_server(work, "approvals") as server:
+        data["nats"] = {"local": server.url, "upstream": ""}
+        data["pipelines"][0]["actions"]["shutdown"] = {"approval": "required", "approval_timeout_ms": 60_000,
+                                                       "instead": "hold"}
+        from ._config import decode_config
+
+        config = decode_config(data, base_dir=work, env={})
+        async with Runtime(config) as rt:
+            nc = await nats_client.connect(server.url)
+            approver_nc = await nats_client.connect(server.url)
+            try:
+                normal = msgspec.json.encode({"rms": 1.2, "kurtosis": 3.0, "temp_c": 45.0, "rpm": 1480.0})
+                critical = msgspec.json.encode({"rms": 9.0, "kurtosis": 4.0, "temp_c": 99.0, "rpm": 1480.0})
+                subject = "sensors.p1.pump"
+
+                async def measure() -> Latency:
+                    samples: list[float] = []
+                    for _ in range(requests):
+                        started = time.perf_counter()
+                        await nc.request(subject, normal, timeout=5)
+                        samples.append((time.perf_counter() - started) * 1000)
+                    return _latency_of(samples)
+
+                idle = await measure()
+                # A human who takes a minute: every critical input waits on its own.
+                async with AutoApprover(approver_nc, delay_s=(60.0, 60.0)):
+                    for _ in range(pending):
+                        await nc.publish(subject, critical)
+                    pipeline = rt.pipelines[PIPELINE]
+                    for _ in range(1000):  # poll, 10 s at most
+                        if pipeline.pending_approvals >= pending:
+                            break
+                        await asyncio.sleep(0.01)
+                    waiting = pipeline.pending_approvals
+                    busy = await measure()
+                    rt.approvals.link_lost()  # settle the pending ones now rather than after a minute
+            finally:
+                await nc.close()
+                await approver_nc.close()
+    return ApprovalFigures(pending=waiting, requests=requests, idle=idle, busy=busy)
+
+
+def _latency_of(samples_ms: list[float]) -> Latency:
+    ordered = sorted(samples_ms)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return Latency(count=len(ordered), lost=0, p50_ms=at(0.5), p99_ms=at(0.99), p999_ms=at(0.999),
+                   max_ms=round(ordered[-1], 3), mean_ms=round(sum(ordered) / len(ordered), 3), send_lag_p99_ms=0.0)
 
 
 def write_report(result: BenchResult, out: Path) -> None:
@@ -1628,6 +1715,9 @@ def format_table(r: BenchResult) -> str:
             f"{s.runtime.cpu.cores_busy:>12.2f}",
             f"   runtime tiers {s.runtime_tiers}  fallbacks {s.runtime_fallbacks}  "
             f"sync backlog at end {s.runtime_sync_backlog:,}",
+            f"   runtime, sync deferred (upstream out of reach; audit as durable): {_n(s.deferred.decisions_per_s)}"
+            f"/s, ratio {s.deferred_ratio:.3f}  (each run {_runs(s.deferred_runs)}; "
+            f"SUT {s.deferred.cpu.sut_us:.1f} us/decision)",
             "",
         ]
     if r.latency is not None:
@@ -1668,6 +1758,15 @@ def format_table(r: BenchResult) -> str:
             f"({y.window_s:.2f}s)  uploader/raw {y.ratio_vs_window:.3f}",
             "",
         ]
+    if r.approvals is not None:
+        ap = r.approvals
+        lines += [
+            f"7. Inputs that need no approval, request/reply round trip ms ({ap.requests:,} each; closed loop)",
+            f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}",
+        ]
+        for name, lat in (("no approval pending", ap.idle), (f"{ap.pending} approvals pending", ap.busy)):
+            lines.append(f"   {name:30}{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}")
+        lines.append("")
     if r.blackhole is not None:
         b = r.blackhole
         lines += [

@@ -61,6 +61,10 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     # Each section measured what it says, on the inputs it says.
     saturation = result.saturation
     assert saturation is not None and saturation.runtime.n == saturation.bare.n
+    assert saturation.deferred.n == saturation.bare.n and saturation.deferred_ratio > 0
+    approvals = result.approvals
+    assert approvals is not None and approvals.pending == 100
+    assert approvals.busy.count == approvals.idle.count > 0 and approvals.busy.p99_ms > 0
     assert sum(saturation.runtime_tiers.values()) >= saturation.runtime.n
     assert result.latency is not None and [run.why for run in result.latency] == ["50% of runtime saturation",
                                                                                      "fixed"]
