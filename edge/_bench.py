@@ -1758,15 +1758,6 @@ def format_table(r: BenchResult) -> str:
             f"({y.window_s:.2f}s)  uploader/raw {y.ratio_vs_window:.3f}",
             "",
         ]
-    if r.approvals is not None:
-        ap = r.approvals
-        lines += [
-            f"7. Inputs that need no approval, request/reply round trip ms ({ap.requests:,} each; closed loop)",
-            f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}",
-        ]
-        for name, lat in (("no approval pending", ap.idle), (f"{ap.pending} approvals pending", ap.busy)):
-            lines.append(f"   {name:30}{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}")
-        lines.append("")
     if r.blackhole is not None:
         b = r.blackhole
         lines += [
@@ -1801,6 +1792,15 @@ def format_table(r: BenchResult) -> str:
             f"SIGTERM -> exit {mm.process_stop_s * 1e3:.0f} ms",
             "",
         ]
+    if r.approvals is not None:
+        ap = r.approvals
+        lines += [
+            f"7. Inputs that need no approval, request/reply round trip ms ({ap.requests:,} each; closed loop)",
+            f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}",
+        ]
+        for name, lat in (("no approval pending", ap.idle), (f"{ap.pending} approvals pending", ap.busy)):
+            lines.append(f"   {name:30}{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}")
+        lines.append("")
     if r.profile is not None:
         p = r.profile
         lines += [
