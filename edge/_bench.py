@@ -929,23 +929,6 @@ def decisions_subject(device: str) -> str:
     return f"edge.{device}.decision.{PIPELINE}"
 
 
-def to_toml(data: dict[str, Any]) -> str:
-    """A config as TOML: top-level keys with inline tables (enough for `edge run -c`)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return msgspec.json.encode(v).decode()
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{msgspec.json.encode(str(k)).decode()} = {value(x)}" for k, x in v.items()) + "}"
-        raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-    return "".join(f"{key} = {value(v)}\n" for key, v in data.items())
 
 
 # =============================================================================================
@@ -1397,7 +1380,9 @@ async def bench_memory(work: Path, driver: Driver, sizes: Sizes, seed: int) -> M
     config_path = work / f"{device}.toml"
     log_path = work / f"{device}.log"
     async with fresh_server(work, "rss") as server:
-        config_path.write_text(to_toml(runtime_config_data(work, server.url, device=device)))
+        from ._config import config_to_toml
+
+        config_path.write_text(config_to_toml(runtime_config_data(work, server.url, device=device)))
         nc = await connect(server.url)
         env = {k: v for k, v in os.environ.items() if k != "EDGE_DEVICE_ID"}
         probe = Payloads(1)(0)

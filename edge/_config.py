@@ -248,6 +248,25 @@ def encode_config(config: Config, *, redact: bool = True) -> dict[str, Any]:
     return data
 
 
+def config_to_toml(data: Mapping[str, Any]) -> str:
+    """A config given as data written as TOML: top-level keys with inline tables (`edge run -c` reads it)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return msgspec.json.encode(v).decode()
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{msgspec.json.encode(str(k)).decode()} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+    return "".join(f"{key} = {value(v)}\n" for key, v in data.items())
+
+
 def config_sha256(config: Config) -> str:
     """A fingerprint of a config's content (what operators compare across a fleet)."""
     return hashlib.sha256(msgspec.json.encode(encode_config(config, redact=False), order="sorted")).hexdigest()

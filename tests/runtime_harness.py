@@ -17,7 +17,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge._config import Config, decode_config
+from edge._config import Config, config_to_toml, decode_config
 from edge._natsutil import server_barrier
 from models import bundled_model_path
 
@@ -69,36 +69,8 @@ def make_config(tmp_path: Path, local_url: str, **kwargs: Any) -> Config:
 
 def write_config(tmp_path: Path, data: dict[str, Any], name: str = "edge.toml") -> Path:
     path = tmp_path / name
-    path.write_text(_to_toml(data))
+    path.write_text(config_to_toml(data))
     return path
-
-
-def _to_toml(data: dict[str, Any]) -> str:
-    # A tiny TOML writer for test configs (tables of scalars, lists and inline tables).
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return msgspec.json.encode(v).decode()
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
-        raise TypeError(type(v))
-
-    lines = [f"{k} = {value(v)}" for k, v in data.items()
-             if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines.append(f"[{k}]")
-            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                lines.append(f"[[{k}]]")
-                lines += [f"{kk} = {value(vv)}" for kk, vv in item.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Collector:

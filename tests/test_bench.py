@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge._bench import SECTIONS, BenchOptions, BenchResult, format_table, percentile, pump_rows, run_bench, to_toml
+from edge._bench import SECTIONS, BenchOptions, BenchResult, format_table, percentile, pump_rows, run_bench
+from edge._config import config_to_toml
 
 # Figures that are counts of bad things, or deltas, and so may rightly be zero or negative.
 MAY_BE_ZERO = {"lost", "waited_on_dead_cloud", "unreachable", "runtime_sync_backlog", "server_us", "driver_us",
@@ -107,4 +108,4 @@ def test_configs_written_for_edge_run_read_back() -> None:
 
     data = {"device_id": "gw-1", "nats": {"local": "nats://127.0.0.1:1"}, "pipelines": [
         {"name": "pump", "rules": [{"default": True, "action": "none"}], "actions": {"hold": {}}}]}
-    assert tomllib.loads(to_toml(data)) == data
+    assert tomllib.loads(config_to_toml(data)) == data

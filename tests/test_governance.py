@@ -17,21 +17,9 @@ from edge._governance import (
     Unreachable,
     Verdict,
 )
+from tests.fakes import FakeClock
 
 MINUTE = 60.0
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

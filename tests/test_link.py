@@ -5,20 +5,10 @@ from __future__ import annotations
 import pytest
 
 from edge._link import BreakerState, CircuitBreaker, CloudLink, LinkState
+from tests.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 ONLINE, DEGRADED, OFFLINE = LinkState.ONLINE, LinkState.DEGRADED, LinkState.OFFLINE
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
