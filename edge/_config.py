@@ -222,7 +222,11 @@ def decode_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path |
 
 def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Read, decode and check a TOML config file (the bundled example when `path` is None)."""
-    path = BUNDLED_CONFIG if path is None else path
+    if path is None:
+        # The bundled example lives inside the package: its data goes to ./var of the working
+        # directory, never next to the installed file.
+        bundled = load_config(BUNDLED_CONFIG, env=env)
+        return msgspec.structs.replace(bundled, data_dir=str(Path.cwd() / "var"))
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")

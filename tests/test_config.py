@@ -25,6 +25,8 @@ def problems(data: dict[str, Any]) -> dict[str, str]:
 def test_bundled_config_is_valid() -> None:
     config = load_config(None, env={"EDGE_DEVICE_ID": "gw-1"})
     assert config.device_id == "gw-1"
+    # Its data goes to the working directory, not into the installed package.
+    assert config.resolve(config.data_dir) == Path.cwd() / "var"
     assert [p.name for p in config.pipelines] == ["pump"]
     assert config.resolve(config.models[0].path).joinpath("manifest.toml").exists()
 
