@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import random
 import time
@@ -146,6 +147,9 @@ class Runtime:
     async def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config = config = self._with_applied_config(self.config)
+        self.paused = self._paused_file.exists()
+        if self.paused:
+            log.warning("starting paused (%s): actions become their `instead` until resumed", self._paused_file)
         stack = self._stack
         if config.nats.local == "embedded":
             self.server = NatsServer(name=f"edge-{self.device}", store_dir=self.data_dir / "nats",
@@ -247,15 +251,25 @@ class Runtime:
                 log.info("stopping with %d audit records not yet synced; they go on the next start", backlog)
 
     def pause(self, by: str = "", reason: str = "") -> None:
-        """Fleet kill switch: decisions go on, every action becomes its `instead` (audited)."""
+        """Fleet kill switch: decisions go on, every action becomes its `instead` (audited).
+
+        Kept in `data_dir/paused.json`: a device paused by an operator stays paused across a
+        restart until someone resumes it.
+        """
         if not self.paused:
             self.paused = True
+            self._paused_file.write_text(json.dumps({"by": by, "reason": reason, "at": time.time_ns()}))
             self._record("pause", {"by": by, "reason": reason})
 
     def resume(self, by: str = "", reason: str = "") -> None:
         if self.paused:
             self.paused = False
+            self._paused_file.unlink(missing_ok=True)
             self._record("resume", {"by": by, "reason": reason})
+
+    @property
+    def _paused_file(self) -> Path:
+        return self.data_dir / "paused.json"
 
     # -- connections ---------------------------------------------------------------------------
 

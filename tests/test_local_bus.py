@@ -45,3 +45,24 @@ async def test_local_bus_restart_brings_subscriptions_back(nats_servers: ServerF
         assert msgspec.json.decode(reply.data)["label"] == "normal"
         assert runtime.state.value == "running"
         await nc.close()
+
+
+async def test_pause_survives_a_restart(nats_servers: ServerFactory, tmp_path: Path) -> None:
+    """The kill switch is not undone by a reboot: only a resume lifts it."""
+    local = await nats_servers("local")
+    config = make_config(tmp_path, local.url, pipeline={"ladder": ["rules"], "actions": {
+        "shutdown": {"instead": "hold", "rate_limit": "100/s"}, "hold": {}}})
+    critical = {"rms": 9.0, "kurtosis": 4.0, "temp_c": 99.0, "rpm": 1480.0}
+    async with Runtime(config) as runtime:
+        runtime.pause(by="ops", reason="storm")
+    async with Runtime(config) as runtime:
+        assert runtime.paused
+        nc = await connect(local.url)
+        decision = msgspec.json.decode((await nc.request("sensors.p1.pump", encode(critical), timeout=5)).data)
+        assert decision["action"] == "hold" and decision["governance"]["status"] == "paused"
+        runtime.resume(by="ops")
+        decision = msgspec.json.decode((await nc.request("sensors.p1.pump", encode(critical), timeout=5)).data)
+        assert decision["action"] == "shutdown"
+        await nc.close()
+    async with Runtime(config) as runtime:
+        assert not runtime.paused
