@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from models import BatcherState, ManifestError, MicroBatcher, Model, ModelUnavailable, Prediction, load_model
-from tests.test_models_helpers import matmul_model, write_model
+from tests.model_builders import matmul_model, write_model
 
 FEATURES = ["a", "b", "c", "d"]
 WEIGHTS = np.array([1.0, 10.0, 100.0, 1000.0], dtype=np.float32)

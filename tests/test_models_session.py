@@ -18,7 +18,7 @@ from models import (
     inspect_model,
     load_model,
 )
-from tests.test_models_helpers import matmul_model, sklearn_model, training_data, write_model
+from tests.model_builders import matmul_model, sklearn_model, training_data, write_model
 
 FEATURES = ["a", "b", "c", "d"]
 LABELS = ["zero", "one", "two"]
