@@ -84,6 +84,9 @@ _READ_CHUNK = 512
 _MAX_REPORTED = 100  # holes / lost ranges kept for status()
 
 
+_YIELD_EVERY = 16  # publishes between two yields to the event loop
+
+
 class UploaderState(enum.Enum):
     """Where an Uploader is: NEW → CONNECTING → SYNCING ⇄ BACKOFF → CLOSED."""
 
@@ -482,9 +485,13 @@ class Uploader:
                         rows = await self.log._read_wire(next_seq, min(room, _READ_CHUNK))
                         if rows:
                             next_seq = rows[-1][0] + 1
-                for seq, kind, payload in rows:
+                for i, (seq, kind, payload) in enumerate(rows):
                     if self.max_bytes_per_s:
                         await self._throttle(len(payload))
+                    elif i and i % _YIELD_EVERY == 0:
+                        # Share the event loop: a burst of a whole window would hold back the
+                        # decisions waiting behind it (the runtime's loop is ours too).
+                        await asyncio.sleep(0)
                     token += 1
                     entry = _InFlight(seq=seq, sent_at=time.monotonic(), resend=resend)
                     waiting[str(token)] = entry
