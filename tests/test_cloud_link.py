@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -22,6 +23,7 @@ from edge import NatsServer
 from edge._runtime import Runtime
 from edge.chaos import FaultProxy
 from edge.cloudsim import CloudSimulator
+from sync import iter_records
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import ANOMALY, NORMAL, Collector, connect, encode, make_config, poll
 
@@ -186,6 +188,13 @@ async def test_decisions_keep_flowing_through_a_cloud_fault(rig: Rig, fault: str
         # timeout, plus the failures it takes to open the breaker.
         waited = [d for d in got if "timeout" in reasons(d)]
         assert len(waited) <= RATE_HZ * TIMEOUT_MS / 1000 + BREAKER_FAILURES + 5
+    # Every change of link state is on record: it went offline and came back.
+    audit = rig.runtime.audit
+    assert audit is not None
+    await poll(lambda: audit.pending == 0)
+    links = [msgspec.json.decode(r.body) for r in iter_records(audit.path) if r.kind == "link"]
+    assert "offline" in {link["to"] for link in links}
+    assert links[-1]["to"] in ("online", "degraded")
 
 
 async def test_cloud_misbehaviour_falls_through_with_the_reason(rig: Rig) -> None:

@@ -176,3 +176,26 @@ async def test_sigterm_drains_in_flight_decisions(nats_servers: ServerFactory, t
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_a_corrupt_model_is_unavailable_and_rules_decide(nats_servers: ServerFactory, tmp_path: Path) -> None:
+    """SPEC §9: a model file that fails its sha256 leaves the model unavailable; status says why."""
+    import shutil
+
+    from models import bundled_model_path
+
+    folder = tmp_path / "pump-anomaly"
+    shutil.copytree(bundled_model_path(), folder)
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+    server = await nats_servers("local")
+    config = make_config(tmp_path, server.url, models=[{"name": "pump-anomaly", "path": str(folder)}])
+    async with Runtime(config) as runtime:
+        nc = await connect(server.url)
+        decision = msgspec.json.decode((await nc.request("sensors.p1.pump", encode(ANOMALY), timeout=5)).data)
+        assert decision["tier"] == "rules" and decision["label"] == "anomaly"
+        assert decision["fallbacks"] == [{"tier": "model", "reason": "unavailable"}]
+        (model,) = runtime.status()["models"]
+        assert model["state"] == "unavailable" and "sha256" in model["why"].lower()
+        await nc.close()
