@@ -34,7 +34,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from models import Model, ModelError, ModelRegistry, load_model
-from sync import AuditLog, SyncError, Uploader
+from sync import AuditLog, SyncError, Uploader, connect_for_upload
 
 from ._approvals import ApprovalDesk
 from ._config import (
@@ -324,21 +324,11 @@ class Runtime:
         return nc
 
     async def _connect_uploader(self) -> NATS:
-        """The uploader's own upstream connection: no reconnect, no buffering (see sync.Uploader)."""
-        base = Path(self.config.base_dir or ".")
-        async def error(exc: Exception) -> None:
-            # The uploader reports its own failures (status, one log line); nats-py's are noise.
-            log.debug("audit connection: %s", exc)
-
-        return await nats.connect(
-            servers=[u.strip() for u in self.upstream_url.split(",")], name=f"edge-{self.device}-audit",
-            error_cb=error,
-            # One attempt: nats-py's connect() otherwise retries a refused server ~60 times, 2 s apart.
-            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
-            pending_size=0, connect_timeout=2, ping_interval=2, max_outstanding_pings=2,
-            **connect_options(self.config.nats.upstream_auth if self.config.nats.upstream else
-                              self.config.nats.local_auth, base),
-        )
+        """The uploader's own upstream connection (sync.connect_for_upload says why it is special)."""
+        auth = self.config.nats.upstream_auth if self.config.nats.upstream else self.config.nats.local_auth
+        return await connect_for_upload([u.strip() for u in self.upstream_url.split(",")],
+                                        name=f"edge-{self.device}-audit",
+                                        **connect_options(auth, Path(self.config.base_dir or ".")))
 
     @staticmethod
     async def _close_connection(nc: NATS) -> None:

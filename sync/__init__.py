@@ -15,7 +15,7 @@ from ._record import (
     hash_ok,
     record_hash,
 )
-from ._uploader import Uploader, UploaderState
+from ._uploader import Uploader, UploaderState, connect_for_upload
 from ._verify import ChainReport, UpstreamReport, verify_chain, verify_upstream
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "UploaderState",
     "UpstreamReport",
     "canonical_bytes",
+    "connect_for_upload",
     "decode_record",
     "encode_body",
     "encode_record",

@@ -62,8 +62,10 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import msgspec
+import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -82,6 +84,25 @@ _STREAM_NAME_IN_USE = 10058  # JetStream err_code: stream name already in use (c
 _DUPLICATE_WINDOW_S = 120.0
 _READ_CHUNK = 512
 _MAX_REPORTED = 100  # holes / lost ranges kept for status()
+
+
+async def connect_for_upload(servers: str | list[str], *, connect_timeout: float = 2.0,
+                             **options: Any) -> Client:
+    """A connection fit for an Uploader: no reconnect, no reconnect buffer, one connect attempt.
+
+    A dead connection's unsent publishes must die with it (see the ordering hazard above), and
+    nats-py's connect() would otherwise retry a refused server ~60 times, 2 s apart. `options`
+    (credentials, name, ...) are passed through to nats.connect.
+    """
+
+    async def quiet(exc: Exception) -> None:
+        log.debug("audit upload connection: %s", exc)  # the Uploader reports failures itself
+
+    options.setdefault("error_cb", quiet)
+    return await nats.connect(
+        servers, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.01,
+        pending_size=0, connect_timeout=connect_timeout, ping_interval=2, max_outstanding_pings=2, **options,
+    )
 
 
 _YIELD_EVERY = 16  # publishes between two yields to the event loop

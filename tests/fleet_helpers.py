@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from edge._config import Config
 from edge._fleet import Fleet
 from edge._link import CircuitBreaker, CloudLink
-from edge._operator import DEFAULT_TIMEOUT_S, register
+from edge._operator import DEFAULT_TIMEOUT_S
 from edge._runtime import Runtime
 from models import bundled_model_path
 from tests.runtime_harness import NORMAL, make_config
@@ -77,20 +77,6 @@ def ops(server: str, **kwargs: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**defaults, **kwargs})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with the operator's subcommands, wired as edge/_cli.py does (same `add` helper)."""
-    parser = argparse.ArgumentParser(prog="edge")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
-            parent: Any = sub) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
-        p.set_defaults(handler=handler)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        return p
-
-    register(sub, add)
-    return parser
 
 
 @asynccontextmanager

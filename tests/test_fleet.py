@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from edge._cli import build_parser
 from edge._config import decode_config, encode_config
 from edge._errors import CommandError
 from edge._fleet import (
@@ -56,7 +57,6 @@ from tests.fleet_helpers import (
     Decisions,
     Inputs,
     StubRuntime,
-    build_parser,
     figure,
     fleet_of,
     model_version,

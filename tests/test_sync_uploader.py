@@ -16,7 +16,16 @@ from nats.aio.client import Client
 from nats.js.api import StorageType
 
 from edge import NatsServer
-from sync import AuditLog, Chain, StreamMissing, Uploader, UploaderState, encode_record, verify_upstream
+from sync import (
+    AuditLog,
+    Chain,
+    StreamMissing,
+    Uploader,
+    UploaderState,
+    connect_for_upload,
+    encode_record,
+    verify_upstream,
+)
 from tests.nats_harness import ServerFactory
 from tests.sync_helpers import wait_until
 
@@ -24,19 +33,8 @@ BODY = {"reading": "x" * 300, "rms": 4.2, "label": "normal"}
 
 
 def connector(server: NatsServer) -> Callable[[], Awaitable[Client]]:
-    async def quiet(exc: Exception) -> None:
-        pass  # the uploader reports connection errors itself
-
     async def connect() -> Client:
-        return await nats.connect(
-            server.url,
-            allow_reconnect=False,
-            pending_size=0,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.01,  # nats-py only sleeps it: a float works
-            connect_timeout=1,
-            error_cb=quiet,
-        )
+        return await connect_for_upload(server.url, connect_timeout=1)
 
     return connect
 

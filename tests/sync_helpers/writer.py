@@ -15,26 +15,14 @@ import asyncio
 import os
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client
 
-from sync import AuditLog, Uploader
+from sync import AuditLog, Uploader, connect_for_upload
 
 
 async def run(args: argparse.Namespace) -> None:
-    async def quiet(exc: Exception) -> None:
-        pass  # the uploader reports connection errors in its status
-
     async def connect() -> Client:
-        return await nats.connect(
-            args.url,
-            allow_reconnect=False,
-            pending_size=0,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.01,  # nats-py only sleeps it: a float works
-            connect_timeout=1,
-            error_cb=quiet,
-        )
+        return await connect_for_upload(args.url, connect_timeout=1)
 
     fd = os.open(args.committed, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     async with AuditLog(Path(args.db), args.device, fsync=args.fsync, commit_interval_ms=1) as log:
