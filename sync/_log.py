@@ -186,6 +186,7 @@ class AuditLog:
         self._queue: list[_Queued] = []
         self._wal_dirty_since: float | None = None  # "batch": first commit not yet fsynced (writer thread)
         self.wal_fsyncs = 0  # "batch": group fsyncs of the WAL done so far
+        self._durable_seq = 0  # newest seq known to be on stable storage (writer thread writes it)
         self._stopping = False
         self._synced_target = 0  # the newest synced_seq the loop has been told about
         self._calls: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]] = []
@@ -358,6 +359,15 @@ class AuditLog:
         return self._unresolved
 
     @property
+    def durable_seq(self) -> int:
+        """The newest seq known to be on stable storage (fsynced), so it survives a power loss.
+
+        "always": every commit; "batch": advanced by the group fsync, at most `commit_interval_ms`
+        behind `last_seq`; "off": never (0), since that mode makes no such promise.
+        """
+        return self._durable_seq
+
+    @property
     def commits(self) -> int:
         """Transactions committed since open (group commit: usually far fewer than records)."""
         return self._commits
@@ -378,6 +388,7 @@ class AuditLog:
             "path": str(self.path),
             "device": self.device,
             "fsync": self.fsync,
+            "durable_seq": self._durable_seq,
             "last_seq": self._last_seq,
             "synced_seq": self._synced,
             "backlog": self.backlog,
@@ -655,6 +666,8 @@ class AuditLog:
             self._commit_failed(conn, batch, exc)
             return False
         self._commits += 1
+        if self.fsync == "always" and batch:
+            self._durable_seq = batch[-1][0].seq
         if self.fsync == "batch" and self._wal_dirty_since is None:
             self._wal_dirty_since = time.monotonic()
         if synced != self._synced_written:
@@ -685,13 +698,17 @@ class AuditLog:
         if since is None or (not force and time.monotonic() < since + self.commit_interval_s):
             return
         self._wal_dirty_since = None
+        covered = self._w_last_seq  # the writer thread commits nothing while it fsyncs
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         except FileNotFoundError:
-            return  # checkpointed and removed: everything is in the database file, synced by SQLite
+            # Checkpointed and removed: everything is in the database file, synced by SQLite.
+            self._durable_seq = covered
+            return
         try:
             os.fsync(fd)
             self.wal_fsyncs += 1
+            self._durable_seq = covered  # published only after the fsync returned
         except OSError as exc:
             log.warning("audit log: fsync of the WAL failed: %s", exc)
         finally:

@@ -62,6 +62,10 @@ async def test_group_commit_puts_many_appends_in_few_transactions(tmp_path: Path
         for _ in range(20):
             await log.append("decision", BODY)
         assert log.commits == 20
+        assert log.durable_seq == log.last_seq == 20  # "always": each resolved commit is fsynced
+    async with AuditLog(tmp_path / "off.db", "gw-1", fsync="off") as log:
+        await log.append("decision", BODY)
+        assert log.durable_seq == 0  # "off" promises no durability
 
 
 async def test_batch_mode_fsyncs_the_wal_once_per_interval_not_per_commit(tmp_path: Path) -> None:
@@ -76,7 +80,8 @@ async def test_batch_mode_fsyncs_the_wal_once_per_interval_not_per_commit(tmp_pa
         # At most one fsync per interval elapsed (plus the one in flight), far fewer than commits.
         assert log.wal_fsyncs <= elapsed / (interval_ms / 1000) + 2
         # Nothing is left unsynced for long: the fsync for the last commits comes due by itself.
-        await wait_until(lambda: log._wal_dirty_since is None, within=5, what="the due group fsync")
+        # (durable_seq is published by the writer thread only after its fsync returned.)
+        await wait_until(lambda: log.durable_seq == log.last_seq, within=5, what="the due group fsync")
         assert log.wal_fsyncs >= 1
 
 
