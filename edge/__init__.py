@@ -1,33 +1,63 @@
-"""The edge runtime: config, pipelines, tiers, rules, governance, link, fleet and the CLI.
+"""The edge runtime: config, pipelines, tiers, rules, governance and the link to the cloud.
 
-The door: `load_config` / `Config`, `Runtime` (an async context manager), the link's state
-machines, the embedded `NatsServer`, and the error tree. `edge.chaos` (the fault proxy) and
-`edge.cloudsim` (the simulated cloud) are public modules for tests and demos.
+The door: `load_config` / `Config`, `Runtime` (an async context manager) and `run`, the messages
+it puts on the wire, the link's state machines, the embedded `NatsServer`, and the error tree.
+The fleet protocol and service are `edge.fleet`, the command line `edge.cli`, and the tools for
+people and tests (demo, fault proxy, cloud simulator, bench) `edge.tools`; the runtime never
+imports the command line or the tools.
 """
 
-from ._config import Config, decode_config, load_config
+from ._config import BUNDLED_CONFIG, Config, config_to_toml, decode_config, encode_config, load_config
 from ._errors import CommandError, ConfigError, EdgeError, InputRejected, Problem, RuleError, ServerError
 from ._link import BreakerState, CircuitBreaker, CloudLink, LinkState
-from ._nats_server import NatsServer
+from ._messages import (
+    ApprovalReply,
+    ApprovalRequest,
+    CloudReply,
+    Decision,
+    Fallback,
+    Governance,
+    Heartbeat,
+    ModelRef,
+    Rejected,
+    ShadowResult,
+)
+from ._nats_server import NatsServer, nats_server_binary
+from ._natsutil import server_barrier
 from ._runtime import Runtime, RuntimeState, run
 
 __all__ = [
+    "BUNDLED_CONFIG",
+    "ApprovalReply",
+    "ApprovalRequest",
     "BreakerState",
     "CircuitBreaker",
     "CloudLink",
+    "CloudReply",
     "CommandError",
     "Config",
     "ConfigError",
+    "Decision",
     "EdgeError",
+    "Fallback",
+    "Governance",
+    "Heartbeat",
     "InputRejected",
     "LinkState",
+    "ModelRef",
     "NatsServer",
     "Problem",
+    "Rejected",
     "RuleError",
     "Runtime",
     "RuntimeState",
     "ServerError",
+    "ShadowResult",
+    "config_to_toml",
     "decode_config",
+    "encode_config",
     "load_config",
+    "nats_server_binary",
     "run",
+    "server_barrier",
 ]

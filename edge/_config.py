@@ -22,8 +22,10 @@ import msgspec
 
 from models import ModelError, load_manifest
 
+from ._codec import validation_issue
 from ._errors import ConfigError, Problem
-from ._rules import RuleSpec, check_rules
+from ._files import write_atomically
+from ._rules import FIELD_TYPES, RuleSpec, check_rules
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
@@ -33,7 +35,7 @@ _RATE = re.compile(r"\s*(\d+)\s*/\s*(s|m|h|d)\s*")
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-FIELD_TYPES = ("float", "int", "str", "bool")
+NUMERIC_TYPES = ("float", "int")  # the input types a model can read
 TIERS = ("model", "cloud", "rules")
 BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "example.toml"
 
@@ -279,9 +281,7 @@ def config_sha256(config: Config) -> str:
 def write_persisted_config(path: Path, config: Config) -> None:
     """Keep a config in `data_dir` so a restart comes back with it (written atomically)."""
     data = {"base_dir": config.base_dir, "config": encode_config(config, redact=False)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(data))
-    os.replace(tmp, path)
+    write_atomically(path, msgspec.json.encode(data))
 
 
 def read_persisted_config(path: Path) -> Config:
@@ -295,18 +295,14 @@ def read_persisted_config(path: Path) -> Config:
 
 
 def _problem_from_msgspec(message: str) -> Problem:
-    # msgspec says "Expected `int`, got `str` - at `$.pipelines[0].max_input_bytes`".
-    text, sep, where = message.rpartition(" - at `")
-    if not sep:
+    issue = validation_issue(message)
+    if not issue.located:
         return Problem("", message)
-    path = where.rstrip("`").removeprefix("$").removeprefix(".")
-    if text.startswith("Object contains unknown field"):
-        field = text.split("`")[1] if "`" in text else ""
-        return Problem(f"{path}.{field}" if path else field, "unknown key")
-    if text.startswith("Object missing required field"):
-        field = text.split("`")[1] if "`" in text else ""
-        return Problem(f"{path}.{field}" if path else field, "required key is missing")
-    return Problem(path, text[0].lower() + text[1:] if text else message)
+    if issue.unknown:
+        return Problem(f"{issue.path}.{issue.unknown}" if issue.path else issue.unknown, "unknown key")
+    if issue.missing:
+        return Problem(f"{issue.path}.{issue.missing}" if issue.path else issue.missing, "required key is missing")
+    return Problem(issue.path, issue.message or message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +447,7 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
             if wanted is None:
                 yield Problem(f"{where}.{key}",
                               f"model {name!r} needs input field {feature!r}, which the pipeline's input lacks")
-            elif wanted not in ("float", "int"):
+            elif wanted not in NUMERIC_TYPES:
                 yield Problem(f"{where}.input.{feature}", f"model {name!r} needs a required number, got {wanted!r}")
     if "cloud" in p.ladder and p.cloud is None:
         yield Problem(f"{where}.cloud", "the ladder has 'cloud' but no cloud = {subject, timeout_ms} is set")

@@ -14,12 +14,14 @@ from typing import Any
 
 import msgspec
 
+from ._codec import MSGPACK, validation_issue
 from ._errors import InputRejected
 from ._messages import Rejected
+from ._rules import FIELD_TYPES
 
 _TYPES: dict[str, Any] = {"float": float, "int": int, "str": str, "bool": bool}
+assert tuple(_TYPES) == FIELD_TYPES  # one Python type for each field type the config allows
 SAMPLE_BYTES = 256
-MSGPACK = "application/msgpack"
 
 
 class InputSchema:
@@ -72,13 +74,12 @@ class InputSchema:
 
 def _schema_detail(message: str) -> str:
     # msgspec: "Expected `float`, got `str` - at `$.rms`" → "field 'rms': expected `float`, got `str`".
-    text, sep, where = message.rpartition(" - at `")
-    if not sep:
+    issue = validation_issue(message)
+    if not issue.located:
         if message.startswith("Expected `object`"):
             return "expected a JSON object with the pipeline's input fields"
         return message
-    field = where.rstrip("`").removeprefix("$").removeprefix(".")
-    return f"field {field!r}: {text[0].lower()}{text[1:]}"
+    return f"field {issue.path!r}: {issue.message}"
 
 
 def rejection(pipeline: str, subject: str, data: bytes, error: InputRejected) -> Rejected:

@@ -18,6 +18,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
@@ -29,10 +30,11 @@ from nats.aio.subscription import Subscription
 
 from models import ModelSlot, Prediction
 
+from ._codec import MSGPACK
 from ._config import PipelineConfig
 from ._errors import InputRejected
 from ._governance import ApprovalOutcome, Backlog, Governor, Unreachable, Verdict
-from ._inputs import MSGPACK, InputSchema, rejection
+from ._inputs import InputSchema, rejection
 from ._ladder import Answer, Ladder, feature_row
 from ._messages import (
     JSON_ENCODER,
@@ -151,6 +153,8 @@ class Pipeline:
         self.state = PipelineState.NEW
         self._inbox: asyncio.Queue[Msg | None] = asyncio.Queue(INBOX)
         self._subs: dict[str, Subscription] = {}
+        self._stack = AsyncExitStack()
+        self._tasks: asyncio.TaskGroup | None = None  # workers, approvals in progress, the rejection flusher
         self._workers: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
@@ -161,9 +165,15 @@ class Pipeline:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Pipeline:
-        self._workers = [asyncio.create_task(self._worker(), name=f"{self.name}-worker-{i}") for i in range(WORKERS)]
-        self._reject_flusher = asyncio.create_task(self._flush_rejections_every_second())
-        await self._subscribe(self.logic.config)
+        tasks = self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._workers = [tasks.create_task(self._worker(), name=f"{self.name}-worker-{i}") for i in range(WORKERS)]
+        self._reject_flusher = tasks.create_task(self._flush_rejections_every_second(),
+                                                 name=f"{self.name}-rejections")
+        try:
+            await self._subscribe(self.logic.config)
+        except BaseException:
+            await self.drain()
+            raise
         self.state = PipelineState.RUNNING
         return self
 
@@ -224,12 +234,17 @@ class Pipeline:
                 log.warning("pipeline %s: could not drain %s: %s", self.name, sub.subject, exc)
         for _ in self._workers:
             await self._inbox.put(None)
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        if self._side_tasks:
-            await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        # Workers end on their sentinel and approvals in progress settle (each is bounded by its
+        # timeout); then the flusher is stopped and the task group, which owns them all, closes.
+        if self._workers or self._side_tasks:
+            await asyncio.wait([*self._workers, *self._side_tasks])
         if self._reject_flusher is not None:
             self._reject_flusher.cancel()
-            await asyncio.gather(self._reject_flusher, return_exceptions=True)
+        try:
+            await self._stack.aclose()
+        except* Exception as group:  # a task that failed: say so, and still finish the drain
+            for error in group.exceptions:
+                log.error("pipeline %s: a task failed while draining", self.name, exc_info=error)
         self._flush_rejections()
         self.state = PipelineState.STOPPED
 
@@ -274,7 +289,8 @@ class Pipeline:
                 decision = self._settled(logic, decision, verdict, Backlog())
             else:
                 # A human may take seconds: wait off the worker pool so other inputs keep flowing.
-                task = asyncio.create_task(
+                assert self._tasks is not None
+                task = self._tasks.create_task(
                     self._finish_after_approval(logic, decision, verdict, values, reply, content_type, start))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)

@@ -62,7 +62,7 @@ _Fn = Callable[[Mapping[str, object]], object]
 
 _KEYWORDS = frozenset({"and", "or", "not", "in", "true", "false", "null", "none"})
 _FUNCTIONS = {"abs": (1, 1), "min": (2, None), "max": (2, None)}  # name -> (least, most) arguments
-_FIELD_TYPES = frozenset({"int", "float", "str", "bool"})
+FIELD_TYPES = ("float", "int", "str", "bool")  # the input field types, and so the language's value types
 _NUMERIC = frozenset({"int", "float"})
 # Both limits keep the parser's recursion and the closures' call depth far below Python's stack limit.
 _MAX_NESTING = 32
@@ -588,7 +588,7 @@ class _Compiler:
             raise self.error(self.unknown_field(node.name), node.pos)
         self.used.add(node.name)
         base = declared.strip().removesuffix("?").strip()
-        type_ = base if base in _FIELD_TYPES else "any"
+        type_ = base if base in FIELD_TYPES else "any"
         name = node.name
 
         def load(v: Mapping[str, object]) -> object:

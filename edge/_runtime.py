@@ -47,19 +47,21 @@ from ._config import (
     read_persisted_config,
     write_persisted_config,
 )
+from ._deployments import Deployments
 from ._errors import CommandError, ConfigError
-from ._fleet import Fleet
+from ._files import write_atomically
 from ._governance import Governor
 from ._ladder import CloudTier, Ladder, ModelTier, RulesTier, Tier
 from ._link import CircuitBreaker, CloudLink, LinkState
-from ._models import ModelManager
+from ._messages import Heartbeat
 from ._nats_server import NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
 from ._rules import compile_rules
+from ._version import VERSION
+from .fleet import Fleet
 
 log = logging.getLogger("edge.runtime")
 
-VERSION = "0.1.0"
 # While the upstream link is down, nats-py would buffer publishes and replay them on reconnect.
 # Upstream, that buffer is disabled: a cloud request fails at once (and falls through the ladder),
 # and the audit stream has its own uploader that resumes from what the stream holds.
@@ -111,7 +113,8 @@ class Runtime:
         self.local: NATS | None = None
         self.upstream: NATS | None = None
         self.registry = ModelRegistry()
-        self.models = ModelManager(self)
+        self.deployments = Deployments(self.registry, self.data_dir, config=lambda: self.config,
+                                       rebuild=self._rebuild_pipelines, record=self.record)
         self.audit: AuditLog | None = None
         self.uploader: Uploader | None = None
         self.link = CloudLink(
@@ -120,9 +123,9 @@ class Runtime:
         )
         self.pipelines: dict[str, Pipeline] = {}
         self.fleet: Fleet | None = None
-        self.upstream_ready = asyncio.Event()
+        self._upstream_ready = asyncio.Event()
         self.approvals = ApprovalDesk(self.device, upstream=lambda: self.upstream, link=self.link,
-                                      record=self._record)
+                                      record=self.record)
         self._stack = AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -168,14 +171,14 @@ class Runtime:
         else:
             self.upstream_url = self.local_url
             self.upstream = self.local
-            self.upstream_ready.set()
+            self._upstream_ready.set()
             self.link.connection_restored()
 
         await stack.enter_async_context(self.registry)
         for model in config.models:
             await self.registry.load(model.name, config.resolve(model.path),
                                      max_batch=model.max_batch, max_wait_us=model.max_wait_us)
-        await self.models.restore()
+        await self.deployments.restore()
 
         audit = config.audit
         self.audit = AuditLog(
@@ -200,9 +203,10 @@ class Runtime:
             self._spawn(self._supervise_server(self.server), "embedded-supervisor")
         # Pipelines last: by the time input flows, everything a decision needs is up.
         stack.push_async_callback(self._record_stop)
-        stack.push_async_callback(self._drain_pipelines)
         for pipeline_config in config.pipelines:
             await self._start_pipeline(pipeline_config)
+        # Unwound before each pipeline's own exit: every pipeline drains at once, not one by one.
+        stack.push_async_callback(self._drain_pipelines)
         # The fleet last: a device answers commands once it can decide, and stops answering first.
         self.fleet = await stack.enter_async_context(Fleet(self))
         # Background tasks are cancelled first on the way out (callbacks run in reverse).
@@ -258,14 +262,14 @@ class Runtime:
         """
         if not self.paused:
             self.paused = True
-            self._paused_file.write_text(json.dumps({"by": by, "reason": reason, "at": time.time_ns()}))
-            self._record("pause", {"by": by, "reason": reason})
+            write_atomically(self._paused_file, json.dumps({"by": by, "reason": reason, "at": time.time_ns()}).encode())
+            self.record("pause", {"by": by, "reason": reason})
 
     def resume(self, by: str = "", reason: str = "") -> None:
         if self.paused:
             self.paused = False
             self._paused_file.unlink(missing_ok=True)
-            self._record("resume", {"by": by, "reason": reason})
+            self.record("resume", {"by": by, "reason": reason})
 
     @property
     def _paused_file(self) -> Path:
@@ -285,9 +289,24 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
                 continue
             self.upstream = nc
-            self.upstream_ready.set()
+            self._upstream_ready.set()
             self.link.connection_restored()
             return
+
+    async def wait_upstream(self) -> NATS:
+        """The upstream connection, once there is one (it may come up long after start)."""
+        await self._upstream_ready.wait()
+        assert self.upstream is not None
+        return self.upstream
+
+    def heartbeat(self) -> Heartbeat:
+        """What this device says about itself every `fleet.heartbeat_s`."""
+        return Heartbeat(
+            device=self.device, groups=list(self.config.groups), version=VERSION, ts=time.time_ns(),
+            uptime_s=round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            link=self.link.state.value, paused=self.paused,
+            audit_backlog=self.audit.backlog if self.audit is not None else 0,
+        )
 
     async def _close_upstream(self) -> None:
         if self.upstream is not None and self.upstream is not self.local:
@@ -391,7 +410,7 @@ class Runtime:
         log.warning("link %s -> %s (%s)", old.value, new.value, reason)
         if self.state in (RuntimeState.STOPPING, RuntimeState.STOPPED):
             return  # our own connections closing, after the log's last record
-        self._record("link", {"from": old.value, "to": new.value, "reason": reason,
+        self.record("link", {"from": old.value, "to": new.value, "reason": reason,
                               "breaker": self.link.breaker.state.value})
         if new is LinkState.ONLINE and self.uploader is not None:
             self.uploader.retry_now()
@@ -412,7 +431,7 @@ class Runtime:
                                        labels=p.labels))
         rules = RulesTier(compile_rules(p.rules, p.input))
         # A candidate deployed in shadow mode wins over the config's own `shadow`.
-        shadow_slot_name = self.models.shadow_slot(p.model) if p.model else None
+        shadow_slot_name = self.deployments.shadow_slot(p.model) if p.model else None
         if shadow_slot_name is None and p.shadow:
             shadow_slot_name = p.shadow
         shadow = Shadow(slot=self.registry.slot(shadow_slot_name)) if shadow_slot_name else None
@@ -424,14 +443,17 @@ class Runtime:
         pipeline = Pipeline(self._build_logic(p), device=self.device, bus=self.local,
                             audit=AuditSink(append=self.audit.append), is_paused=lambda: self.paused,
                             approver=self.approvals.ask)
-        await pipeline.__aenter__()
+        await self._stack.enter_async_context(pipeline)
         self.pipelines[pipeline.name] = pipeline
         return pipeline
 
     async def _drain_pipelines(self) -> None:
         # Every pipeline at once: in-flight decisions finish and are audited before the log closes.
         pipelines = list(self.pipelines.values())
-        await asyncio.gather(*(p.drain() for p in pipelines), return_exceptions=True)
+        results = await asyncio.gather(*(p.drain() for p in pipelines), return_exceptions=True)
+        for pipeline, result in zip(pipelines, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("pipeline %s did not drain cleanly", pipeline.name, exc_info=result)
 
     async def _rebuild_pipelines(self, names: set[str] | None = None) -> None:
         """Swap in freshly built logic (after a model change) for the named pipelines, or all."""
@@ -490,7 +512,7 @@ class Runtime:
         self._persist_config(new, old)
         summary = {"pipelines": sorted(names), "models": [m.name for m in new.models], "by": by,
                    "sha256": config_sha256(new)}
-        self._record("config", summary)
+        self.record("config", summary)
         return summary
 
     async def rollback_config(self, *, by: str = "") -> dict[str, Any]:
@@ -516,7 +538,7 @@ class Runtime:
         msg = await upstream.request(subject, payload, timeout=deadline_s)
         return msg.data
 
-    def _record(self, kind: str, body: dict[str, Any]) -> None:
+    def record(self, kind: str, body: dict[str, Any]) -> None:
         """Audit a runtime event; a full or failing log is reported by the log's own status."""
         if self.audit is None:
             return
@@ -542,7 +564,7 @@ class Runtime:
             "local": self.local_url,
             "pipelines": {name: p.status() for name, p in self.pipelines.items()},
             "models": self.registry.status(),
-            "deployments": self.models.status(),
+            "deployments": self.deployments.status(),
             "audit": audit,
             "sync": self.uploader.status() if self.uploader is not None else None,
         }

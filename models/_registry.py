@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,6 +33,7 @@ class ModelSlot:
         self.previous: Model | None = None
         self.why: str | None = "not loaded"
         self._batcher: MicroBatcher | None = None
+        self._stack = AsyncExitStack()  # owns the batcher once there is one
 
     async def predict(self, row: Sequence[float]) -> Prediction:
         batcher = self._batcher
@@ -44,8 +46,7 @@ class ModelSlot:
         old = self.model
         if self._batcher is None:
             batcher = MicroBatcher(model, max_batch=self.max_batch, max_wait_us=self.max_wait_us)
-            await batcher.__aenter__()
-            self._batcher = batcher
+            self._batcher = await self._stack.enter_async_context(batcher)
         else:
             self._batcher.swap(model)
         self.model = model
@@ -61,9 +62,8 @@ class ModelSlot:
         log.warning("model %s: %s", self.name, why)
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.__aexit__(None, None, None)
-            self._batcher = None
+        self._batcher = None
+        await self._stack.aclose()
 
     def status(self) -> dict[str, Any]:
         m = self.model

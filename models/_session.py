@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 from ._errors import ChecksumMismatch, GraphMismatch, ManifestError, ModelFileMissing, ModelUnavailable
 from ._graph import Mismatch, Port, plan
@@ -176,6 +178,8 @@ def _ports(args: Sequence[Any]) -> list[Port]:
 
 
 def _session_options() -> ort.SessionOptions:
+    import onnxruntime as ort  # here, not at import: reading manifests or audit logs must not load it
+
     options = ort.SessionOptions()
     # One thread per session: the batcher owns concurrency; an edge box has few cores to share.
     options.intra_op_num_threads = 1
@@ -186,6 +190,7 @@ def _session_options() -> ort.SessionOptions:
 
 
 def _open_session(data: bytes, file: Path) -> ort.InferenceSession:
+    import onnxruntime as ort
     try:
         return ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types

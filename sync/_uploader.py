@@ -189,6 +189,7 @@ class Uploader:
         self._connect = connect
         self._nc: Client | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stack = contextlib.AsyncExitStack()  # owns the task group the upload loop runs in
         self._remove_listener: Callable[[], None] | None = None
         self._progress = asyncio.Event()  # an ack arrived, a record was committed, or a kick
         self._kick = asyncio.Event()  # skip the current back-off (sync_now, resend)
@@ -215,7 +216,8 @@ class Uploader:
             raise SyncError(f"an Uploader can be started once (state {self.state.value})")
         self._remove_listener = self.log.add_listener(self.wake)
         self.state = UploaderState.CONNECTING
-        self._task = asyncio.create_task(self._run(), name=f"audit-uploader-{self.log.device}")
+        tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._task = tasks.create_task(self._run(), name=f"audit-uploader-{self.log.device}")
         return self
 
     async def __aexit__(
@@ -234,8 +236,7 @@ class Uploader:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._stack.aclose()  # the task group awaits the cancelled loop; a failure in it propagates
         self._synced_changed.set()
 
     # ------------------------------------------------------------------ public controls

@@ -12,19 +12,18 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge._config import Config
-from edge._fleet import Fleet
-from edge._link import CircuitBreaker, CloudLink
-from edge._operator import DEFAULT_TIMEOUT_S
-from edge._runtime import Runtime
+from edge import CommandError, Config, Heartbeat, Runtime
+from edge.cli._operator import DEFAULT_TIMEOUT_S
+from edge.fleet import Fleet
 from models import bundled_model_path
+from sync import Uploader
 from tests.runtime_harness import NORMAL, make_config
 
 RULES_ONLY = {"ladder": ["rules"], "model": ""}
@@ -154,31 +153,61 @@ class Inputs:
             await self.send(1, every=every)
 
 
-class _StubModels:
-    def status(self) -> dict[str, Any]:
-        return {}
+class _NoDeployments:
+    """A device that serves no deployable model: every model verb is refused as the runtime would."""
+
+    def store_dir(self, name: str, version: str) -> Path:
+        return Path("/nonexistent") / name / version
+
+    async def deploy(self, name: str, folder: Path, mode: Literal["active", "shadow"] = "active", *,
+                     by: str = "") -> dict[str, Any]:
+        raise CommandError("unknown_model", f"no model {name!r}")
+
+    async def promote(self, name: str, *, by: str = "") -> dict[str, Any]:
+        raise CommandError("no_shadow", f"model {name!r} has no shadow candidate to promote")
+
+    async def rollback(self, name: str, *, by: str = "") -> dict[str, Any]:
+        raise CommandError("nothing_to_roll_back", f"model {name!r} has no previous version on this device")
 
 
-class StubRuntime:
-    """Just what a Fleet reads from a runtime: for many lightweight devices answering on a real server."""
+class StubDevice:
+    """Just what a Fleet needs of a device (edge.fleet.Device): many lightweight devices on a real server."""
 
     def __init__(self, config: Config, upstream: NATS) -> None:
         self.config = config
         self.device = config.device_id
         self.data_dir = config.resolve(config.data_dir)
-        self.local = upstream
+        self.local: NATS | None = upstream
         self.upstream: NATS | None = upstream
+        self.uploader: Uploader | None = None
         self.started_at = time.monotonic()
         self.paused = False
-        self.link = CloudLink(CircuitBreaker(3, 1.0))
-        self.audit = None
-        self.uploader = None
-        self.models = _StubModels()
         self.records: list[tuple[str, dict[str, Any]]] = []
+        self._deployments = _NoDeployments()
+
+    @property
+    def deployments(self) -> _NoDeployments:
+        return self._deployments
+
+    async def wait_upstream(self) -> NATS:
+        assert self.upstream is not None
+        return self.upstream
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(device=self.device, groups=list(self.config.groups), version="0.1.0", ts=time.time_ns(),
+                         uptime_s=round(time.monotonic() - self.started_at, 3), link="online", paused=self.paused,
+                         audit_backlog=0)
 
     def status(self) -> dict[str, Any]:
         return {"device": self.device, "groups": self.config.groups, "version": "0.1.0", "paused": self.paused,
-                "link": {"state": self.link.state.value}, "pipelines": {}, "models": [], "audit": {"backlog": 0}}
+                "link": {"state": "online"}, "pipelines": {}, "models": [], "audit": {"backlog": 0}}
+
+    async def apply_config(self, new: Config, *, by: str = "") -> dict[str, Any]:
+        self.config = new
+        return {"by": by}
+
+    async def rollback_config(self, *, by: str = "") -> dict[str, Any]:
+        raise CommandError("nothing_to_roll_back", "no previous config is kept on this device")
 
     def pause(self, by: str = "", reason: str = "") -> None:
         self.paused = True
@@ -186,5 +215,5 @@ class StubRuntime:
     def resume(self, by: str = "", reason: str = "") -> None:
         self.paused = False
 
-    def _record(self, kind: str, body: dict[str, Any]) -> None:
+    def record(self, kind: str, body: dict[str, Any]) -> None:
         self.records.append((kind, body))

@@ -17,8 +17,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge._config import Config, config_to_toml, decode_config
-from edge._natsutil import server_barrier
+from edge import Config, config_to_toml, decode_config, server_barrier
 from models import bundled_model_path
 
 PUMP_INPUT = {"rms": "float", "kurtosis": "float", "temp_c": "float", "rpm": "float", "asset": "str?"}

@@ -11,12 +11,9 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from edge import NatsServer
-from edge._messages import ApprovalRequest
-from edge._natsutil import server_barrier
-from edge._runtime import Runtime
-from edge.chaos import FaultProxy
-from edge.cloudsim import AutoApprover
+from edge import ApprovalRequest, NatsServer, Runtime, server_barrier
+from edge.tools.chaos import FaultProxy
+from edge.tools.cloudsim import AutoApprover
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import CRITICAL, NORMAL, Collector, connect, encode, make_config, poll
 

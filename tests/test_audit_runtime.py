@@ -10,8 +10,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from edge._natsutil import server_barrier
-from edge._runtime import Runtime
+from edge import Runtime, server_barrier
 from sync import iter_records, verify_chain, verify_upstream
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import (

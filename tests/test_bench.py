@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge._bench import SECTIONS, BenchOptions, BenchResult, format_table, percentile, pump_rows, run_bench
-from edge._config import config_to_toml
+from edge import config_to_toml
+from edge.tools.bench import SECTIONS, BenchOptions, BenchResult, format_table, percentile, pump_rows, run_bench
 
 # Figures that are counts of bad things, or deltas, and so may rightly be zero or negative.
 MAY_BE_ZERO = {"lost", "waited_on_dead_cloud", "unreachable", "runtime_sync_backlog", "server_us", "driver_us",

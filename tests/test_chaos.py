@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from edge import NatsServer
-from edge.chaos import Fault, FaultKind, FaultProxy
+from edge.tools.chaos import Fault, FaultKind, FaultProxy
 
 
 async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "condition") -> None:

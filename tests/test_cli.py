@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edge._cli import main
-from edge._config import BUNDLED_CONFIG
-from edge._runtime import Runtime
+from edge import BUNDLED_CONFIG, Runtime
+from edge.cli import main
 from models import bundled_model_path
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import ANOMALY, NORMAL, connect, encode, make_config, poll

@@ -19,10 +19,9 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from edge import NatsServer
-from edge._runtime import Runtime
-from edge.chaos import FaultProxy
-from edge.cloudsim import CloudSimulator
+from edge import NatsServer, Runtime
+from edge.tools.chaos import FaultProxy
+from edge.tools.cloudsim import CloudSimulator
 from sync import iter_records
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import ANOMALY, NORMAL, Collector, connect, encode, make_config, poll

@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge._demo import (
+from edge import Fallback, Governance
+from edge.tools.demo import (
     Clock,
     DemoOptions,
     Recorder,
@@ -23,7 +24,6 @@ from edge._demo import (
     render_view,
     run_demo,
 )
-from edge._messages import Fallback, Governance
 from models import bundled_model_path, load_manifest
 
 

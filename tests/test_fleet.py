@@ -19,10 +19,22 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge._cli import build_parser
-from edge._config import decode_config, encode_config
-from edge._errors import CommandError
-from edge._fleet import (
+from edge import CommandError, Runtime, decode_config, encode_config
+from edge.cli import build_parser
+from edge.cli._operator import (
+    approvals_watch,
+    command_subject,
+    device_status,
+    fleet_cmd,
+    fleet_config_push,
+    fleet_deploy_model,
+    fleet_ls,
+    fleet_status,
+    gather,
+    publish_model,
+    send_command,
+)
+from edge.fleet import (
     H_NONCE,
     H_SIGNATURE,
     MAX_IN_FLIGHT,
@@ -38,25 +50,11 @@ from edge._fleet import (
     unpack_model_archive,
     verify_artifact,
 )
-from edge._operator import (
-    approvals_watch,
-    command_subject,
-    device_status,
-    fleet_cmd,
-    fleet_config_push,
-    fleet_deploy_model,
-    fleet_ls,
-    fleet_status,
-    gather,
-    publish_model,
-    send_command,
-)
-from edge._runtime import Runtime
 from tests.fleet_helpers import (
     RULES_ONLY,
     Decisions,
     Inputs,
-    StubRuntime,
+    StubDevice,
     figure,
     fleet_of,
     model_version,
@@ -336,7 +334,7 @@ async def test_many_lightweight_devices_are_listed(nats_servers: ServerFactory, 
             stack.push_async_callback(upstream.close)
             config = make_config(tmp_path, server.url, device=f"dev-{i:03d}", groups=[f"g{i % 4}"],
                                  pipeline=RULES_ONLY, models=[])
-            fleets.append(await stack.enter_async_context(Fleet(StubRuntime(config, upstream))))  # type: ignore[arg-type]
+            fleets.append(await stack.enter_async_context(Fleet(StubDevice(config, upstream))))
         capsys.readouterr()
         started = time.perf_counter()
         assert await fleet_ls(ops(server.url, expect=100, timeout=10)) == 0
@@ -475,7 +473,7 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
                                                   object="nope.tar.gz", sha256="a" * 64,
                                                   signature=sign(SEED, b"a" * 64)))
         assert code(await send_command(nc, "gw-s", "model.deploy", missing, seed=SEED)) == "not_found"
-        assert not (runtime.models.store_dir("pump-anomaly", "3")).exists()
+        assert not (runtime.deployments.store_dir("pump-anomaly", "3")).exists()
         reply = await nc.request("sensors.p1.pump", msgspec.json.encode(NORMAL), timeout=5)
         assert msgspec.json.decode(reply.data)["model"]["version"] == "1"
 

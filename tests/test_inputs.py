@@ -8,7 +8,8 @@ import msgspec
 import pytest
 
 from edge import InputRejected
-from edge._inputs import MSGPACK, InputSchema, rejection
+from edge._codec import MSGPACK
+from edge._inputs import InputSchema, rejection
 
 FIELDS = {"rms": "float", "kurtosis": "float", "temp_c": "float", "rpm": "float", "asset": "str?"}
 

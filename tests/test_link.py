@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge._link import BreakerState, CircuitBreaker, CloudLink, LinkState
+from edge import BreakerState, CircuitBreaker, CloudLink, LinkState
 from tests.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN

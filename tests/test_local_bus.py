@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from edge._runtime import Runtime
+from edge import Runtime
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import NORMAL, connect, encode, make_config, poll, wait_until_answering
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from edge._natsutil import server_barrier
-from edge._runtime import Runtime
+from edge import Runtime, server_barrier
 from tests.nats_harness import ServerFactory
 from tests.runtime_harness import (
     ANOMALY,

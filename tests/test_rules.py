@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 import edge._rules as rules_module
-from edge._errors import RuleError
+from edge import RuleError
 from edge._rules import Expression, Rule, RuleSet, RuleSpec, check_rules, compile_expression, compile_rules
 
 # The input of SPEC §4's pump pipeline.

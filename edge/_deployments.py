@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
-from models import Model, ModelError, load_model
+from models import Model, ModelError, ModelRegistry, load_model
 
-from ._config import FIELD_TYPES
+from ._config import NUMERIC_TYPES, Config
 from ._errors import CommandError
+from ._files import write_atomically
 
-if TYPE_CHECKING:
-    from ._runtime import Runtime
-
-log = logging.getLogger("edge.models")
+log = logging.getLogger("edge.deployments")
 
 Mode = Literal["active", "shadow"]
-_NUMERIC = {"float", "int"}
-assert _NUMERIC <= set(FIELD_TYPES)
 
 
 class SlotState(msgspec.Struct, omit_defaults=True):
@@ -39,16 +35,25 @@ class SlotState(msgspec.Struct, omit_defaults=True):
     shadow: str = ""
 
 
-class ModelManager:
-    """Deploys, promotes and rolls back models of a runtime, keeping the choice across restarts."""
+class Deployments:
+    """Deploys, promotes and rolls back the models a device serves, keeping the choice across restarts.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    It needs only the registry it installs into, where to keep files, the config in force (which
+    pipelines use a model), and two callbacks: rebuild those pipelines, record an audit event.
+    """
+
+    def __init__(self, registry: ModelRegistry, data_dir: Path, *, config: Callable[[], Config],
+                 rebuild: Callable[[set[str]], Awaitable[None]], record: Callable[[str, dict[str, Any]], None]) -> None:
+        self.registry = registry
+        self.data_dir = data_dir
+        self._config = config
+        self._rebuild = rebuild
+        self._record = record
         self._state: dict[str, SlotState] = {}
 
     @property
     def state_file(self) -> Path:
-        return self.runtime.data_dir / "models" / "state.json"
+        return self.data_dir / "models" / "state.json"
 
     def shadow_slot(self, name: str) -> str | None:
         """The slot holding `name`'s shadow candidate, if one is deployed."""
@@ -57,7 +62,7 @@ class ModelManager:
 
     def store_dir(self, name: str, version: str) -> Path:
         """Where a deployed model's files are kept on this device."""
-        return self.runtime.data_dir / "models" / name / version
+        return self.data_dir / "models" / name / version
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -72,7 +77,7 @@ class ModelManager:
         except msgspec.DecodeError as exc:
             log.error("ignoring unreadable %s: %s", self.state_file, exc)
             return
-        registry = self.runtime.registry
+        registry = self.registry
         for name, state in self._state.items():
             slot = registry.slot(name)
             for key in ("previous", "active"):
@@ -103,7 +108,7 @@ class ModelManager:
         except ModelError as exc:
             raise CommandError("bad_model", str(exc)) from None
         self._check_fits(name, model)
-        registry = self.runtime.registry
+        registry = self.registry
         state = self._state.setdefault(name, SlotState(active=self._serving_folder(name)))
         if mode == "active":
             old = await registry.slot(name).install(model)
@@ -113,30 +118,30 @@ class ModelManager:
             await registry.slot(f"{name}.shadow").install(model)
             state.shadow = str(folder)
         self._save()
-        await self.runtime._rebuild_pipelines(self._pipelines_using(name))
+        await self._rebuild(self._pipelines_using(name))
         result = {"name": name, "version": model.manifest.version, "sha256": model.sha256, "mode": mode, "by": by}
-        self.runtime._record("model", {"event": "deploy", **result})
+        self._record("model", {"event": "deploy", **result})
         return result
 
     async def promote(self, name: str, *, by: str = "") -> dict[str, Any]:
         """Make the shadow candidate the active model; the active one becomes `previous`."""
         state = self._state.get(name)
-        shadow_slot = self.runtime.registry.slot(f"{name}.shadow")
+        shadow_slot = self.registry.slot(f"{name}.shadow")
         candidate = shadow_slot.model
         if state is None or not state.shadow or candidate is None:
             raise CommandError("no_shadow", f"model {name!r} has no shadow candidate to promote")
-        await self.runtime.registry.slot(name).install(candidate)
+        await self.registry.slot(name).install(candidate)
         state.previous, state.active, state.shadow = state.active, state.shadow, ""
         self._save()
-        await self.runtime._rebuild_pipelines(self._pipelines_using(name))
+        await self._rebuild(self._pipelines_using(name))
         result = {"name": name, "version": candidate.manifest.version, "sha256": candidate.sha256, "by": by}
-        self.runtime._record("model", {"event": "promote", **result})
+        self._record("model", {"event": "promote", **result})
         return result
 
     async def rollback(self, name: str, *, by: str = "") -> dict[str, Any]:
         """Drop a shadow candidate if there is one; otherwise serve the previous version again."""
         state = self._state.get(name)
-        slot = self.runtime.registry.slot(name)
+        slot = self.registry.slot(name)
         if state is not None and state.shadow:
             state.shadow = ""
             event = "shadow_dropped"
@@ -150,10 +155,10 @@ class ModelManager:
             event = "rollback"
             serving = previous
         self._save()
-        await self.runtime._rebuild_pipelines(self._pipelines_using(name))
+        await self._rebuild(self._pipelines_using(name))
         result = {"name": name, "event": event, "by": by,
                   "version": serving.manifest.version if serving else None}
-        self.runtime._record("model", result)
+        self._record("model", result)
         return result
 
     def status(self) -> dict[str, Any]:
@@ -162,20 +167,21 @@ class ModelManager:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _pipelines_using(self, name: str) -> set[str]:
-        return {p.name for p in self.runtime.config.pipelines if name in (p.model, p.shadow)}
+        return {p.name for p in self._config().pipelines if name in (p.model, p.shadow)}
 
     def _serving_folder(self, name: str) -> str:
-        config = self.runtime.config.model(name)
-        return str(self.runtime.config.resolve(config.path)) if config is not None else ""
+        config = self._config()
+        model = config.model(name)
+        return str(config.resolve(model.path)) if model is not None else ""
 
     def _check_fits(self, name: str, model: Model) -> None:
         """Every pipeline that uses `name` must have the model's features as numeric inputs."""
-        for p in self.runtime.config.pipelines:
+        for p in self._config().pipelines:
             if name not in (p.model, p.shadow):
                 continue
             for feature in model.manifest.features:
                 kind = p.input.get(feature)
-                if kind not in _NUMERIC:
+                if kind not in NUMERIC_TYPES:
                     raise CommandError(
                         "model_mismatch",
                         f"model {model.manifest.name} {model.manifest.version} needs numeric input {feature!r}, "
@@ -183,7 +189,4 @@ class ModelManager:
                     )
 
     def _save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_bytes(msgspec.json.encode(self._state))
-        os.replace(tmp, self.state_file)
+        write_atomically(self.state_file, msgspec.json.encode(self._state))

@@ -37,9 +37,11 @@ from nats.aio.msg import Msg
 
 from models import ModelError, load_manifest
 
-from ._config import DEVICE_ID, Config, decode_config, load_config
-from ._errors import CommandError, ConfigError
-from ._fleet import (
+from .._config import DEVICE_ID, decode_config, load_config
+from .._errors import CommandError, ConfigError
+from .._messages import ApprovalRequest, Heartbeat
+from .._natsutil import server_barrier
+from ..fleet import (
     REPLY_DECODER,
     VERBS,
     ModelDeploy,
@@ -49,12 +51,10 @@ from ._fleet import (
     sign,
     sign_command,
 )
-from ._messages import ApprovalRequest, Heartbeat
-from ._natsutil import server_barrier
+from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, exit_code_for, local_url, print_json, run_async
 
 log = logging.getLogger("edge.operator")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT_S = 2.0
 _JSON = msgspec.json.Encoder()
@@ -249,7 +249,7 @@ async def fleet_ls(args: argparse.Namespace) -> int:
     failed = [r for r in got.replies if not r.ok]
     short = args.expect is not None and len(got.replies) < args.expect
     if args.json:
-        _print_json({"devices": rows, "failed": [msgspec.to_builtins(r) for r in failed],
+        print_json({"devices": rows, "failed": [msgspec.to_builtins(r) for r in failed],
                      "did_not_answer": got.did_not_answer, "elapsed_s": got.elapsed_s})
     else:
         _print_table(["DEVICE", "GROUPS", "VERSION", "LINK", "PAUSED", "DECISIONS", "P99_MS", "BACKLOG", "MODELS"],
@@ -361,16 +361,6 @@ async def device_status(args: argparse.Namespace) -> int:
     return _report_status(args, got)
 
 
-def local_url(config: Config) -> str:
-    """The device's local bus: what the running runtime wrote in data_dir/local.url, else the config's."""
-    try:
-        return (config.resolve(config.data_dir) / "local.url").read_text().strip()
-    except OSError:
-        if config.nats.local != "embedded":
-            return config.nats.local
-        return f"nats://127.0.0.1:{config.nats.embedded_port}"
-
-
 async def approvals_watch(args: argparse.Namespace, lines: asyncio.Queue[str | None] | None = None) -> int:
     """`edge approvals watch`: list approval requests; `a N` approves, `d N [reason]` denies (or `--auto`)."""
     by = args.by or getpass.getuser()
@@ -471,7 +461,7 @@ def _stdin_lines() -> asyncio.Queue[str | None]:
 
 def _report(args: argparse.Namespace, got: Gathered) -> int:
     if args.json:
-        _print_json(got.to_builtins())
+        print_json(got.to_builtins())
     else:
         for reply in got.replies:
             if reply.ok:
@@ -499,7 +489,7 @@ def _report_status(args: argparse.Namespace, got: Gathered) -> int:
         return EXIT_FAILURE
     status = reply.result if isinstance(reply.result, dict) else {}
     if args.json:
-        _print_json(status)
+        print_json(status)
         return EXIT_OK
     row = dict(zip(["device", "groups", "version", "link", "paused", "decisions", "p99_ms", "backlog", "models"],
                    _ls_row(status), strict=True))
@@ -540,10 +530,6 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
 def _error_text(reply: Reply) -> str:
     return f"{reply.error.code}: {reply.error.message}" if reply.error is not None else "failed"
 
@@ -580,17 +566,9 @@ def _seed(args: argparse.Namespace) -> bytes | None:
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     """Run a command on uvloop where available; one line on stderr for an expected failure."""
     try:
-        try:
-            import uvloop
-        except ImportError:
-            return asyncio.run(coro)
-        return uvloop.run(coro)
-    except CommandError as exc:
-        print(f"edge: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE if exc.code in ("bad_target", "unknown_verb", "bad_seed") else EXIT_FAILURE
-    except (ConfigError, ModelError) as exc:
-        print(f"edge: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return run_async(coro)
+    except (CommandError, ConfigError, ModelError) as exc:
+        return exit_code_for(exc)
 
 
 def cmd_fleet_ls(args: argparse.Namespace) -> int:

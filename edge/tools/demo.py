@@ -41,6 +41,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from edge import BUNDLED_CONFIG, Config, EdgeError, Fallback, Governance, LinkState, NatsServer, Runtime, decode_config
 from models import bundled_model_path
 from sync import (
     AuditLog,
@@ -53,12 +54,6 @@ from sync import (
     verify_upstream,
 )
 
-from ._config import BUNDLED_CONFIG, Config, decode_config
-from ._errors import EdgeError
-from ._link import LinkState
-from ._messages import Fallback, Governance
-from ._nats_server import NatsServer
-from ._runtime import Runtime
 from .chaos import FaultProxy
 from .cloudsim import AutoApprover, CloudSimulator
 

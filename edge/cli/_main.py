@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -12,65 +11,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from models import ModelError, inspect_model
-from sync import SyncError
+from models import inspect_model
 
-from ._config import Config, load_config
-from ._errors import ConfigError, EdgeError
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object a line: ts, level, logger, msg (and exc when there is one)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever sys.stderr is at the time of the record (tests swap it)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = _StderrHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def run_async(coro: Any) -> Any:
-    """Run on uvloop where it is available (SPEC §1), asyncio otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
+from .._config import Config, load_config
+from .._errors import EdgeError
+from ._output import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXPECTED_ERRORS,
+    exit_code_for,
+    local_url,
+    print_json,
+    run_async,
+    setup_logging,
+)
 
 # -- commands --------------------------------------------------------------------------------------
 
@@ -86,7 +40,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ._runtime import run
+    from .._runtime import run
 
     config = _load(args)
     run_async(run(config))
@@ -125,7 +79,7 @@ def _audit_db(args: argparse.Namespace) -> Path:
 def _since_ns(text: str | None) -> int | None:
     if not text:
         return None
-    from ._config import parse_duration
+    from .._config import parse_duration
 
     try:
         return time.time_ns() - int(parse_duration(text) * 1e9)
@@ -200,7 +154,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from sync import verify_chain
 
     if args.upstream:
-        return run_async(_verify_upstream(args))  # type: ignore[no-any-return]
+        return run_async(_verify_upstream(args))
     report = verify_chain(_audit_db(args))
     if args.json:
         import msgspec
@@ -222,7 +176,7 @@ async def _verify_upstream(args: argparse.Namespace) -> int:
     device = args.device
     if not server or not device:
         config = _load(args)
-        server = server or config.nats.upstream or _local_url(config)
+        server = server or config.nats.upstream or local_url(config)
         device = device or config.device_id
         stream = stream or config.audit.stream
     nc = await nats.connect(server, connect_timeout=5, allow_reconnect=False)
@@ -241,25 +195,18 @@ async def _verify_upstream(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-def _local_url(config: Config) -> str:
-    if config.nats.local != "embedded":
-        return config.nats.local
-    url_file = config.resolve(config.data_dir) / "local.url"
-    return url_file.read_text().strip() if url_file.exists() else f"nats://127.0.0.1:{config.nats.embedded_port}"
-
-
 # -- demo and bench: their own option parsers ----------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import main as demo_main
+    from edge.tools.demo import main as demo_main
 
     logging.getLogger().handlers.clear()  # the demo logs to a file: the terminal is its live view
     return demo_main(args.rest)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ._bench import main as bench_main
+    from edge.tools.bench import main as bench_main
 
     return bench_main(args.rest)
 
@@ -346,16 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         code: int = args.handler(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"edge: {exc.source or 'config'}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ModelError, FileNotFoundError) as exc:
-        print(f"edge: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (EdgeError, SyncError) as exc:
-        print(f"edge: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    except EXPECTED_ERRORS as exc:
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         return EXIT_OK
     logging.getLogger("edge.cli").debug("done in %.3fs", time.monotonic() - started)

@@ -1,0 +1,86 @@
+"""The fleet (SPEC §8): the wire protocol operators and devices share, signatures, config pushes
+and model archives, and the device-side service.
+
+`_protocol`, `_signing` and `_archive` import neither the runtime nor onnxruntime: the operator's
+command line uses them alone. `Fleet` (in `_service`) speaks for a `Device`, the small protocol of
+what it needs of a runtime.
+"""
+
+from ._archive import OBJECT_MARKER, pack_model_folder, pushed_config, unpack_model_archive
+from ._protocol import (
+    REPLY_DECODER,
+    VERBS,
+    AuditResend,
+    Command,
+    ConfigApply,
+    ConfigGet,
+    ConfigRollback,
+    ErrorInfo,
+    ModelDeploy,
+    ModelPromote,
+    ModelRollback,
+    Pause,
+    Reply,
+    Resume,
+    Status,
+    SyncNow,
+    decode_command,
+    encode_reply,
+    verb_of,
+)
+from ._service import MAX_IN_FLIGHT, Deployer, Device, Fleet, FleetState
+from ._signing import (
+    H_NONCE,
+    H_SIGNATURE,
+    H_SIGNER,
+    H_TIMESTAMP,
+    CommandVerifier,
+    load_seed,
+    public_key_of,
+    sign,
+    sign_command,
+    verify_artifact,
+    verify_signature,
+)
+
+__all__ = [
+    "H_NONCE",
+    "H_SIGNATURE",
+    "H_SIGNER",
+    "H_TIMESTAMP",
+    "MAX_IN_FLIGHT",
+    "OBJECT_MARKER",
+    "REPLY_DECODER",
+    "VERBS",
+    "AuditResend",
+    "Command",
+    "CommandVerifier",
+    "ConfigApply",
+    "ConfigGet",
+    "ConfigRollback",
+    "Deployer",
+    "Device",
+    "ErrorInfo",
+    "Fleet",
+    "FleetState",
+    "ModelDeploy",
+    "ModelPromote",
+    "ModelRollback",
+    "Pause",
+    "Reply",
+    "Resume",
+    "Status",
+    "SyncNow",
+    "decode_command",
+    "pack_model_folder",
+    "pushed_config",
+    "encode_reply",
+    "load_seed",
+    "public_key_of",
+    "sign",
+    "sign_command",
+    "unpack_model_archive",
+    "verb_of",
+    "verify_artifact",
+    "verify_signature",
+]

@@ -1,0 +1,551 @@
+"""The device's side of the fleet (SPEC §8): command handlers, heartbeat and `$SRV` registration.
+
+`Fleet` depends on a `Device` (a small protocol of what it needs of the runtime), never on the
+runtime itself. The one exception to signed commands is `edge.<device>.cmd.status` on the *local*
+bus (when it is not the upstream one): a read-only probe for `edge status` on the gateway itself.
+
+`model.deploy` checks the sha256 of the fetched object's bytes against the command's before
+anything is unpacked; with trusted keys, `signature` is checked before anything is fetched. Any
+failure leaves the serving model untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import io
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, assert_never
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from models import ModelError, load_manifest
+from sync import Uploader
+
+from .._codec import MSGPACK
+from .._config import Config, config_sha256, encode_config
+from .._errors import CommandError
+from .._files import write_atomically
+from .._messages import Heartbeat
+from .._natsutil import client_of, server_barrier, stop_service_quietly
+from .._version import VERSION
+
+if TYPE_CHECKING:
+    from nats.micro.request import Request
+    from nats.micro.service import Service
+
+
+from ._archive import pushed_config, read_object_marker, sha256_hex, unpack_model_archive, write_object_marker
+from ._protocol import (
+    VERBS,
+    WIRE_JSON,
+    AuditResend,
+    Command,
+    ConfigApply,
+    ConfigGet,
+    ConfigRollback,
+    ErrorInfo,
+    ModelDeploy,
+    ModelPromote,
+    ModelRollback,
+    Pause,
+    Reply,
+    Resume,
+    Status,
+    SyncNow,
+    decode_command,
+    encode_reply,
+    unknown_verb,
+    verb_of,
+)
+from ._signing import CommandVerifier, verify_artifact
+
+log = logging.getLogger("edge.fleet")
+
+MAX_IN_FLIGHT = 32  # commands being handled at once; more get `busy` (memory stays bounded)
+MAX_OBJECT_BYTES = 512 * 1024 * 1024
+FETCH_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+
+
+
+class Deployer(Protocol):
+    """The model lifecycle a Fleet drives (`model.deploy`, `model.promote`, `model.rollback`)."""
+
+    def store_dir(self, name: str, version: str) -> Path: ...
+
+    async def deploy(self, name: str, folder: Path, mode: Literal["active", "shadow"] = "active", *,
+                     by: str = "") -> dict[str, Any]: ...
+
+    async def promote(self, name: str, *, by: str = "") -> dict[str, Any]: ...
+
+    async def rollback(self, name: str, *, by: str = "") -> dict[str, Any]: ...
+
+
+class Device(Protocol):
+    """What a Fleet needs of the device it speaks for: everything else of the runtime stays out of reach."""
+
+    device: str
+    config: Config
+    data_dir: Path
+    paused: bool
+    local: NATS | None  # for the read-only status probe on the local bus
+    upstream: NATS | None
+    uploader: Uploader | None
+
+    @property
+    def deployments(self) -> Deployer: ...
+
+    async def wait_upstream(self) -> NATS:
+        """The upstream connection, once there is one."""
+        ...
+
+    def heartbeat(self) -> Heartbeat: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def record(self, kind: str, body: dict[str, Any]) -> None:
+        """Audit an event (never raises)."""
+        ...
+
+    async def apply_config(self, new: Config, *, by: str = "") -> dict[str, Any]: ...
+
+    async def rollback_config(self, *, by: str = "") -> dict[str, Any]: ...
+
+    def pause(self, by: str = "", reason: str = "") -> None: ...
+
+    def resume(self, by: str = "", reason: str = "") -> None: ...
+
+
+
+class FleetState(enum.Enum):
+    NEW = "new"
+    WAITING = "waiting"  # for the upstream connection
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Fleet:
+    """Command handlers, heartbeat and `$SRV` registration of one device; `async with Fleet(device)`."""
+
+    def __init__(self, host: Device) -> None:
+        self.host = host
+        self.device = host.device
+        self.state = FleetState.NEW
+        self.verifier = CommandVerifier()
+        self.counts: Counter[str] = Counter()  # "ok" or the error code
+        self.heartbeats = 0
+        self._nc: NATS | None = None
+        self._subs: dict[str, Subscription] = {}
+        self._local_sub: Subscription | None = None
+        self._service: Service | None = None
+        self._service_groups: list[str] = []
+        self._tasks: asyncio.TaskGroup | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._mutating = asyncio.Lock()  # one change of config or models at a time
+        self._attached = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None  # waits for the upstream connection, then attaches
+        self._stop = asyncio.Event()
+
+    @property
+    def nonce_file(self) -> Path:
+        return self.host.data_dir / "fleet" / "nonces.json"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Fleet:
+        self.state = FleetState.WAITING
+        with contextlib.suppress(FileNotFoundError):
+            self.verifier.load(await asyncio.to_thread(self.nonce_file.read_bytes))
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        host = self.host
+        try:
+            if host.local is not None and host.config.nats.upstream:
+                # The local bus is a separate connection: answer only the read-only status probe there.
+                self._local_sub = await host.local.subscribe(f"edge.{self.device}.cmd.status",
+                                                             cb=self._on_local_status)
+            if host.upstream is not None and host.upstream.is_connected:
+                try:
+                    await self._attach(host.upstream)  # ready as soon as `async with` returns
+                except nats.errors.Error as exc:  # (nats' TimeoutError included) retried by _follow_upstream
+                    log.warning("fleet: cannot subscribe upstream yet: %s", exc)
+                    await self._detach()
+        except BaseException:
+            self._stop.set()
+            await self._tasks.__aexit__(None, None, None)
+            raise
+        self._follower = self._tasks.create_task(self._follow_upstream(), name=f"fleet-upstream-{self.device}")
+        self._tasks.create_task(self._heartbeat_forever(), name=f"fleet-heartbeat-{self.device}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.state is FleetState.STOPPED:
+            return
+        self.state = FleetState.STOPPED
+        self._stop.set()
+        await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()  # it may be waiting for an upstream that never came
+        await self._detach()
+        if self._local_sub is not None:
+            await _unsubscribe(self._local_sub)
+            self._local_sub = None
+        # Commands in progress finish (bounded): a deploy half done is cancelled, which leaves the old model.
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=STOP_GRACE_S)
+            for task in pending:
+                task.cancel()
+        if self._tasks is not None:
+            await self._tasks.__aexit__(None, None, None)
+            self._tasks = None
+
+    async def wait_attached(self) -> None:
+        """Until the command subscriptions are live on an upstream connection."""
+        await self._attached.wait()
+
+    async def _follow_upstream(self) -> None:
+        # The device connects upstream in the background: wait for it, then attach (retrying with
+        # backoff if the link fails while we subscribe). nats-py keeps our subscriptions across its
+        # own reconnects, so one successful attach holds for the connection's life.
+        upstream = await self.host.wait_upstream()
+        delay = 0.25
+        while self._nc is None and not self._stop.is_set():
+            try:
+                await self._attach(upstream)
+            except nats.errors.Error as exc:
+                log.warning("fleet: cannot subscribe upstream yet: %s", exc)
+                await self._detach()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)  # pace: retry backoff
+                delay = min(delay * 2, 5.0)
+
+    async def _attach(self, nc: NATS) -> None:
+        self._nc = nc
+        for subject in self._wanted_subjects():
+            self._subs[subject] = await nc.subscribe(subject, cb=self._on_command)
+        await server_barrier(nc)  # the server has our SUBs: commands sent from now on reach us
+        await self._register_service(nc)
+        self.state = FleetState.RUNNING
+        self._attached.set()
+        log.info("fleet: device %s answering %s", self.device, ", ".join(self._subs))
+        self._publish_heartbeat()
+
+    async def _detach(self) -> None:
+        self._attached.clear()
+        for sub in self._subs.values():
+            await _unsubscribe(sub)
+        self._subs.clear()
+        await self._stop_service()
+        self._nc = None
+        if self.state is FleetState.RUNNING:
+            self.state = FleetState.WAITING
+
+    def _wanted_subjects(self) -> list[str]:
+        groups = self.host.config.groups
+        return [f"edge.{self.device}.cmd.>", *(f"edge.group.{g}.cmd.>" for g in groups), "edge.all.cmd.>"]
+
+    async def _sync_subscriptions(self) -> None:
+        """After a config change: follow the device's groups (subscriptions and `$SRV` metadata)."""
+        nc = self._nc
+        if nc is None:
+            return
+        wanted = self._wanted_subjects()
+        for subject in [s for s in self._subs if s not in wanted]:
+            await _unsubscribe(self._subs.pop(subject))
+        for subject in [s for s in wanted if s not in self._subs]:
+            self._subs[subject] = await nc.subscribe(subject, cb=self._on_command)
+        await server_barrier(nc)
+        if self._service_groups != list(self.host.config.groups):
+            await self._stop_service()
+            await self._register_service(nc)
+
+    async def _register_service(self, nc: NATS) -> None:
+        from nats.micro import add_service
+
+        groups = list(self.host.config.groups)
+        # add_service() ends with a flush(); run it only right after a barrier has proven the link
+        # answers, as a flush that times out breaks nats-py 2.16's connection (see _natsutil).
+        service = await add_service(nc, name="edge", version=VERSION, description="edge orchestrator runtime",
+                                    metadata={"device_id": self.device, "groups": ",".join(groups)})
+        # A cheap summary (what heartbeats say) for `$SRV.INFO` discovery; commands stay on `.cmd.`.
+        await service.add_endpoint(name="status", subject=f"edge.{self.device}.svc.status",
+                                   handler=self._on_service_status)
+        self._service, self._service_groups = service, groups
+
+    async def _stop_service(self) -> None:
+        # Not Service.stop(): it drains each of its nine subscriptions with a flush() — up to 10 s
+        # apiece on a dead link, and a timed-out flush breaks the connection (see _natsutil).
+        # Unsubscribing is all a stop needs from the server.
+        service, self._service = self._service, None
+        if service is None:
+            return
+        await stop_service_quietly(service)
+
+    # -- heartbeat -------------------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.host.config.fleet.heartbeat_s)
+            if not self._stop.is_set():
+                self._publish_heartbeat()
+
+    def _publish_heartbeat(self) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return  # never buffered: a heartbeat replayed after an outage would say the wrong thing
+        payload = WIRE_JSON.encode(self.host.heartbeat())
+        assert self._tasks is not None
+        self._tasks.create_task(self._publish(nc, f"edge.{self.device}.heartbeat", payload))
+        self.heartbeats += 1
+
+    @staticmethod
+    async def _publish(nc: NATS, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            await nc.publish(subject, payload, headers=headers)
+        except nats.errors.Error as exc:
+            log.debug("fleet: publish to %s failed: %s", subject, exc)
+
+    # -- commands --------------------------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        # nats-py runs one subscription's callbacks one after another: hand each command to a task,
+        # so a slow deploy does not hold up a status request.
+        await self._start_handler(msg, local=False)
+
+    async def _on_local_status(self, msg: Msg) -> None:
+        await self._start_handler(msg, local=True)
+
+    async def _start_handler(self, msg: Msg, *, local: bool) -> None:
+        if self._tasks is None or self._stop.is_set():
+            return
+        if len(self._handlers) >= MAX_IN_FLIGHT:
+            verb = verb_of(msg.subject)
+            error = CommandError("busy", f"{len(self._handlers)} commands already in progress; try again")
+            reply = self._failed(verb, msg.subject, error, by="", signer="")
+            await self._answer(msg, reply)
+            return
+        task = self._tasks.create_task(self._serve(msg, local=local))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, msg: Msg, *, local: bool) -> None:
+        reply = await self.execute(msg.subject, msg.data, msg.headers, unsigned_ok=local)
+        await self._answer(msg, reply)
+
+    async def _answer(self, msg: Msg, reply: Reply) -> None:
+        if not msg.reply:
+            return
+        content_type = msg.headers.get("Content-Type", "") if msg.headers else ""
+        headers = {"Content-Type": MSGPACK} if content_type == MSGPACK else None
+        await self._publish(client_of(msg), msg.reply, encode_reply(reply, content_type), headers)
+
+    async def execute(self, subject: str, body: bytes, headers: Mapping[str, str] | None = None, *,
+                      unsigned_ok: bool = False) -> Reply:
+        """Authenticate, decode, run and audit one command; never raises (the reply says what went wrong)."""
+        verb = verb_of(subject)
+        signer, by = "", ""
+        try:
+            if verb not in VERBS:
+                raise unknown_verb(verb)
+            trusted = self.host.config.fleet.trusted_keys
+            if trusted and not unsigned_ok:
+                signer = self.verifier.verify(subject, body, headers, trusted)
+                await self._save_nonces()
+            content_type = headers.get("Content-Type", "") if headers else ""
+            command = decode_command(verb, body, content_type)
+            by = command.by or signer
+            if unsigned_ok and not isinstance(command, Status):
+                raise CommandError("unauthorized", "only `status` is answered on the local bus")
+            result = await self._dispatch(command, by, signer)
+        except CommandError as error:
+            return self._failed(verb, subject, error, by=by, signer=signer)
+        except Exception as exc:  # a bug must cost one command, never the subscription: log it, say so
+            log.exception("fleet: %s failed unexpectedly", verb)
+            return self._failed(verb, subject, CommandError("internal", f"{type(exc).__name__}: {exc}"),
+                                by=by, signer=signer)
+        self.counts["ok"] += 1
+        self._audit(verb, subject, ok=True, by=by, signer=signer)
+        return Reply(ok=True, device=self.device, verb=verb, result=result)
+
+    def _failed(self, verb: str, subject: str, error: CommandError, *, by: str, signer: str) -> Reply:
+        self.counts[error.code] += 1
+        self._audit(verb, subject, ok=False, by=by, signer=signer, code=error.code, message=error.message)
+        log.info("fleet: %s refused: %s", verb or subject, error)
+        return Reply(ok=False, device=self.device, verb=verb, error=ErrorInfo(error.code, error.message))
+
+    def _audit(self, verb: str, subject: str, *, ok: bool, by: str, signer: str, code: str = "",
+               message: str = "") -> None:
+        body: dict[str, Any] = {"verb": verb, "subject": subject, "ok": ok}
+        for key, value in (("by", by), ("signer", signer), ("code", code), ("message", message[:512])):
+            if value:
+                body[key] = value
+        self.host.record("command", body)
+
+    async def _save_nonces(self) -> None:
+        # Before the command runs: a restart must not make a captured command replayable.
+        data = self.verifier.export()
+        path = self.nonce_file
+
+        await asyncio.to_thread(write_atomically, path, data)
+
+    async def _dispatch(self, command: Command, by: str, signer: str) -> dict[str, Any]:
+        host = self.host
+        match command:
+            case Status():
+                return self.status_result()
+            case ConfigGet():
+                return {"config": encode_config(host.config, redact=True), "sha256": config_sha256(host.config)}
+            case ConfigApply(config=data):
+                async with self._mutating:
+                    result = await host.apply_config(pushed_config(data, host.config), by=by)
+                    await self._sync_subscriptions()
+                return result
+            case ConfigRollback():
+                async with self._mutating:
+                    result = await host.rollback_config(by=by)
+                    await self._sync_subscriptions()
+                return result
+            case ModelDeploy():
+                async with self._mutating:
+                    return await self._deploy(command, by)
+            case ModelPromote(name=name):
+                async with self._mutating:
+                    return await host.deployments.promote(name, by=by)
+            case ModelRollback(name=name):
+                async with self._mutating:
+                    return await host.deployments.rollback(name, by=by)
+            case Pause(reason=reason):
+                host.pause(by=by, reason=reason)
+                return {"paused": host.paused}
+            case Resume(reason=reason):
+                host.resume(by=by, reason=reason)
+                return {"paused": host.paused}
+            case SyncNow(timeout_s=timeout_s):
+                uploader = self._uploader()
+                backlog = await uploader.sync_now(timeout_s)
+                return {"backlog": backlog, "synced_seq": uploader.log.synced_seq, "last_seq": uploader.log.last_seq}
+            case AuditResend(from_seq=from_seq, to_seq=to_seq):
+                queued = self._uploader().resend(from_seq, to_seq)
+                return {"queued": queued}
+            case _:
+                assert_never(command)
+
+    def _uploader(self) -> Uploader:
+        uploader = self.host.uploader
+        if uploader is None:
+            raise CommandError("unavailable", "the audit uploader is not running")
+        return uploader
+
+    def status_result(self) -> dict[str, Any]:
+        """The `status` verb's result: the runtime's status, model deployments and this fleet endpoint's."""
+        return {**self.host.status(), "config_sha256": config_sha256(self.host.config), "fleet": self.status()}
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state.value, "subjects": sorted(self._subs), "commands": dict(self.counts),
+                "in_progress": len(self._handlers), "heartbeats": self.heartbeats,
+                "signed": bool(self.host.config.fleet.trusted_keys), "nonces": len(self.verifier),
+                "service_id": self._service.id if self._service is not None else None}
+
+    async def _on_service_status(self, request: Request) -> None:
+        await request.respond(WIRE_JSON.encode(self.host.heartbeat()))
+
+    # -- model.deploy ----------------------------------------------------------------------------
+
+    async def _deploy(self, command: ModelDeploy, by: str) -> dict[str, Any]:
+        host = self.host
+        name = command.name
+        known = {m.name for m in host.config.models} | {p.model for p in host.config.pipelines if p.model}
+        if name not in known:
+            raise CommandError("unknown_model", f"model.deploy: this device has no model {name!r} "
+                                                f"(known: {', '.join(sorted(known)) or 'none'})")
+        trusted = host.config.fleet.trusted_keys
+        if trusted:
+            verify_artifact(command.sha256, command.signature, trusted)  # before fetching anything
+        folder = host.deployments.store_dir(name, command.version)
+        created = False
+        if folder.exists():
+            kept = await asyncio.to_thread(read_object_marker, folder)
+            if kept != command.sha256:
+                raise CommandError("version_exists", f"model.deploy: {name} version {command.version} is already on "
+                                                     "this device with other content; deploy it under a new version")
+        else:
+            data = await self._fetch(command)
+            actual = await asyncio.to_thread(sha256_hex, data)
+            if actual != command.sha256:
+                raise CommandError("checksum_mismatch", f"model.deploy: {command.bucket}/{command.object} has "
+                                                        f"sha256 {actual}, the command says {command.sha256}")
+            await asyncio.to_thread(unpack_model_archive, data, folder)
+            created = True
+        try:
+            await self._check_manifest(command, folder)
+            if created:
+                await asyncio.to_thread(write_object_marker, folder, command.sha256)
+            return await host.deployments.deploy(name, folder, command.mode, by=by)
+        except CommandError:
+            if created:
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+            raise
+
+    async def _check_manifest(self, command: ModelDeploy, folder: Path) -> None:
+        try:
+            manifest = await asyncio.to_thread(load_manifest, folder)
+        except ModelError as exc:
+            raise CommandError("bad_model", f"model.deploy: {exc}") from None
+        if (manifest.name, manifest.version) != (command.name, command.version):
+            raise CommandError("manifest_mismatch", f"model.deploy: the archive holds {manifest.name} version "
+                                                    f"{manifest.version}, the command says {command.name} "
+                                                    f"version {command.version}")
+
+    async def _fetch(self, command: ModelDeploy) -> memoryview:
+        nc = self._nc or self.host.upstream
+        if nc is None or not nc.is_connected:
+            raise CommandError("unreachable", "model.deploy: the upstream connection is down")
+        where = f"{command.bucket}/{command.object}"
+        buffer = io.BytesIO()
+        try:
+            async with asyncio.timeout(FETCH_TIMEOUT_S):
+                store = await nc.jetstream().object_store(command.bucket)
+                info = await store.get_info(command.object)
+                if (info.size or 0) > MAX_OBJECT_BYTES:
+                    raise CommandError("too_large", f"model.deploy: {where} is {info.size} bytes "
+                                                    f"(at most {MAX_OBJECT_BYTES})")
+                # Into a buffer: nats-py's in-memory result grows by concatenation, quadratic for big models.
+                await store.get(command.object, writeinto=buffer)
+        except nats.js.errors.BucketNotFoundError:
+            raise CommandError("not_found", f"model.deploy: no object store bucket {command.bucket!r}") from None
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+            raise CommandError("not_found", f"model.deploy: no object {command.object!r} in {command.bucket!r}"
+                               ) from None
+        except nats.js.errors.DigestMismatchError:
+            raise CommandError("checksum_mismatch", f"model.deploy: {where} does not match the digest the object "
+                                                    "store recorded (corrupted in storage)") from None
+        except TimeoutError:
+            raise CommandError("fetch_failed", f"model.deploy: fetching {where} took over {FETCH_TIMEOUT_S}s"
+                               ) from None
+        except nats.errors.Error as exc:
+            raise CommandError("fetch_failed", f"model.deploy: fetching {where}: {type(exc).__name__}: {exc}"
+                               ) from None
+        return buffer.getbuffer()
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    try:
+        await sub.unsubscribe()
+    except nats.errors.Error as exc:  # the connection is closing or gone: nothing left to undo
+        log.debug("fleet: unsubscribe %s: %s", sub.subject, exc)

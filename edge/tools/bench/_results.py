@@ -1,0 +1,259 @@
+"""What one run measured, as msgspec Structs (bench.json), the options that chose it, and BenchError."""
+
+from __future__ import annotations
+
+import msgspec
+
+from edge import EdgeError
+
+from ._constants import SECTIONS
+
+
+class BenchError(EdgeError):
+    """The benchmark could not measure something (a server did not start, outputs went missing...)."""
+
+
+class BenchOptions(msgspec.Struct, kw_only=True):
+    """What to run. `quick` is the smoke mode (under a minute); `out` gets bench.json and bench.txt."""
+
+    quick: bool = False
+    out: str | None = "bench-out"
+    sections: list[str] = msgspec.field(default_factory=lambda: list(SECTIONS))
+    profile: bool = False
+    rss_decisions: int | None = None  # default: 20k quick, 1M full
+    seed: int = 20240601
+    command: str = ""
+
+
+class Sizes(msgspec.Struct, frozen=True, kw_only=True):
+    """How much each section does; chosen by `quick`."""
+
+    repeats: int  # saturation runs of each kind (the median is reported)
+    saturation_n: int
+    warmup: int
+    latency_s: float  # duration of each open-loop run
+    audit_n: int  # runtime decisions per fsync mode
+    append_n: int  # raw AuditLog appends per fsync mode
+    sequential_n: int  # appends one at a time (commit latency) per fsync mode
+    sync_records: int
+    blackhole_phases_s: tuple[float, float, float]  # before, during, after
+    rss_decisions: int
+    startup_repeats: int
+    profile_n: int
+
+    @classmethod
+    def pick(cls, options: BenchOptions) -> Sizes:
+        if options.quick:
+            sizes = cls(repeats=1, saturation_n=2000, warmup=300, latency_s=1.5, audit_n=1500, append_n=5000,
+                        sequential_n=40, sync_records=20_000, blackhole_phases_s=(1.5, 2.5, 7.5),
+                        rss_decisions=20_000, startup_repeats=1, profile_n=3000)
+        else:
+            sizes = cls(repeats=3, saturation_n=20_000, warmup=2000, latency_s=10.0, audit_n=15_000,
+                        append_n=50_000, sequential_n=300, sync_records=200_000,
+                        blackhole_phases_s=(5.0, 8.0, 10.0), rss_decisions=1_000_000, startup_repeats=3,
+                        profile_n=20_000)
+        if options.rss_decisions is not None:
+            sizes = msgspec.structs.replace(sizes, rss_decisions=options.rss_decisions)
+        return sizes
+
+
+class Machine(msgspec.Struct, kw_only=True):
+    nproc: int
+    cpu_model: str
+    python: str
+    platform: str
+    event_loop: str
+    nats_server: str
+    packages: dict[str, str]
+    filesystem: str  # where the audit logs and JetStream stores live (fsync cost depends on it)
+
+
+class Contention(msgspec.Struct, kw_only=True):
+    """What the whole machine did during a section: on a shared box, others' work slows every figure."""
+
+    wall_s: float
+    machine_busy_cores: float  # every process, from /proc/stat
+    bench_cores: float  # this process, its finished children (servers, `edge run`) and the driver
+    other_cores: float  # the rest: work that is not the bench's
+    loadavg_1m: float  # at the end of the section
+
+
+class CpuUse(msgspec.Struct, kw_only=True):
+    """CPU time per decision in each process, and how many cores were busy on average."""
+
+    sut_us: float
+    driver_us: float
+    server_us: float
+    cores_busy: float
+
+
+class Saturation(msgspec.Struct, kw_only=True):
+    decisions_per_s: float
+    n: int
+    elapsed_s: float
+    cpu: CpuUse
+
+
+class SaturationPair(msgspec.Struct, kw_only=True):
+    """Section 1: bare baseline and runtime at saturation (median of `runs`)."""
+
+    bare: Saturation
+    runtime: Saturation
+    ratio: float  # runtime / bare
+    bare_runs: list[float]
+    runtime_runs: list[float]
+    runtime_tiers: dict[str, int]
+    runtime_fallbacks: dict[str, int]
+    runtime_sync_backlog: int  # audit records not yet upstream when the last output arrived
+    # The same runtime with its upstream out of reach: the audit log is as durable, but syncing to
+    # JetStream (on this same 2-core machine, in the same event loop) is deferred. What the
+    # runtime itself costs, apart from the upstream's work that a real deployment does elsewhere.
+    deferred: Saturation
+    deferred_ratio: float
+    deferred_runs: list[float]
+
+
+class Latency(msgspec.Struct, kw_only=True):
+    count: int
+    lost: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    mean_ms: float
+    send_lag_p99_ms: float  # how late the driver itself was (already inside the latencies)
+
+
+class LatencyRun(msgspec.Struct, kw_only=True):
+    rate_hz: float
+    why: str  # "50% of runtime saturation" or "fixed"
+    bare: Latency
+    runtime: Latency
+    # The runtime's own view (status(): start of handle() → decision published, last 8192 decisions):
+    # what is not in it was spent before handle() (socket, inbox, workers) or on the way to the sink.
+    runtime_internal_p50_ms: float
+    runtime_internal_p99_ms: float
+
+
+class AuditFigures(msgspec.Struct, kw_only=True):
+    """Section 3: the runtime per fsync mode, and the log alone."""
+
+    runtime_decisions_per_s: dict[str, float]  # median of `repeats` rounds
+    runtime_runs: dict[str, list[float]]
+    batch_over_off: float
+    appends_per_s: dict[str, float]  # raw AuditLog.append, up to 256 awaiting at once (like the workers)
+    commit_p50_ms: dict[str, float]  # one append at a time: append → committed
+    commit_p99_ms: dict[str, float]
+
+
+class SyncFigures(msgspec.Struct, kw_only=True):
+    """Section 4: draining a backlog with the Uploader against raw JetStream publishing of the same bytes."""
+
+    records: int
+    mean_record_bytes: float
+    uploader_records_per_s: float
+    uploader_s: float
+    publish_async_records_per_s: float  # js.publish_async, at most 256 pending
+    publish_async_s: float
+    window_records_per_s: float  # nc.publish with a reply inbox, 256 acks awaited at most (no bookkeeping)
+    window_s: float
+    ratio_vs_publish_async: float  # uploader / publish_async
+    ratio_vs_window: float  # uploader / window
+
+
+class BlackholeFigures(msgspec.Struct, kw_only=True):
+    """Section 5: a cloud silently blackholed under a fixed offered load.
+
+    Phases go by each input's scheduled time, except that an input still in flight when the
+    blackhole began counts as "during" (it met the dead cloud).
+    """
+
+    offered_hz: float
+    phases_s: list[float]
+    before: Latency
+    during: Latency
+    during_after_open: Latency
+    after: Latency
+    breaker_open_ms: float  # blackhole → breaker OPEN (polled every 2 ms)
+    first_breaker_open_decision_ms: float  # blackhole → first decision skipping the cloud as breaker_open
+    waited_on_dead_cloud: int  # decisions with cloud fallback "timeout" after the blackhole
+    unreachable: int  # decisions with cloud fallback "unreachable" after the blackhole
+    cloud_recovered_ms: float  # pass-through again → first cloud decision
+    decisions: int
+    lost: int
+    tiers: dict[str, int]
+
+
+class MemoryFigures(msgspec.Struct, kw_only=True):
+    """Section 6: RSS of `edge run` in its own process, and start-up times."""
+
+    decisions: int
+    rss_after_start_mib: float
+    rss_checkpoints_mib: list[list[float]]  # [decisions so far, VmRSS MiB]
+    rss_growth_mib: float  # from 10% to 100% of `decisions`
+    rss_growth_per_100k_mib: float
+    hwm_mib: float
+    process_decisions_per_s: float  # the subprocess at saturation (uvloop, as `edge run`)
+    startup_aenter_s: float  # in process: Runtime.__aenter__ (median); nats-server already running
+    startup_first_decision_s: float  # in process: __aenter__ start → first decision's reply (median)
+    startup_runs_s: list[float]
+    process_first_decision_s: float  # `python -m edge run` exec → first decision's reply
+    process_stop_s: float  # SIGTERM → exit (drain)
+
+
+class ProfileEntry(msgspec.Struct, kw_only=True):
+    function: str
+    ncalls: int
+    tottime_s: float
+    cumtime_s: float
+    percall_us: float
+
+
+class ProfileFigures(msgspec.Struct, kw_only=True):
+    decisions: int
+    decisions_per_s: float  # under cProfile: slower than the real thing
+    total_tottime_s: float
+    top: list[ProfileEntry]
+    by_component: dict[str, float]  # share of the loop thread's tottime: edge, models, sync, nats, asyncio...
+
+
+class ApprovalFigures(msgspec.Struct, kw_only=True):
+    """Section 7: decisions that need no approval while many wait for a human (issue: governance)."""
+
+    pending: int  # approvals waiting on a slow approver while the other inputs were measured
+    requests: int  # request/reply round trips of inputs that need no approval, per phase
+    idle: Latency  # with no approval pending
+    busy: Latency  # with `pending` approvals pending
+
+
+class BenchResult(msgspec.Struct, kw_only=True):
+    """Everything one run measured; written as bench.json."""
+
+    date: str
+    command: str
+    mode: str
+    machine: Machine
+    sizes: Sizes
+    notes: list[str]
+    contention: dict[str, Contention] = msgspec.field(default_factory=dict)
+    saturation: SaturationPair | None = None
+    latency: list[LatencyRun] | None = None
+    audit: AuditFigures | None = None
+    sync: SyncFigures | None = None
+    blackhole: BlackholeFigures | None = None
+    approvals: ApprovalFigures | None = None
+    memory: MemoryFigures | None = None
+    profile: ProfileFigures | None = None
+    elapsed_s: float = 0.0
+
+
+NOTES = [
+    "System under test in the bench process; driver and sink in one child process; nats-servers are children.",
+    "Saturation: at most 2048 inputs unanswered; rate = N / (first send -> N-th output), after a warm-up.",
+    "Latency: open loop, from each input's scheduled send time to its output's arrival at the sink.",
+    "Runtime config: the bundled example's pipeline and actions, ladder [model, rules], audit fsync batch, "
+    "upstream = the local server (audit stream synced there, as with the bundled example).",
+    "Bare: nats-py subscriber, msgspec Struct decode, Model.predict on a 1-row float32 array on the loop, "
+    "JSON result published; nothing else.",
+    "CPU per decision: getrusage of this process and the driver, /proc/<pid>/stat of nats-server.",
+]

@@ -1,0 +1,48 @@
+"""Sections 1 and 2: bare baseline against runtime at saturation, then open loop at a fixed offered load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._bare import latency_bare, saturate_bare
+from ._constants import PIPELINE
+from ._driver import Driver
+from ._results import LatencyRun, Saturation, SaturationPair, Sizes
+from ._runtime_side import latency_runtime, saturate_runtime
+
+
+async def bench_saturation(work: Path, driver: Driver, sizes: Sizes, seed: int) -> SaturationPair:
+    bare: list[Saturation] = []
+    runtime: list[Saturation] = []
+    status: list[dict[str, Any]] = []
+    deferred: list[Saturation] = []
+    for _ in range(sizes.repeats):  # alternate, so drift on the machine touches all alike
+        bare.append(await saturate_bare(work, driver, sizes, seed))
+        runtime.append(await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup, seed, status=status))
+        deferred.append(await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup, seed, sync=False))
+    b, r, d = _median_run(bare), _median_run(runtime), _median_run(deferred)
+    pump = status[-1]["pipelines"][PIPELINE]
+    return SaturationPair(
+        bare=b, runtime=r, ratio=round(r.decisions_per_s / b.decisions_per_s, 3),
+        bare_runs=[s.decisions_per_s for s in bare], runtime_runs=[s.decisions_per_s for s in runtime],
+        runtime_tiers=dict(pump["by_tier"]), runtime_fallbacks=dict(pump["fallbacks"]),
+        runtime_sync_backlog=int(status[-1]["sync"]["backlog"]),
+        deferred=d, deferred_ratio=round(d.decisions_per_s / b.decisions_per_s, 3),
+        deferred_runs=[x.decisions_per_s for x in deferred],
+    )
+
+
+def _median_run(runs: list[Saturation]) -> Saturation:
+    return sorted(runs, key=lambda s: s.decisions_per_s)[len(runs) // 2]
+
+
+async def bench_latency(work: Path, driver: Driver, sizes: Sizes, seed: int, runtime_rate: float) -> list[LatencyRun]:
+    runs = []
+    for rate, why in ((round(runtime_rate * 0.5), "50% of runtime saturation"), (1000.0, "fixed")):
+        count = max(100, int(rate * sizes.latency_s))
+        bare = await latency_bare(work, driver, rate, count, seed)
+        runtime, internal = await latency_runtime(work, driver, rate, count, seed)
+        runs.append(LatencyRun(rate_hz=rate, why=why, bare=bare, runtime=runtime,
+                               runtime_internal_p50_ms=internal["p50"], runtime_internal_p99_ms=internal["p99"]))
+    return runs

@@ -1,0 +1,150 @@
+"""The figures of a BenchResult as a plain-text table (bench.txt and what `main` prints)."""
+
+from __future__ import annotations
+
+from ._constants import FSYNC_MODES, SYNC_WINDOW, WINDOW
+from ._results import BenchResult, Latency
+
+
+def _n(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def format_table(r: BenchResult) -> str:
+    """The figures as plain text, one section after another."""
+    m = r.machine
+    lines = [
+        f"edge bench ({r.mode}) {r.date}  {r.elapsed_s:.0f}s",
+        f"machine: {m.nproc} CPU, {m.cpu_model}; Python {m.python} ({m.event_loop}); {m.nats_server}",
+        f"storage: {m.filesystem}",
+        f"command: {r.command}",
+        "",
+    ]
+    if r.saturation is not None:
+        s = r.saturation
+        lines += [
+            f"1. Saturation: decisions/s (N={s.bare.n:,}, window {WINDOW}, median of {len(s.bare_runs)})",
+            f"   {'':34}{'bare':>12}{'runtime':>12}{'ratio':>9}",
+            f"   {'decisions/s':34}{_n(s.bare.decisions_per_s):>12}{_n(s.runtime.decisions_per_s):>12}"
+            f"{s.ratio:>9.3f}",
+            f"   {'each run (bare; runtime)':34}{_runs(s.bare_runs)}; {_runs(s.runtime_runs)}",
+            f"   {'CPU us/decision: SUT':34}{s.bare.cpu.sut_us:>12.1f}{s.runtime.cpu.sut_us:>12.1f}",
+            f"   {'CPU us/decision: driver+sink':34}{s.bare.cpu.driver_us:>12.1f}{s.runtime.cpu.driver_us:>12.1f}",
+            f"   {'CPU us/decision: nats-server':34}{s.bare.cpu.server_us:>12.1f}{s.runtime.cpu.server_us:>12.1f}",
+            f"   {'cores busy (of ' + str(m.nproc) + ')':34}{s.bare.cpu.cores_busy:>12.2f}"
+            f"{s.runtime.cpu.cores_busy:>12.2f}",
+            f"   runtime tiers {s.runtime_tiers}  fallbacks {s.runtime_fallbacks}  "
+            f"sync backlog at end {s.runtime_sync_backlog:,}",
+            f"   runtime, sync deferred (upstream out of reach; audit as durable): {_n(s.deferred.decisions_per_s)}"
+            f"/s, ratio {s.deferred_ratio:.3f}  (each run {_runs(s.deferred_runs)}; "
+            f"SUT {s.deferred.cpu.sut_us:.1f} us/decision)",
+            "",
+        ]
+    if r.latency is not None:
+        lines += ["2. Latency, open loop (ms from the scheduled send to the output at the sink)",
+                  f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}{'n':>8}{'lost':>6}{'lag p99':>9}"]
+        for run in r.latency:
+            for name, lat in (("bare", run.bare), ("runtime", run.runtime)):
+                label = f"{name} @ {_n(run.rate_hz)}/s"
+                lines.append(f"   {label:30}{_lat_row(lat)}")
+            lines.append(f"   {'  runtime, inside handle()':30}{run.runtime_internal_p50_ms:>9.2f}"
+                         f"{run.runtime_internal_p99_ms:>9.2f}   ({run.why})")
+        lines.append("")
+    if r.audit is not None:
+        a = r.audit
+
+        def row(label: str, values: dict[str, float], fmt: str) -> str:
+            return f"   {label:34}" + "".join(format(values[k], fmt).rjust(10) for k in FSYNC_MODES)
+
+        lines += [
+            f"3. Audit log by fsync mode (runtime: N={r.sizes.audit_n:,}, median of {r.sizes.repeats})",
+            f"   {'':34}{'off':>10}{'batch':>10}{'always':>10}",
+            row("runtime decisions/s", a.runtime_decisions_per_s, ",.0f"),
+            row("AuditLog appends/s (256 waiting)", a.appends_per_s, ",.0f"),
+            row("commit p50 ms (one at a time)", a.commit_p50_ms, ".3f"),
+            row("commit p99 ms (one at a time)", a.commit_p99_ms, ".3f"),
+            f"   runtime batch/off: {a.batch_over_off:.3f}   (each run: "
+            + "; ".join(f"{k} {_runs(v)}" for k, v in a.runtime_runs.items()) + ")",
+            "",
+        ]
+    if r.sync is not None:
+        y = r.sync
+        lines += [
+            f"4. Sync catch-up: {y.records:,} records (~{y.mean_record_bytes:.0f} B each), same bytes and Msg-Ids",
+            f"   {'Uploader':34}{_n(y.uploader_records_per_s):>10} records/s  ({y.uploader_s:.2f}s)",
+            f"   {f'raw js.publish_async ({SYNC_WINDOW} pending)':34}{_n(y.publish_async_records_per_s):>10} "
+            f"records/s  ({y.publish_async_s:.2f}s)  uploader/raw {y.ratio_vs_publish_async:.3f}",
+            f"   {f'raw nc.publish, {SYNC_WINDOW} unacked':34}{_n(y.window_records_per_s):>10} records/s  "
+            f"({y.window_s:.2f}s)  uploader/raw {y.ratio_vs_window:.3f}",
+            "",
+        ]
+    if r.blackhole is not None:
+        b = r.blackhole
+        lines += [
+            f"5. Blackholed cloud at {_n(b.offered_hz)}/s offered (phases {'/'.join(f'{p:g}' for p in b.phases_s)}s;"
+            " ladder cloud, model, rules)",
+            f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}{'n':>8}{'lost':>6}{'lag p99':>9}",
+            f"   {'before':30}{_lat_row(b.before)}",
+            f"   {'during (all)':30}{_lat_row(b.during)}",
+            f"   {'during, breaker open':30}{_lat_row(b.during_after_open)}",
+            f"   {'after':30}{_lat_row(b.after)}",
+            f"   blackhole -> breaker open {b.breaker_open_ms:.0f} ms; -> first breaker_open decision "
+            f"{b.first_breaker_open_decision_ms:.0f} ms",
+            f"   decisions that waited on the dead cloud (timeout): {b.waited_on_dead_cloud}; unreachable: "
+            f"{b.unreachable}",
+            f"   pass-through -> cloud decides again: {b.cloud_recovered_ms:.0f} ms; tiers {b.tiers}",
+            "",
+        ]
+    if r.memory is not None:
+        mm = r.memory
+        first, last = mm.rss_checkpoints_mib[0], mm.rss_checkpoints_mib[-1]
+        lines += [
+            f"6. Memory and start-up (`edge run` in its own process, {mm.decisions:,} decisions)",
+            f"   RSS after start {mm.rss_after_start_mib:.1f} MiB; after {first[0]:,.0f}: {first[1]:.1f} MiB; "
+            f"after {last[0]:,.0f}: {last[1]:.1f} MiB; peak {mm.hwm_mib:.1f} MiB",
+            f"   growth {first[0]:,.0f} -> {last[0]:,.0f}: {mm.rss_growth_mib:+.1f} MiB "
+            f"({mm.rss_growth_per_100k_mib:+.2f} MiB per 100k decisions)",
+            f"   process at saturation: {_n(mm.process_decisions_per_s)} decisions/s",
+            f"   start-up in process: __aenter__ {mm.startup_aenter_s * 1e3:.0f} ms, first decision "
+            f"{mm.startup_first_decision_s * 1e3:.0f} ms (server already up; runs "
+            f"{', '.join(f'{x * 1e3:.0f}' for x in mm.startup_runs_s)} ms)",
+            f"   `python -m edge run`: exec -> first decision {mm.process_first_decision_s * 1e3:.0f} ms; "
+            f"SIGTERM -> exit {mm.process_stop_s * 1e3:.0f} ms",
+            "",
+        ]
+    if r.approvals is not None:
+        ap = r.approvals
+        lines += [
+            f"7. Inputs that need no approval, request/reply round trip ms ({ap.requests:,} each; closed loop)",
+            f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}",
+        ]
+        for name, lat in (("no approval pending", ap.idle), (f"{ap.pending} approvals pending", ap.busy)):
+            lines.append(f"   {name:30}{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}")
+        lines.append("")
+    if r.profile is not None:
+        p = r.profile
+        lines += [
+            f"Profile: event-loop thread, {p.decisions:,} decisions at saturation under cProfile "
+            f"({_n(p.decisions_per_s)}/s), top by tottime (total {p.total_tottime_s:.2f}s)",
+            f"   {'tottime s':>10}{'cumtime s':>10}{'ncalls':>10}{'us/call':>9}  function",
+        ]
+        lines += [f"   {e.tottime_s:>10.3f}{e.cumtime_s:>10.3f}{e.ncalls:>10}{e.percall_us:>9.2f}  {e.function}"
+                  for e in p.top]
+        lines.append("   tottime by component: " + ", ".join(f"{k} {v:.0%}" for k, v in p.by_component.items()))
+        lines.append("")
+    if r.contention:
+        lines.append("Machine load during each section (cores busy; 'others' is work that is not the bench's)")
+        for name, c in r.contention.items():
+            lines.append(f"   {name:12}{c.wall_s:>7.0f}s  all {c.machine_busy_cores:4.2f}  bench {c.bench_cores:4.2f}  "
+                         f"others {c.other_cores:4.2f}  load avg {c.loadavg_1m:.2f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _runs(values: list[float]) -> str:
+    return "/".join(f"{v / 1000:.1f}k" for v in values)
+
+
+def _lat_row(lat: Latency) -> str:
+    return (f"{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}{lat.count:>8}{lat.lost:>6}"
+            f"{lat.send_lag_p99_ms:>9.2f}")
