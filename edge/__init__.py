@@ -7,6 +7,9 @@ people and tests (demo, fault proxy, cloud simulator, bench) `edge.tools`; the r
 imports the command line or the tools.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._config import BUNDLED_CONFIG, Config, config_to_toml, decode_config, encode_config, load_config
 from ._errors import CommandError, ConfigError, EdgeError, InputRejected, Problem, RuleError, ServerError
 from ._link import BreakerState, CircuitBreaker, CloudLink, LinkState
@@ -22,9 +25,30 @@ from ._messages import (
     Rejected,
     ShadowResult,
 )
-from ._nats_server import NatsServer, nats_server_binary
-from ._natsutil import server_barrier
-from ._runtime import Runtime, RuntimeState, run
+
+if TYPE_CHECKING:  # imported on first use (below), so `edge fleet ls` does not pay for the runtime
+    from ._nats_server import NatsServer, nats_server_binary
+    from ._natsutil import server_barrier
+    from ._runtime import Runtime, RuntimeState, run
+
+_LAZY = {
+    "NatsServer": "._nats_server",
+    "nats_server_binary": "._nats_server",
+    "server_barrier": "._natsutil",
+    "Runtime": "._runtime",
+    "RuntimeState": "._runtime",
+    "run": "._runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BUNDLED_CONFIG",

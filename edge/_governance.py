@@ -192,11 +192,6 @@ class Governor:
             policy = self._policies.get(action)
         return action
 
-    def instead_of(self, action: str) -> str:
-        """The action's `instead` (one step); the action itself when it has none."""
-        plan = self._plans.get(action)
-        return action if plan is None else plan.instead
-
     def review(self, action: str, tier: str, confidence: float | None, *, paused: bool) -> Verdict:
         """Review the action `tier` chose with `confidence` (None for rules); see the module for the order."""
         plan = self._plans.get(action)

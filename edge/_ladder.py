@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
-import nats.errors
 
 from models import Manifest, Model, ModelError, Prediction
 
@@ -95,6 +94,16 @@ class ModelTier:
 Requester = Callable[[str, bytes, float], Awaitable[bytes]]
 
 
+class CloudRequestFailed(Exception):
+    """What a cloud requester raises when no answer came: `reason` is `timeout`, `unreachable`
+    (nobody answers, or the connection is down) or `error`. The transport's own errors stay in
+    the requester, so the ladder's choice is tested without a network."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class CloudTier:
     """Asks the cloud over NATS; skipped at once when the link says it is gone."""
 
@@ -115,18 +124,9 @@ class CloudTier:
             return Fallback("cloud", skip)
         try:
             data = await self.request(self.subject, JSON_ENCODER.encode(values), self.timeout_s)
-        except (TimeoutError, nats.errors.TimeoutError):
-            self.link.request_failed("timeout")
-            return Fallback("cloud", "timeout")
-        except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
-                nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError,
-                nats.errors.StaleConnectionError):
-            # Nobody answers, or the connection is down right now: the cloud is unreachable.
-            self.link.request_failed("unreachable")
-            return Fallback("cloud", "unreachable")
-        except nats.errors.Error:
-            self.link.request_failed("error")
-            return Fallback("cloud", "error")
+        except CloudRequestFailed as failure:
+            self.link.request_failed(failure.reason)
+            return Fallback("cloud", failure.reason)
         self.link.request_succeeded()
         try:
             reply = CLOUD_REPLY_DECODER.decode(data)

@@ -77,12 +77,6 @@ class CircuitBreaker:
         """Consecutive failures since the last success (0 when healthy)."""
         return self._count
 
-    def seconds_until_trial(self) -> float:
-        """How long until a trial may begin; 0.0 when it may begin now or the breaker is not open."""
-        if self._state is BreakerState.CLOSED:
-            return 0.0
-        return max(0.0, self._since + self.reset_s - self._clock())
-
     def allow_request(self) -> bool:
         """Whether a live request may go to the cloud: only when closed."""
         return self._state is BreakerState.CLOSED
@@ -150,18 +144,15 @@ class CloudLink:
     def __init__(
         self,
         breaker: CircuitBreaker,
-        clock: Clock = time.monotonic,
         on_change: LinkListener | None = None,
         *,
         connected: bool = False,
     ) -> None:
         self.breaker = breaker
-        self._clock = clock
         self._on_change = on_change
         self._connected = connected
         self._state = LinkState.OFFLINE
         self._skip: str | None = "unreachable"
-        self._changed_at = clock()
         self.last_rtt_s: float | None = None
         self.last_failure: str | None = None
         self._update("initial", notify=False)
@@ -175,11 +166,6 @@ class CloudLink:
     def connected(self) -> bool:
         """Whether the upstream connection is up."""
         return self._connected
-
-    @property
-    def since(self) -> float:
-        """Clock time of the last state change (or of creation)."""
-        return self._changed_at
 
     def skip_reason(self) -> str | None:
         """Why the cloud tier must be skipped now (`unreachable`, `breaker_open`), or None if it may go."""
@@ -248,6 +234,5 @@ class CloudLink:
         if new is old:
             return
         self._state = new
-        self._changed_at = self._clock()
         if notify and self._on_change is not None:
             self._on_change(old, new, reason)

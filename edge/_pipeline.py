@@ -317,7 +317,7 @@ class Pipeline:
                 "action": final.action, "status": final.status, "by": final.by, "reason": final.reason}
         try:
             self.audit.append("approval", body)
-        except Exception as exc:  # noqa: BLE001 - the decision record that follows carries the outcome too
+        except Exception as exc:  # the decision record that follows carries the outcome too
             log.warning("pipeline %s: approval outcome not audited: %s", self.name, exc)
         return msgspec.structs.replace(
             decision, action=final.action,
@@ -353,7 +353,7 @@ class Pipeline:
         # Write-ahead: the decision is on record before anyone hears of it.
         try:
             seq = await self.audit.append("decision", lambda seq: msgspec.structs.replace(decision, audit_seq=seq))
-        except Exception as exc:  # noqa: BLE001 - the audit error tree is the sync package's; any failure blocks
+        except Exception as exc:  # the audit error tree is the sync package's; any failure blocks
             decision = self._unaudited(logic, decision, exc)
         else:
             decision = msgspec.structs.replace(decision, audit_seq=seq)
@@ -384,7 +384,7 @@ class Pipeline:
         assert logic.shadow is not None
         try:
             prediction = await task
-        except Exception as exc:  # noqa: BLE001 - a failing candidate must never affect the live decision
+        except Exception as exc:  # a failing candidate must never affect the live decision
             log.debug("shadow model failed: %s", exc)
             return None
         if prediction is None:
@@ -420,7 +420,7 @@ class Pipeline:
         self._reject_examples.clear()
         try:
             self.audit.append("rejected", body)
-        except Exception as exc:  # noqa: BLE001 - counted in status; the log reports its own state
+        except Exception as exc:  # counted in status; the log reports its own state
             log.warning("pipeline %s: rejection summary not audited: %s", self.name, exc)
 
     @property

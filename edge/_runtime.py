@@ -51,13 +51,13 @@ from ._deployments import Deployments
 from ._errors import CommandError, ConfigError
 from ._files import write_atomically
 from ._governance import Governor
-from ._ladder import CloudTier, Ladder, ModelTier, RulesTier, Tier
+from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RulesTier, Tier
 from ._link import CircuitBreaker, CloudLink, LinkState
 from ._messages import Heartbeat
 from ._nats_server import NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
 from ._rules import compile_rules
-from ._version import VERSION
+from ._version import version
 from .fleet import Fleet
 
 log = logging.getLogger("edge.runtime")
@@ -187,7 +187,7 @@ class Runtime:
             on_full=audit.on_full, keep_synced_s=parse_duration(audit.keep_synced),
         )
         await stack.enter_async_context(self.audit)
-        self.audit.append("start", {"version": VERSION, "groups": config.groups,
+        self.audit.append("start", {"version": version(), "groups": config.groups,
                                     "pipelines": [p.name for p in config.pipelines]})
         self.uploader = Uploader(self.audit, self._connect_uploader, stream=audit.stream,
                                  create_stream=audit.create_stream, window=audit.sync_window)
@@ -302,7 +302,7 @@ class Runtime:
     def heartbeat(self) -> Heartbeat:
         """What this device says about itself every `fleet.heartbeat_s`."""
         return Heartbeat(
-            device=self.device, groups=list(self.config.groups), version=VERSION, ts=time.time_ns(),
+            device=self.device, groups=list(self.config.groups), version=version(), ts=time.time_ns(),
             uptime_s=round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             link=self.link.state.value, paused=self.paused,
             audit_backlog=self.audit.backlog if self.audit is not None else 0,
@@ -534,8 +534,18 @@ class Runtime:
     async def _cloud_request(self, subject: str, payload: bytes, deadline_s: float) -> bytes:
         upstream = self.upstream
         if upstream is None:
-            raise nats.errors.ConnectionClosedError
-        msg = await upstream.request(subject, payload, timeout=deadline_s)
+            raise CloudRequestFailed("unreachable")
+        try:
+            msg = await upstream.request(subject, payload, timeout=deadline_s)
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise CloudRequestFailed("timeout") from None
+        except (nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+                nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError,
+                nats.errors.StaleConnectionError):
+            # Nobody answers, or the connection is down right now: the cloud is unreachable.
+            raise CloudRequestFailed("unreachable") from None
+        except nats.errors.Error:
+            raise CloudRequestFailed("error") from None
         return msg.data
 
     def record(self, kind: str, body: dict[str, Any]) -> None:
@@ -554,7 +564,7 @@ class Runtime:
         return {
             "device": self.device,
             "groups": self.config.groups,
-            "version": VERSION,
+            "version": version(),
             "state": self.state.value,
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "paused": self.paused,
@@ -578,7 +588,7 @@ async def run(config: Config, *, ready: Callable[[Runtime], Awaitable[None]] | N
     async with Runtime(config) as runtime:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.request_stop)
-        log.info("edge %s running: device %s, local bus %s", VERSION, runtime.device, runtime.local_url)
+        log.info("edge %s running: device %s, local bus %s", version(), runtime.device, runtime.local_url)
         if ready is not None:
             await ready(runtime)
         await runtime.wait()

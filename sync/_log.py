@@ -422,7 +422,7 @@ class AuditLog:
         except sqlite3.Error as exc:
             raise AuditUnavailable("cannot read the audit log", exc) from exc
 
-    async def _read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+    async def read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
         """Like `read`, as (seq, kind, wire JSON), for the uploader: from the in-memory tail of
         recent commits when it holds `from_seq` (the steady state), else from disk on the reader thread."""
         with self._tail_lock:

@@ -500,11 +500,11 @@ class Uploader:
                         end = self._resend[1]
                         if resend_next <= end:
                             limit = min(room, _READ_CHUNK, end - resend_next + 1)
-                            rows = [r for r in await self.log._read_wire(resend_next, limit) if r[0] <= end]
+                            rows = [r for r in await self.log.read_wire(resend_next, limit) if r[0] <= end]
                             resend_next = rows[-1][0] + 1 if rows else end + 1
                             resend = True
                     elif next_seq <= self.log.last_seq:
-                        rows = await self.log._read_wire(next_seq, min(room, _READ_CHUNK))
+                        rows = await self.log.read_wire(next_seq, min(room, _READ_CHUNK))
                         if rows:
                             next_seq = rows[-1][0] + 1
                 for i, (seq, kind, payload) in enumerate(rows):

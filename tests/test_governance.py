@@ -126,17 +126,6 @@ def test_replacement_is_taken_as_is(clock: FakeClock) -> None:
     assert gov.review("inspect", "model", 0.5, paused=False).status == "auto"  # its token was untouched
 
 
-def test_instead_of_is_one_step(clock: FakeClock) -> None:
-    gov = Governor({
-        "shutdown": ActionPolicy(instead="inspect", min_confidence=0.95),
-        "inspect": ActionPolicy(instead="none", rate_limit="1/h"),
-    }, clock=clock)
-    assert gov.instead_of("shutdown") == "inspect"
-    assert gov.instead_of("inspect") == "none"
-    assert gov.instead_of("none") == "none"
-    assert gov.instead_of("unknown") == "unknown"
-
-
 def test_a_looping_chain_is_refused(clock: FakeClock) -> None:
     with pytest.raises(ValueError, match="loops"):
         Governor({"a": ActionPolicy(instead="b"), "b": ActionPolicy(instead="a")}, clock=clock)

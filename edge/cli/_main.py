@@ -11,8 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from models import inspect_model
-
 from .._config import Config, load_config
 from .._errors import EdgeError
 from ._output import (
@@ -48,6 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_models_inspect(args: argparse.Namespace) -> int:
+    from models import inspect_model  # loads onnxruntime: only this command needs it
+
     info = inspect_model(Path(args.path))
     if args.json:
         print_json(info)
@@ -136,7 +136,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
     records = iter_records(_audit_db(args), from_seq=args.from_seq, to_seq=args.to_seq,
                            kinds=args.kind or None, since_ns=_since_ns(args.since))
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115 - closed below
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # closed below
     count = 0
     try:
         for record in records:
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, help_text in (
         ("demo", cmd_demo, "the whole story on one machine: outage, recovery, verified audit (--help for options)"),
-        ("bench", cmd_bench, "the benchmark of SPEC §10 (--help for options)"),
+        ("bench", cmd_bench, "the benchmark: the runtime against a bare service, side by side (--help for options)"),
     ):
         # Their options are their own parsers' (see main): everything after the name goes there.
         p = sub.add_parser(name, help=help_text, add_help=False)

@@ -6,6 +6,9 @@ command line uses them alone. `Fleet` (in `_service`) speaks for a `Device`, the
 what it needs of a runtime.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._archive import OBJECT_MARKER, pack_model_folder, pushed_config, unpack_model_archive
 from ._protocol import (
     REPLY_DECODER,
@@ -28,7 +31,6 @@ from ._protocol import (
     encode_reply,
     verb_of,
 )
-from ._service import MAX_IN_FLIGHT, Deployer, Device, Fleet, FleetState
 from ._signing import (
     H_NONCE,
     H_SIGNATURE,
@@ -42,6 +44,20 @@ from ._signing import (
     verify_artifact,
     verify_signature,
 )
+
+if TYPE_CHECKING:  # imported on first use (below): the operator's side never loads the device service
+    from ._service import MAX_IN_FLIGHT, Deployer, Device, Fleet, FleetState
+
+_SERVICE_NAMES = frozenset({"MAX_IN_FLIGHT", "Deployer", "Device", "Fleet", "FleetState"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SERVICE_NAMES:
+        raise AttributeError(f"module 'edge.fleet' has no attribute {name!r}")
+    value = getattr(importlib.import_module("._service", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "H_NONCE",

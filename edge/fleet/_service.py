@@ -38,7 +38,7 @@ from .._errors import CommandError
 from .._files import write_atomically
 from .._messages import Heartbeat
 from .._natsutil import client_of, server_barrier, stop_service_quietly
-from .._version import VERSION
+from .._version import version
 
 if TYPE_CHECKING:
     from nats.micro.request import Request
@@ -280,7 +280,7 @@ class Fleet:
         groups = list(self.host.config.groups)
         # add_service() ends with a flush(); run it only right after a barrier has proven the link
         # answers, as a flush that times out breaks nats-py 2.16's connection (see _natsutil).
-        service = await add_service(nc, name="edge", version=VERSION, description="edge orchestrator runtime",
+        service = await add_service(nc, name="edge", version=version(), description="edge orchestrator runtime",
                                     metadata={"device_id": self.device, "groups": ",".join(groups)})
         # A cheap summary (what heartbeats say) for `$SRV.INFO` discovery; commands stay on `.cmd.`.
         await service.add_endpoint(name="status", subject=f"edge.{self.device}.svc.status",

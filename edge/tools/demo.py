@@ -48,6 +48,7 @@ from sync import (
     SyncError,
     Uploader,
     UpstreamReport,
+    connect_for_upload,
     decode_record,
     iter_records,
     verify_chain,
@@ -712,8 +713,7 @@ async def sync_remainder(db: Path, upstream_url: str, stream: str, limit_s: floa
     """Upload what the stopped runtime had not synced (its drain and `stop` records); how many."""
 
     async def connect() -> NATS:
-        return await nats.connect(upstream_url, allow_reconnect=False, pending_size=0, connect_timeout=2,
-                                  max_reconnect_attempts=1, reconnect_time_wait=0.1)
+        return await connect_for_upload(upstream_url)
 
     async with AuditLog(db, DEVICE) as audit, Uploader(audit, connect, stream=stream) as uploader:
         left = await uploader.sync_now(limit_s)

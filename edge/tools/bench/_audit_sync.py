@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-import nats
 
 from ._constants import FSYNC_MODES, INPUT_SUBJECT, PIPELINE, SYNC_WINDOW
 from ._driver import Driver
@@ -94,7 +93,7 @@ async def bench_audit(work: Path, driver: Driver, sizes: Sizes, seed: int) -> Au
 async def bench_sync(work: Path, sizes: Sizes) -> SyncFigures:
     from nats.js.api import StorageType
 
-    from sync import AuditLog, Uploader, encode_record, iter_records
+    from sync import AuditLog, Uploader, connect_for_upload, encode_record, iter_records
 
     device = device_name("sync")
     path = work / f"{device}.db"
@@ -122,8 +121,7 @@ async def bench_sync(work: Path, sizes: Sizes) -> SyncFigures:
         await setup.close()
 
         async def uploader_connection() -> NATS:
-            return await nats.connect(server.url, name=f"{device}-audit", allow_reconnect=False, pending_size=0,
-                                      connect_timeout=2, max_reconnect_attempts=1)
+            return await connect_for_upload(server.url, name=f"{device}-audit")
 
         async with AuditLog(path, device, fsync="batch") as audit:
             if audit.backlog != n:

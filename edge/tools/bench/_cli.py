@@ -20,7 +20,7 @@ from ._table import format_table
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench", description="The edge runtime benchmark (SPEC §10).")
+    parser = argparse.ArgumentParser(prog="bench", description="The edge runtime benchmark against a bare baseline.")
     parser.add_argument("--quick", action="store_true", help="smoke mode: small sizes, under a minute")
     parser.add_argument("--out", default="bench-out", help="folder for bench.json, bench.txt and bench.log")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
