@@ -67,6 +67,10 @@ class NatsConfig(_Strict):
     embedded_port: int = 4222  # -1: let the server choose (tests, demos)
     local_auth: Auth = msgspec.field(default_factory=Auth)
     upstream_auth: Auth = msgspec.field(default_factory=Auth)
+    # A reply goes only to a subject whose first token is one of these, or begins with one and "_".
+    reply_prefixes: list[str] = msgspec.field(default_factory=lambda: ["_INBOX"])
+    # A non-loopback upstream with a password or token and no TLS is refused unless this is set.
+    allow_insecure: bool = False
 
 
 class LinkConfig(_Strict):
@@ -90,7 +94,10 @@ class AuditConfig(_Strict):
 
 class FleetConfig(_Strict):
     heartbeat_s: float = 10.0
-    trusted_keys: list[str] = msgspec.field(default_factory=list)
+    trusted_keys: list[str] = msgspec.field(default_factory=list)  # operators: who may command and deploy
+    approver_keys: list[str] = msgspec.field(default_factory=list)  # whose signed answers settle approvals
+    allow_unsigned: bool = False  # labs and demos only: accept unsigned commands and approvals (warned, audited)
+    device_key: str = ""  # an nkey seed file; empty: data_dir/device.nk, created on first start
 
 
 class ModelConfig(_Strict):
@@ -121,6 +128,7 @@ class PipelineConfig(_Strict):
     subscribe: list[str]
     input: dict[str, str]
     rules: list[RuleSpec]
+    guards: list[RuleSpec] = msgspec.field(default_factory=list)  # hard limits, checked before any tier
     queue_group: str = ""
     ladder: list[str] = msgspec.field(default_factory=lambda: ["model", "cloud", "rules"])
     model: str = ""
