@@ -25,7 +25,7 @@ from models import ModelError, load_manifest
 from ._codec import validation_issue
 from ._errors import ConfigError, Problem
 from ._files import write_atomically
-from ._rules import FIELD_TYPES, RuleSpec, check_rules
+from ._rules import FIELD_TYPES, RuleSpec, check_guards, check_rules
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
@@ -479,17 +479,19 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
         yield Problem(f"{where}.max_pending_approvals", "expected 0 or more")
     for key, message in check_rules(p.rules, p.input, f"{where}.rules"):
         yield Problem(key, message)
+    for key, message in check_guards(p.guards, p.input, f"{where}.guards"):
+        yield Problem(key, message)
     yield from _check_actions(p, where)
 
 
 def _check_actions(p: PipelineConfig, where: str) -> Iterator[Problem]:
-    produced = {r.action for r in p.rules} | set(p.labels.values())
+    produced = {r.action for r in p.rules} | {g.action for g in p.guards} | set(p.labels.values())
     known = produced | set(p.actions)
     for action, policy in p.actions.items():
         at = f"{where}.actions.{action}"
         if policy.instead and policy.instead not in known:
             yield Problem(f"{at}.instead", f"unknown action {policy.instead!r} "
-                          "(not produced by rules or labels, and no table of its own)")
+                          "(not produced by rules, guards or labels, and no table of its own)")
         if policy.rate_limit:
             try:
                 parse_rate(policy.rate_limit)
@@ -500,7 +502,7 @@ def _check_actions(p: PipelineConfig, where: str) -> Iterator[Problem]:
         if policy.approval_timeout_ms <= 0:
             yield Problem(f"{at}.approval_timeout_ms", "expected a positive number of milliseconds")
         for i, tier in enumerate(policy.tiers):
-            if tier not in TIERS:
+            if tier not in TIERS and tier != "guard":  # a guard decides as tier "guard"
                 yield Problem(f"{at}.tiers[{i}]", f"unknown tier {tier!r}")
         restricted = (policy.approval == "required" or policy.rate_limit or policy.min_confidence is not None
                       or policy.tiers)

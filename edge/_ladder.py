@@ -4,6 +4,10 @@ Each tier either answers (`Answer`) or steps aside with a reason (`Fallback`). T
 last and always answers, so `Ladder.decide` always returns an answer. Tiers hold their I/O
 behind small seams (a model slot, a NATS request function, a link) so the ladder's choice can be
 tested without a network.
+
+Guards come before every tier. A guard that holds decides at once (tier `guard`, no fallbacks):
+no model is run and no cloud is asked, so nothing a model or whoever answers as the cloud says can
+override a site's hard limit. Governance still reviews the guard's action, as any other.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from models import Manifest, Model, ModelError, Prediction
 
 from ._link import CloudLink
 from ._messages import CLOUD_REPLY_DECODER, JSON_ENCODER, Fallback, ModelRef
-from ._rules import RuleSet
+from ._rules import GuardSet, RuleSet
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -153,13 +157,22 @@ class RulesTier:
 
 
 class Ladder:
-    """Tiers in order; the first acceptable answer decides, every step aside is a `Fallback`."""
+    """Guards first, then tiers in order; the first acceptable answer decides, every step aside is a
+    `Fallback`."""
 
-    def __init__(self, tiers: Sequence[Tier], rules: RulesTier) -> None:
+    def __init__(self, tiers: Sequence[Tier], rules: RulesTier, guards: GuardSet | None = None) -> None:
         self.tiers = tuple(tiers)
         self.rules = rules
+        # No guards is None, so a pipeline without any pays one check per decision.
+        self.guards = guards if guards else None
+        # One answer per guard, built once: Rule.index is the guard's place in the list.
+        self._guard_answers = tuple(Answer("guard", g.label, g.action, None) for g in guards or ())
 
     async def decide(self, values: Mapping[str, Any]) -> tuple[Answer, list[Fallback]]:
+        if self.guards is not None:
+            guard = self.guards.match(values)
+            if guard is not None:
+                return self._guard_answers[guard.index], []
         fallbacks: list[Fallback] = []
         for tier in self.tiers:
             result = await tier.answer(values)

@@ -56,7 +56,18 @@ import msgspec
 
 from ._errors import RuleError
 
-__all__ = ["Expression", "Rule", "RuleSet", "RuleSpec", "check_rules", "compile_expression", "compile_rules"]
+__all__ = [
+    "Expression",
+    "GuardSet",
+    "Rule",
+    "RuleSet",
+    "RuleSpec",
+    "check_guards",
+    "check_rules",
+    "compile_expression",
+    "compile_guards",
+    "compile_rules",
+]
 
 _Fn = Callable[[Mapping[str, object]], object]
 
@@ -1035,6 +1046,36 @@ class RuleSet:
         return f"RuleSet({len(self.rules)} rules, actions={sorted(self.actions)})"
 
 
+class GuardSet:
+    """An ordered list of guards: rules with no default; `match` returns the first that holds, or None."""
+
+    __slots__ = ("_checks", "actions", "fields_used", "rules")
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = tuple(rules)
+        if any(r.is_default for r in self.rules):
+            raise RuleError("guards have no default: every guard needs 'when'")
+        self.fields_used = frozenset(f for r in self.rules if r.when is not None for f in r.when.fields_used)
+        self.actions = frozenset(r.action for r in self.rules)
+        self._checks = tuple((r.when._test, r) for r in self.rules if r.when is not None)
+
+    def match(self, values: Mapping[str, object]) -> Rule | None:
+        """The first guard whose condition holds for `values`, else None."""
+        for test, rule in self._checks:
+            if test(values):
+                return rule
+        return None
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def __repr__(self) -> str:
+        return f"GuardSet({len(self.rules)} guards, actions={sorted(self.actions)})"
+
+
 class _Problem(NamedTuple):
     path: str
     message: str
@@ -1043,15 +1084,20 @@ class _Problem(NamedTuple):
 
 
 def _build(
-    specs: Sequence[RuleSpec], fields: Mapping[str, str], path: str
+    specs: Sequence[RuleSpec], fields: Mapping[str, str], path: str, *, guards: bool = False
 ) -> tuple[list[Rule], list[_Problem]]:
+    """Compile `specs` and collect every problem; `guards`: a list with no default, every entry a `when`."""
     rules: list[Rule] = []
     problems: list[_Problem] = []
     defaults = [i for i, spec in enumerate(specs) if spec.default]
     for i, spec in enumerate(specs):
         key = f"{path}[{i}]"
         when: Expression | None = None
-        if spec.default:
+        if guards and (spec.default or spec.when is None):
+            # A guard that always matched would take every decision away from the ladder.
+            at = f"{key}.default" if spec.default else key
+            problems.append(_Problem(at, "guards have no default: a guard needs 'when' and no 'default = true'"))
+        elif spec.default:
             if spec.when is not None:
                 problems.append(
                     _Problem(f"{key}.when", "the default rule must not have 'when': it always matches")
@@ -1088,11 +1134,21 @@ def _build(
         if not spec.action.strip():
             problems.append(_Problem(f"{key}.action", "must name an action, not be empty"))
         rules.append(Rule(when, spec.action, spec.label or spec.action, i))
-    if not defaults:
+    if not defaults and not guards:
         problems.append(
             _Problem(path, 'no default rule: the last rule must be { default = true, action = "..." }')
         )
     return rules, problems
+
+
+def _pairs(problems: Sequence[_Problem]) -> list[tuple[str, str]]:
+    return [(p.path, f"{p.message} at column {p.column}" if p.column else p.message) for p in problems]
+
+
+def _raise_first(problems: Sequence[_Problem]) -> None:
+    if problems:
+        first = problems[0]
+        raise RuleError(f"{first.path}: {first.message}", first.expression, first.column)
 
 
 def check_rules(
@@ -1100,14 +1156,25 @@ def check_rules(
 ) -> list[tuple[str, str]]:
     """Every problem with a rules list as (key path, message), e.g. ("rules[2].when", "unknown field
     'tmp_c' (...) at column 1"); empty when the list is valid."""
-    _, problems = _build(specs, fields, path)
-    return [(p.path, f"{p.message} at column {p.column}" if p.column else p.message) for p in problems]
+    return _pairs(_build(specs, fields, path)[1])
 
 
 def compile_rules(specs: Sequence[RuleSpec], fields: Mapping[str, str], path: str = "rules") -> RuleSet:
     """Compile a rules list into a `RuleSet`; raises `RuleError` on the first problem `check_rules` finds."""
     rules, problems = _build(specs, fields, path)
-    if problems:
-        first = problems[0]
-        raise RuleError(f"{first.path}: {first.message}", first.expression, first.column)
+    _raise_first(problems)
     return RuleSet(rules)
+
+
+def check_guards(
+    specs: Sequence[RuleSpec], fields: Mapping[str, str], path: str = "guards"
+) -> list[tuple[str, str]]:
+    """Every problem with a guards list, as `check_rules` reports them; a guard may not be a default."""
+    return _pairs(_build(specs, fields, path, guards=True)[1])
+
+
+def compile_guards(specs: Sequence[RuleSpec], fields: Mapping[str, str], path: str = "guards") -> GuardSet:
+    """Compile a guards list (possibly empty) into a `GuardSet`; raises `RuleError` on the first problem."""
+    guards, problems = _build(specs, fields, path, guards=True)
+    _raise_first(problems)
+    return GuardSet(guards)

@@ -56,7 +56,7 @@ from ._link import CircuitBreaker, CloudLink, LinkState
 from ._messages import Heartbeat
 from ._nats_server import NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
-from ._rules import compile_rules
+from ._rules import compile_guards, compile_rules
 from ._version import version
 from .fleet import Fleet
 
@@ -430,13 +430,14 @@ class Runtime:
                                        timeout_ms=p.cloud.timeout_ms, min_confidence=p.min_confidence,
                                        labels=p.labels))
         rules = RulesTier(compile_rules(p.rules, p.input))
+        guards = compile_guards(p.guards, p.input)
         # A candidate deployed in shadow mode wins over the config's own `shadow`.
         shadow_slot_name = self.deployments.shadow_slot(p.model) if p.model else None
         if shadow_slot_name is None and p.shadow:
             shadow_slot_name = p.shadow
         shadow = Shadow(slot=self.registry.slot(shadow_slot_name)) if shadow_slot_name else None
-        return PipelineLogic(p, device=self.device, ladder=Ladder(tiers, rules), governor=Governor(p.actions),
-                             shadow=shadow)
+        return PipelineLogic(p, device=self.device, ladder=Ladder(tiers, rules, guards),
+                             governor=Governor(p.actions), shadow=shadow)
 
     async def _start_pipeline(self, p: PipelineConfig) -> Pipeline:
         assert self.audit is not None and self.local is not None

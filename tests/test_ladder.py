@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 import models
+from edge import BreakerState, CircuitBreaker, CloudLink, Fallback, LinkState, ModelRef, RuleError
 from edge._ladder import (
     Answer,
     CloudRequestFailed,
@@ -25,9 +26,7 @@ from edge._ladder import (
     action_for,
     feature_row,
 )
-from edge._link import BreakerState, CircuitBreaker, CloudLink, LinkState
-from edge._messages import Fallback, ModelRef
-from edge._rules import RuleSpec, compile_rules
+from edge._rules import GuardSet, RuleSpec, compile_guards, compile_rules
 from models import Manifest, ModelError, ModelUnavailable, Prediction
 from tests.fakes import FakeClock
 
@@ -423,3 +422,95 @@ async def test_ladder_of_real_tiers_where_the_cloud_answers(link: CloudLink) -> 
     ladder = Ladder([model_tier(slot), cloud_tier(link, FakeCloud(reply("critical", 0.95)))], rules_tier())
     assert await ladder.decide(VALUES) == (
         Answer("cloud", "critical", "critical", 0.95), [Fallback("model", "low_confidence")])
+
+
+# --- guards -----------------------------------------------------------------------------------
+
+
+def guards(*specs: RuleSpec) -> GuardSet:
+    return compile_guards(list(specs), FIELDS)
+
+
+INTERLOCK = RuleSpec(when="temp_c > 119", action="shutdown", label="interlock")
+
+
+async def test_a_matching_guard_decides_before_any_tier_is_asked() -> None:
+    log: list[str] = []
+    ladder = Ladder([
+        StubTier("model", Answer("model", "normal", "none", 0.99), log),
+        StubTier("cloud", Answer("cloud", "normal", "none", 0.99), log),
+    ], rules_tier(), guards(INTERLOCK))
+    assert await ladder.decide({**VALUES, "temp_c": 120.0}) == (Answer("guard", "interlock", "shutdown", None), [])
+    assert log == []  # neither the model nor the cloud was asked
+
+
+async def test_no_matching_guard_leaves_the_ladder_as_it_was() -> None:
+    log: list[str] = []
+    tiers = [StubTier("model", Fallback("model", "low_confidence"), log),
+             StubTier("cloud", Answer("cloud", "normal", "none", 0.99), log)]
+    guarded = Ladder(tiers, rules_tier(), guards(INTERLOCK))
+    plain = Ladder(tiers, rules_tier())
+    for temp_c in (60.0, 119.0):  # 119 is not above 119
+        values = {**VALUES, "temp_c": temp_c}
+        assert await guarded.decide(values) == await plain.decide(values) == (
+            Answer("cloud", "normal", "none", 0.99), [Fallback("model", "low_confidence")])
+    assert log == ["model", "cloud"] * 4
+
+
+async def test_a_guard_is_not_overridden_by_a_confident_cloud(link: CloudLink) -> None:
+    cloud = FakeCloud(reply("normal", 0.99))
+    ladder = Ladder([cloud_tier(link, cloud)], rules_tier(), guards(INTERLOCK))
+    assert (await ladder.decide({**VALUES, "temp_c": 150.0}))[0].tier == "guard"
+    assert cloud.calls == []
+    # Below the limit the cloud decides: the guard only takes the inputs it names.
+    assert await ladder.decide(VALUES) == (Answer("cloud", "normal", "none", 0.99), [])
+    assert len(cloud.calls) == 1
+
+
+async def test_a_guard_decides_even_when_every_tier_would_step_aside(clock: FakeClock) -> None:
+    link = CloudLink(CircuitBreaker(3, 5.0, clock), connected=False)
+    ladder = Ladder([model_tier(FakeSlot(None)), cloud_tier(link, FakeCloud(reply()))], rules_tier(),
+                    guards(INTERLOCK))
+    # No fallbacks: the tiers were never tried, so none stepped aside.
+    assert await ladder.decide({**VALUES, "temp_c": 120.0}) == (Answer("guard", "interlock", "shutdown", None), [])
+
+
+async def test_the_first_matching_guard_decides_and_a_label_defaults_to_the_action() -> None:
+    ladder = Ladder([], rules_tier(), guards(
+        RuleSpec(when="rpm > 3500", action="trip"),
+        RuleSpec(when="temp_c > 119", action="shutdown", label="interlock"),
+        RuleSpec(when="temp_c > 110 and rpm > 3000", action="slow_down"),
+    ))
+    assert await ladder.decide({**VALUES, "rpm": 3600.0, "temp_c": 130.0}) == (
+        Answer("guard", "trip", "trip", None), [])
+    assert await ladder.decide({**VALUES, "rpm": 3100.0, "temp_c": 130.0}) == (
+        Answer("guard", "interlock", "shutdown", None), [])
+    assert await ladder.decide({**VALUES, "rpm": 3100.0, "temp_c": 115.0}) == (
+        Answer("guard", "slow_down", "slow_down", None), [])
+    # No guard holds: the rules decide (temp_c > 100 is the rules' own shutdown).
+    assert await ladder.decide({**VALUES, "temp_c": 105.0}) == (Answer("rules", "overheat", "shutdown", None), [])
+
+
+async def test_a_guard_on_a_missing_field_does_not_match() -> None:
+    ladder = Ladder([], rules_tier(), guards(RuleSpec(when="site == 'north'", action="hold_north")))
+    assert (await ladder.decide(VALUES))[0] == Answer("guard", "hold_north", "hold_north", None)
+    values = {k: v for k, v in VALUES.items() if k != "site"}
+    assert await ladder.decide(values) == (RULES_DEFAULT, [])
+
+
+async def test_an_empty_guard_list_is_no_guards_at_all() -> None:
+    ladder = Ladder([], rules_tier(), guards())
+    assert ladder.guards is None  # the hot path: one check per decision, no call
+    assert Ladder([], rules_tier()).guards is None
+    assert await ladder.decide({**VALUES, "temp_c": 150.0}) == (Answer("rules", "overheat", "shutdown", None), [])
+
+
+def test_guards_compile_without_a_default_and_refuse_one() -> None:
+    compiled = guards(INTERLOCK)
+    assert len(compiled) == 1 and compiled.actions == frozenset({"shutdown"})
+    assert compiled.match({**VALUES, "temp_c": 120.0}) == next(iter(compiled))
+    assert compiled.match(VALUES) is None
+    with pytest.raises(RuleError, match=r"guards\[1\]\.default: guards have no default"):
+        guards(INTERLOCK, RuleSpec(default=True, action="none"))
+    with pytest.raises(RuleError, match=r"guards\[0\]: guards have no default"):
+        guards(RuleSpec(action="none"))
