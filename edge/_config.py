@@ -10,6 +10,7 @@ config is either wholly valid or rejected; nothing here has side effects.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import socket
@@ -17,6 +18,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -38,6 +40,13 @@ _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 NUMERIC_TYPES = ("float", "int")  # the input types a model can read
 TIERS = ("model", "cloud", "rules")
 BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "example.toml"
+# Who may command the device, settle approvals, and which key it signs with: only the config FILE
+# says so. A pushed config cannot change them, and the applied config kept in data_dir never
+# holds them (a key removed from the file and a restart is a revocation).
+TRUST_ROOTS = ("trusted_keys", "approver_keys", "allow_unsigned", "device_key")
+FILE_ONLY = ("device_id", "data_dir", "nats", "audit")  # with the trust roots: never changed by a push
+_SECRET_FIELDS = ("password", "token", "nkey_seed")
+_TLS_SCHEMES = ("tls", "wss")
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -250,16 +259,37 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
 
 
 def encode_config(config: Config, *, redact: bool = True) -> dict[str, Any]:
-    """The config as plain data (for `config.get`), secrets replaced by "***" when `redact`."""
+    """The config as plain data (for `config.get`); when `redact`, secrets are replaced by "***" and
+    URLs lose their user info, so nothing secret is shown or hashed."""
     data: dict[str, Any] = msgspec.to_builtins(config)
     data.pop("base_dir", None)
     if redact:
+        nats = data["nats"]
+        for key in ("local", "upstream"):
+            nats[key] = redact_url(nats[key])
         for key in ("local_auth", "upstream_auth"):
-            auth = data["nats"][key]
-            for secret in ("password", "token", "nkey_seed"):
+            auth = nats[key]
+            for secret in _SECRET_FIELDS:
                 if auth.get(secret):
                     auth[secret] = "***"
     return data
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL (or a comma-separated list of them) as it may be shown: without user info.
+
+    `nats://user:pass@hub:4222` → `nats://hub:4222`. Everything up to the last "@" goes, so a
+    password that itself holds "@" or "/" is not half shown.
+    """
+    shown = []
+    for part in url.split(","):
+        scheme, sep, rest = part.partition("://")
+        if not sep:
+            scheme, rest = "", part
+        if "@" in rest:
+            rest = rest.rpartition("@")[2]
+        shown.append(f"{scheme}{sep}{rest}")
+    return ",".join(shown)
 
 
 def config_to_toml(data: Mapping[str, Any]) -> str:
@@ -282,24 +312,73 @@ def config_to_toml(data: Mapping[str, Any]) -> str:
 
 
 def config_sha256(config: Config) -> str:
-    """A fingerprint of a config's content (what operators compare across a fleet)."""
-    return hashlib.sha256(msgspec.json.encode(encode_config(config, redact=False), order="sorted")).hexdigest()
+    """A fingerprint of a config's content (what operators compare across a fleet).
+
+    Of the redacted config: a digest of the secrets would let anyone who sees the redacted
+    config and the digest test guesses of a password offline.
+    """
+    return hashlib.sha256(msgspec.json.encode(encode_config(config, redact=True), order="sorted")).hexdigest()
+
+
+def with_file_only(data: Mapping[str, Any], file: Config) -> dict[str, Any]:
+    """Config data with what only the config file may say taken from `file`: device_id, data_dir,
+    the connections (`nats`, secrets included), `audit` and the fleet's trust roots."""
+    current = encode_config(file, redact=False)
+    merged = {**data, **{key: current[key] for key in FILE_ONLY}}
+    fleet = data.get("fleet")
+    merged["fleet"] = {**(fleet if isinstance(fleet, Mapping) else {}),
+                       **{key: current["fleet"][key] for key in TRUST_ROOTS}}
+    return merged
 
 
 def write_persisted_config(path: Path, config: Config) -> None:
-    """Keep a config in `data_dir` so a restart comes back with it (written atomically)."""
-    data = {"base_dir": config.base_dir, "config": encode_config(config, redact=False)}
-    write_atomically(path, msgspec.json.encode(data))
+    """Keep a config in `data_dir` so a restart comes back with it (written atomically, 0600).
+
+    Without `nats` and the fleet's trust roots: connection secrets and trust come from the config
+    file only (`read_persisted_config` takes them from it), so they are never copied to disk and a
+    key removed from the file stays removed after a restart.
+    """
+    content = encode_config(config, redact=False)
+    del content["nats"]
+    for key in TRUST_ROOTS:
+        del content["fleet"][key]
+    write_atomically(path, msgspec.json.encode({"base_dir": config.base_dir, "config": content}))
 
 
-def read_persisted_config(path: Path) -> Config:
-    """A config written by `write_persisted_config`, checked again as if it were new."""
+def read_persisted_config(path: Path, file: Config) -> Config:
+    """A config written by `write_persisted_config`, completed from the config `file` (see
+    `with_file_only`) and checked again as if it were new."""
     try:
         data = msgspec.json.decode(path.read_bytes())
-    except (OSError, msgspec.DecodeError) as exc:
+        content = with_file_only(data["config"], file)
+    except (OSError, msgspec.DecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError([Problem("", f"cannot read the persisted config: {exc}")], str(path)) from None
     base = Path(data.get("base_dir") or ".")
-    return decode_config(data["config"], source=str(path), base_dir=base, env={})
+    return decode_config(content, source=str(path), base_dir=base, env={})
+
+
+def connect_options(auth: Auth, base: Path) -> dict[str, Any]:
+    """nats-py connect() keyword arguments for one connection's credentials (paths relative to `base`).
+
+    The one recipe for the runtime's connections and the operator's command line.
+    """
+    options: dict[str, Any] = {}
+    if auth.creds:
+        options["user_credentials"] = str(base / auth.creds)
+    if auth.nkey_seed:
+        options["nkeys_seed"] = str(base / auth.nkey_seed)
+    if auth.user:
+        options["user"], options["password"] = auth.user, auth.password
+    if auth.token:
+        options["token"] = auth.token
+    if auth.tls is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(base / auth.tls.ca) if auth.tls.ca else None)
+        if auth.tls.cert:
+            context.load_cert_chain(str(base / auth.tls.cert), str(base / auth.tls.key) if auth.tls.key else None)
+        options["tls"] = context
+    return options
 
 
 def _problem_from_msgspec(message: str) -> Problem:
@@ -359,11 +438,20 @@ def check_config(config: Config) -> Iterator[Problem]:
 
 
 def _check_nats(nats: NatsConfig) -> Iterator[Problem]:
+    # URLs are quoted redacted: a problem is printed, returned and audited.
     if nats.local != "embedded" and not _is_nats_url(nats.local):
-        yield Problem("nats.local", f"expected 'embedded' or a nats:// URL, got {nats.local!r}")
+        yield Problem("nats.local", f"expected 'embedded' or a nats:// URL, got {redact_url(nats.local)!r}")
     if nats.upstream and not _is_nats_url(nats.upstream):
-        yield Problem("nats.upstream",
-                      f"expected a nats:// URL (or empty for the local connection), got {nats.upstream!r}")
+        yield Problem("nats.upstream", "expected a nats:// URL (or empty for the local connection), "
+                                       f"got {redact_url(nats.upstream)!r}")
+    if not nats.allow_insecure:
+        for key, url, credentials in (("local", nats.local, nats.local_auth),
+                                      ("upstream", nats.upstream, nats.upstream_auth)):
+            exposed = _plaintext_secret_hosts(url, credentials) if url != "embedded" else []
+            if exposed:
+                yield Problem(f"nats.{key}", f"a password or token would cross the network in the clear to "
+                                             f"{', '.join(exposed)}: use tls:// (or nats.{key}_auth.tls), or set "
+                                             "nats.allow_insecure = true")
     if not (nats.embedded_port == -1 or 1 <= nats.embedded_port <= 65535):
         yield Problem("nats.embedded_port", "expected a port 1..65535, or -1 for any free port")
     for key in ("local_auth", "upstream_auth"):
@@ -374,6 +462,36 @@ def _check_nats(nats: NatsConfig) -> Iterator[Problem]:
 
 def _is_nats_url(url: str) -> bool:
     return all(re.fullmatch(r"(nats|tls|ws|wss)://[^\s/]+", u.strip()) for u in url.split(",")) and bool(url)
+
+
+def _plaintext_secret_hosts(url: str, auth: Auth) -> list[str]:
+    """The non-loopback hosts of `url` that would be sent a password or token without TLS.
+
+    A secret is a password or token in the URL's user info (a user alone is a token to nats-py)
+    or in `auth`; nkeys and creds answer a challenge and send nothing reusable.
+    """
+    if not url or auth.tls is not None:
+        return []
+    hosts = []
+    for part in url.split(","):
+        try:
+            split = urlsplit(part.strip())
+            host = split.hostname or ""
+        except ValueError:
+            continue  # malformed: reported as such by the URL check
+        secret = "@" in split.netloc or bool(auth.password or auth.token)
+        if secret and split.scheme not in _TLS_SCHEMES and not _is_loopback(host):
+            hosts.append(host)
+    return hosts
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_link(link: LinkConfig) -> Iterator[Problem]:

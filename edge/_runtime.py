@@ -20,7 +20,9 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import random
+import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -38,13 +40,17 @@ from sync import AuditLog, SyncError, Uploader, connect_for_upload
 
 from ._approvals import ApprovalDesk
 from ._config import (
+    FILE_ONLY,
+    TRUST_ROOTS,
     Auth,
     Config,
     PipelineConfig,
     config_sha256,
+    connect_options,
     parse_duration,
     parse_size,
     read_persisted_config,
+    redact_url,
     write_persisted_config,
 )
 from ._deployments import Deployments
@@ -76,27 +82,6 @@ class RuntimeState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-def connect_options(auth: Auth, base: Path) -> dict[str, Any]:
-    """nats-py connect() keyword arguments for one connection's credentials."""
-    options: dict[str, Any] = {}
-    if auth.creds:
-        options["user_credentials"] = str(base / auth.creds)
-    if auth.nkey_seed:
-        options["nkeys_seed"] = str(base / auth.nkey_seed)
-    if auth.user:
-        options["user"], options["password"] = auth.user, auth.password
-    if auth.token:
-        options["token"] = auth.token
-    if auth.tls is not None:
-        import ssl
-
-        context = ssl.create_default_context(cafile=str(base / auth.tls.ca) if auth.tls.ca else None)
-        if auth.tls.cert:
-            context.load_cert_chain(str(base / auth.tls.cert), str(base / auth.tls.key) if auth.tls.key else None)
-        options["tls"] = context
-    return options
 
 
 class Runtime:
@@ -148,7 +133,7 @@ class Runtime:
         return self
 
     async def _start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prepare_data_dir)
         self.config = config = self._with_applied_config(self.config)
         self.paused = self._paused_file.exists()
         if self.paused:
@@ -161,7 +146,9 @@ class Runtime:
             self.local_url = self.server.url
         else:
             self.local_url = config.nats.local
-        (self.data_dir / "local.url").write_text(self.local_url)
+        # For `edge status` on this machine: where to connect, never with what (the CLI reads the
+        # credentials from the config file, which it must be able to read anyway).
+        await asyncio.to_thread(write_atomically, self.data_dir / "local.url", redact_url(self.local_url).encode())
         self.local = await self._connect(self.local_url, config.nats.local_auth, "local", LOCAL_PENDING_BYTES)
         stack.push_async_callback(self._close_connection, self.local)
         if config.nats.upstream:
@@ -254,6 +241,21 @@ class Runtime:
             if backlog:
                 log.info("stopping with %d audit records not yet synced; they go on the next start", backlog)
 
+    def _prepare_data_dir(self) -> None:
+        """data_dir is the device's alone (0700): the audit log, applied configs, keys, nonces.
+
+        The files in it that may hold secrets are 0600 (write_atomically). SQLite would create the
+        audit log with the process umask (and its -wal and -shm copy the log's mode), so the log is
+        created 0600 here first, and an older one is tightened.
+        """
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _restrict(self.data_dir, 0o700)
+        db = self.data_dir / "audit.db"
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in (db, db.with_name(f"{db.name}-wal"), db.with_name(f"{db.name}-shm")):
+            if path.exists():
+                _restrict(path, 0o600)
+
     def pause(self, by: str = "", reason: str = "") -> None:
         """Fleet kill switch: decisions go on, every action becomes its `instead` (audited).
 
@@ -284,7 +286,7 @@ class Runtime:
                 nc = await self._connect(self.upstream_url, self.config.nats.upstream_auth, "upstream",
                                          UPSTREAM_PENDING_BYTES)
             except (OSError, TimeoutError, nats.errors.Error) as exc:
-                log.warning("upstream %s not reachable yet: %s", self.upstream_url, exc)
+                log.warning("upstream %s not reachable yet: %s", redact_url(self.upstream_url), exc)
                 await asyncio.sleep(delay * (0.5 + random.random()))  # pace: jittered backoff
                 delay = min(delay * 2, 5.0)
                 continue
@@ -307,6 +309,12 @@ class Runtime:
             link=self.link.state.value, paused=self.paused,
             audit_backlog=self.audit.backlog if self.audit is not None else 0,
         )
+
+    @property
+    def inbox_prefix(self) -> str:
+        """This device's reply subjects (`_INBOX_<device>.…`): hub permissions can confine each
+        device to its own inboxes, so no device reads another's replies."""
+        return f"_INBOX_{self.device}"
 
     async def _close_upstream(self) -> None:
         if self.upstream is not None and self.upstream is not self.local:
@@ -337,7 +345,7 @@ class Runtime:
             max_reconnect_attempts=-1, reconnect_time_wait=0.25 + random.random() * 0.5,
             allow_reconnect=True, pending_size=pending, ping_interval=2, max_outstanding_pings=2,
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
-            connect_timeout=2, **connect_options(auth, base),
+            connect_timeout=2, inbox_prefix=self.inbox_prefix, **connect_options(auth, base),
         )
         await nc.connect(**options)
         return nc
@@ -346,7 +354,7 @@ class Runtime:
         """The uploader's own upstream connection (sync.connect_for_upload says why it is special)."""
         auth = self.config.nats.upstream_auth if self.config.nats.upstream else self.config.nats.local_auth
         return await connect_for_upload([u.strip() for u in self.upstream_url.split(",")],
-                                        name=f"edge-{self.device}-audit",
+                                        name=f"edge-{self.device}-audit", inbox_prefix=self.inbox_prefix,
                                         **connect_options(auth, Path(self.config.base_dir or ".")))
 
     @staticmethod
@@ -465,27 +473,29 @@ class Runtime:
     # -- config.apply / rollback -------------------------------------------------------------------
 
     def _with_applied_config(self, file_config: Config) -> Config:
-        """The config last applied over NATS, if any; the file keeps what cannot change at runtime."""
+        """The config last applied over NATS, if any; the file keeps what cannot change at runtime
+        (the connections, the audit log, and the trust roots: a key removed from the file is gone)."""
         applied = self._config_dir / "applied.json"
         if not applied.exists():
             return file_config
         try:
-            persisted = read_persisted_config(applied)
+            persisted = read_persisted_config(applied, file_config)
         except ConfigError as exc:
             log.error("ignoring the applied config kept in %s: %s", applied, exc)
             return file_config
         log.info("using the config applied over NATS (%s)", applied)
-        return msgspec.structs.replace(persisted, device_id=file_config.device_id, data_dir=str(self.data_dir),
-                                       nats=file_config.nats, audit=file_config.audit)
+        return msgspec.structs.replace(persisted, data_dir=str(self.data_dir))
 
     async def apply_config(self, new: Config, *, by: str = "") -> dict[str, Any]:
         """Apply a validated config atomically: all of it or, on any error, none of it."""
         old = self.config
-        frozen = [key for key in ("device_id", "data_dir", "nats", "audit")
+        frozen = [key for key in FILE_ONLY
                   if msgspec.to_builtins(getattr(new, key)) != msgspec.to_builtins(getattr(old, key))]
+        # Trust comes from the file only: no command can add an operator or switch signatures off.
+        frozen += [f"fleet.{key}" for key in TRUST_ROOTS if getattr(new.fleet, key) != getattr(old.fleet, key)]
         if frozen:
-            raise CommandError("restart_required",
-                               f"{', '.join(frozen)} cannot change on a running device; change the file and restart")
+            raise CommandError("restart_required", f"{', '.join(frozen)} can only change in the config file "
+                                                   "(then restart), never on a running device")
         # Load every new or changed model before touching anything: a bad one fails the whole apply.
         loaded: dict[str, Model] = {}
         for m in new.models:
@@ -520,7 +530,11 @@ class Runtime:
         previous = self._config_dir / "previous.json"
         if not previous.exists():
             raise CommandError("nothing_to_roll_back", "no previous config is kept on this device")
-        return await self.apply_config(read_persisted_config(previous), by=by)
+        try:
+            config = read_persisted_config(previous, self.config)
+        except ConfigError as exc:
+            raise CommandError("bad_config", "; ".join(str(p) for p in exc.problems)) from None
+        return await self.apply_config(config, by=by)
 
     @property
     def _config_dir(self) -> Path:
@@ -528,7 +542,7 @@ class Runtime:
 
     def _persist_config(self, new: Config, old: Config) -> None:
         folder = self._config_dir
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_persisted_config(folder / "previous.json", old)
         write_persisted_config(folder / "applied.json", new)
 
@@ -572,7 +586,7 @@ class Runtime:
             "link": {"state": self.link.state.value, "breaker": self.link.breaker.state.value,
                      "rtt_ms": round(self.link.last_rtt_s * 1000, 3) if self.link.last_rtt_s else None,
                      "last_failure": self.link.last_failure},
-            "local": self.local_url,
+            "local": redact_url(self.local_url),
             "pipelines": {name: p.status() for name, p in self.pipelines.items()},
             "models": self.registry.status(),
             "deployments": self.deployments.status(),
@@ -589,8 +603,21 @@ async def run(config: Config, *, ready: Callable[[Runtime], Awaitable[None]] | N
     async with Runtime(config) as runtime:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.request_stop)
-        log.info("edge %s running: device %s, local bus %s", version(), runtime.device, runtime.local_url)
+        log.info("edge %s running: device %s, local bus %s", version(), runtime.device,
+                 redact_url(runtime.local_url))
         if ready is not None:
             await ready(runtime)
         await runtime.wait()
         log.info("stopping: draining in-flight decisions")
+
+
+def _restrict(path: Path, mode: int) -> None:
+    """Take away what `mode` does not grant (0700 for a folder, 0600 for a file), saying so."""
+    current = stat.S_IMODE(path.stat().st_mode)
+    if current & ~mode:
+        try:
+            os.chmod(path, current & mode)
+        except OSError as exc:
+            log.warning("%s is mode %o and cannot be restricted to %o: %s", path, current, mode, exc)
+            return
+        log.warning("%s was mode %o, open to other users: now %o", path, current, current & mode)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._config import Config, load_config
+from .._config import Config, connect_options, load_config
 from .._errors import EdgeError
 from ._output import (
     EXIT_FAILURE,
@@ -174,12 +174,16 @@ async def _verify_upstream(args: argparse.Namespace) -> int:
     server = args.server
     stream = args.stream
     device = args.device
+    options: dict[str, Any] = {}
     if not server or not device:
         config = _load(args)
-        server = server or config.nats.upstream or local_url(config)
+        if not server:  # the device's own upstream, with the device's credentials
+            server = config.nats.upstream or local_url(config)
+            auth = config.nats.upstream_auth if config.nats.upstream else config.nats.local_auth
+            options = connect_options(auth, Path(config.base_dir or "."))
         device = device or config.device_id
         stream = stream or config.audit.stream
-    nc = await nats.connect(server, connect_timeout=5, allow_reconnect=False)
+    nc = await nats.connect(server, connect_timeout=5, allow_reconnect=False, **options)
     try:
         reports = await verify_upstream(nc.jetstream(), stream or "EDGE_AUDIT", device)
     finally:

@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 
 from models import ModelError, load_manifest
 
-from .._config import DEVICE_ID, decode_config, load_config
+from .._config import DEVICE_ID, Auth, Tls, connect_options, decode_config, load_config, redact_url
 from .._errors import CommandError, ConfigError
 from .._messages import ApprovalRequest, Heartbeat
 from .._natsutil import server_barrier
@@ -355,7 +355,7 @@ async def device_status(args: argparse.Namespace) -> int:
     """`edge status [-c FILE]`: ask the device of this config, on its local bus, for its status."""
     config = await asyncio.to_thread(load_config, Path(args.config) if args.config else None)
     args.server = await asyncio.to_thread(local_url, config)
-    async with _connected(args) as nc:
+    async with _connected(args, default=(config.nats.local_auth, Path(config.base_dir or "."))) as nc:
         got = await send_command(nc, config.device_id, "status", timeout=args.timeout, seed=_seed(args),
                                  discover=False)
     return _report_status(args, got)
@@ -539,23 +539,39 @@ def _error_text(reply: Reply) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _connected(args: argparse.Namespace) -> AsyncIterator[NATS]:
+async def _connected(args: argparse.Namespace, default: tuple[Auth, Path] | None = None) -> AsyncIterator[NATS]:
+    """A connection to `args.server` with the credentials of `--creds`, `--nkey` and `--tls-*`
+    (or, when none is given, `default`: a config's auth and the folder its paths start from)."""
+
     async def quiet(exc: Exception) -> None:
         log.debug("nats: %s", exc)
 
-    options: dict[str, Any] = {}
-    if getattr(args, "creds", None):
-        options["user_credentials"] = args.creds
+    auth, base = _auth_of(args), Path(".")
+    if auth == Auth() and default is not None:
+        auth, base = default
+    try:
+        options = connect_options(auth, base)
+    except OSError as exc:  # a missing or unreadable file, a bad certificate or key (ssl.SSLError)
+        raise CommandError("bad_credentials", f"cannot use the connection's credentials: {exc}") from None
     try:
         nc = await nats.connect(servers=[s.strip() for s in args.server.split(",")], name="edge-operator",
                                 allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
                                 connect_timeout=max(1.0, float(args.timeout)), error_cb=quiet, **options)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise CommandError("unreachable", f"cannot connect to {args.server}: {exc or type(exc).__name__}") from None
+        raise CommandError("unreachable", f"cannot connect to {redact_url(args.server)}: "
+                                          f"{exc or type(exc).__name__}") from None
     try:
         yield nc
     finally:
         await nc.close()
+
+
+def _auth_of(args: argparse.Namespace) -> Auth:
+    """The connection options of the command line, as a config's auth table would say them."""
+    tls = Tls(ca=getattr(args, "tls_ca", None) or "", cert=getattr(args, "tls_cert", None) or "",
+              key=getattr(args, "tls_key", None) or "")
+    return Auth(creds=getattr(args, "creds", None) or "", nkey_seed=getattr(args, "nkey", None) or "",
+                tls=tls if tls != Tls() else None)
 
 
 def _seed(args: argparse.Namespace) -> bytes | None:
@@ -605,11 +621,20 @@ Add = Callable[..., argparse.ArgumentParser]
 def _upstream_args(p: argparse.ArgumentParser, *, expect: bool = True) -> None:
     p.add_argument("--server", default=os.environ.get("EDGE_SERVER", DEFAULT_SERVER),
                    help="upstream NATS URL(s), comma-separated (env EDGE_SERVER)")
-    p.add_argument("--creds", help="NATS credentials file for the connection")
+    _connection_args(p)
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to gather replies")
     p.add_argument("--sign-with", metavar="SEED_FILE", help="sign commands with this operator nkey seed")
     if expect:
         p.add_argument("--expect", type=int, help="stop gathering once this many devices have answered")
+
+
+def _connection_args(p: argparse.ArgumentParser, default: str = "") -> None:
+    """How to log in to the server; `default` says what applies when none is given."""
+    p.add_argument("--creds", metavar="FILE", help=f"NATS credentials file for the connection{default}")
+    p.add_argument("--nkey", metavar="SEED_FILE", help=f"nkey seed file: the connection's NATS identity{default}")
+    p.add_argument("--tls-ca", metavar="FILE", help=f"CA certificate(s) that verify the server (PEM){default}")
+    p.add_argument("--tls-cert", metavar="FILE", help=f"client certificate (PEM){default}")
+    p.add_argument("--tls-key", metavar="FILE", help=f"the client certificate's private key (PEM){default}")
 
 
 def register(sub: Any, add: Add) -> None:
@@ -645,6 +670,7 @@ def register(sub: Any, add: Add) -> None:
     p.add_argument("-c", "--config", help="config file (default: the bundled example)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     p.add_argument("--sign-with", metavar="SEED_FILE", help="sign the request (when the local bus is upstream)")
+    _connection_args(p, default="; without any of these: the config's nats.local_auth")
 
     approvals = sub.add_parser("approvals", help="human approvals").add_subparsers(
         dest="approvals_command", required=True)

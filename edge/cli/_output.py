@@ -19,7 +19,7 @@ _T = TypeVar("_T")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Command errors that mean the operator asked wrongly (exit 2), not that a device failed (exit 1).
-_USAGE_CODES = frozenset({"bad_target", "unknown_verb", "bad_seed"})
+_USAGE_CODES = frozenset({"bad_target", "unknown_verb", "bad_seed", "bad_credentials"})
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -94,7 +94,8 @@ def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def local_url(config: Config) -> str:
     """The device's local bus: the config's URL, or for an embedded server the URL the running
-    runtime wrote in `data_dir/local.url` (its port may have been chosen at start)."""
+    runtime wrote in `data_dir/local.url` (its port may have been chosen at start). That file
+    never holds credentials: they come from the config's `nats.local_auth`."""
     if config.nats.local != "embedded":
         return config.nats.local
     url_file = config.resolve(config.data_dir) / "local.url"

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .._config import Config, decode_config, encode_config
+from .._config import TRUST_ROOTS, Config, decode_config, encode_config
 from .._errors import CommandError, ConfigError
 
 if TYPE_CHECKING:
@@ -45,9 +45,12 @@ def pushed_config(data: Mapping[str, Any], running: Config) -> Config:
     """A config pushed with `config.apply`, completed from the running one, decoded and checked.
 
     One file can be pushed to a whole group: what it leaves out of device_id, groups, data_dir,
-    nats, audit and fleet.trusted_keys is the device's own (so a push that forgets `[fleet]` cannot
-    switch command signatures off). Relative paths resolve against the device's config folder.
-    Raises CommandError `bad_config` listing every problem as "path: message".
+    nats, audit and the fleet's trust roots (trusted_keys, approver_keys, allow_unsigned,
+    device_key) is the device's own, so a push that forgets `[fleet]` cannot switch command
+    signatures off; one that names different trust roots or connections is refused when applied
+    (`restart_required`): those come from the config file only. A `nats` table exactly as
+    `config.get` shows it (redacted) stands for the running one. Relative paths resolve against
+    the device's config folder. Raises CommandError `bad_config` listing every problem as "path: message".
     """
     data = dict(data)
     device = data.get("device_id")
@@ -60,9 +63,11 @@ def pushed_config(data: Mapping[str, Any], running: Config) -> Config:
     for key in ("device_id", "groups", "data_dir", "nats", "audit"):
         if data.get(key) in (None, ""):
             data[key] = current[key]
+    if data["nats"] == encode_config(running, redact=True)["nats"]:
+        data["nats"] = current["nats"]  # a config.get, edited and pushed back
     fleet = data.get("fleet", {})
-    if isinstance(fleet, Mapping) and "trusted_keys" not in fleet:
-        data["fleet"] = {**fleet, "trusted_keys": current["fleet"]["trusted_keys"]}
+    if isinstance(fleet, Mapping):
+        data["fleet"] = {**{key: current["fleet"][key] for key in TRUST_ROOTS}, **fleet}
     try:
         return decode_config(data, source="config.apply",
                              base_dir=Path(running.base_dir) if running.base_dir else None, env={})
