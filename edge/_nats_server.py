@@ -24,6 +24,8 @@ from ._errors import ServerError
 
 _LISTENING = re.compile(rb"Listening for client connections on [^\s]*:(\d+)")
 _READY = b"Server is ready"
+_RELOADED = b"Reloaded server configuration"
+_RELOAD_FAILED = b"Failed to reload server configuration"
 
 
 def nats_server_binary() -> str:
@@ -56,6 +58,8 @@ class NatsServer:
 
     `async with NatsServer() as server:` starts it; `stop()`, `kill()` and `start()` stop it
     gracefully, kill it with SIGKILL and bring it back on the same port and store dir.
+    `config_file` is a nats-server config read as well (e.g. one that includes the hub's
+    permissions); `reload()` makes a running server read it again.
     """
 
     def __init__(
@@ -67,9 +71,11 @@ class NatsServer:
         port: int = -1,
         host: str = "127.0.0.1",
         ready_timeout: float = 10.0,
+        config_file: Path | None = None,
     ) -> None:
         self.name = name
         self.jetstream = jetstream
+        self.config_file = config_file
         self.host = host
         self.port = port
         self.ready_timeout = ready_timeout
@@ -79,6 +85,7 @@ class NatsServer:
             store_dir = Path(self._own_dir.name)
         self.store_dir = store_dir
         self._process: asyncio.subprocess.Process | None = None
+        self._log_file: Path | None = None
         self._starts = 0
         self.state = ServerState.NEW
 
@@ -98,16 +105,22 @@ class NatsServer:
             return
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._starts += 1
-        log_file = self.store_dir / f"nats-server-{self._starts}.log"
+        log_file = self._log_file = self.store_dir / f"nats-server-{self._starts}.log"
         args = [
             nats_server_binary(),
             "--addr", self.host,
             "--port", str(self.port),
-            "--server_name", self.name,
             "--log", str(log_file),
         ]
+        if self.config_file is None:
+            # Not with a config file: a reload refuses a server name given as a flag ("not
+            # supported for ServerName"); the file may name the server itself.
+            args += ["--server_name", self.name]
         if self.jetstream:
             args += ["--jetstream", "--store_dir", str(self.store_dir / "jetstream")]
+        if self.config_file is not None:
+            # The file adds what flags cannot say (authorization, accounts...); the flags above win.
+            args += ["--config", str(self.config_file)]
         self._process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -160,6 +173,25 @@ class NatsServer:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+    async def reload(self) -> None:
+        """Make the running server read its config again (SIGHUP, as `nats-server --signal reload`
+        does) and return once it logs the reload; a config it cannot load raises ServerError."""
+        process, log_file = self._process, self._log_file
+        if process is None or log_file is None or self.state is not ServerState.RUNNING:
+            raise ServerError(f"nats-server {self.name!r} is not running")
+        before = _read_if_exists(log_file)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            added = _read_if_exists(log_file)[len(before):]
+            if _RELOADED in added:
+                return
+            if _RELOAD_FAILED in added:
+                raise ServerError(f"nats-server {self.name!r} did not reload: {added.decode(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"nats-server {self.name!r} did not reload in {self.ready_timeout}s")
+            await asyncio.sleep(0.01)  # poll with deadline
 
     async def _signal(self, sig: signal.Signals, grace: float) -> None:
         process = self._process

@@ -54,6 +54,7 @@ class StreamMissing(SyncError):
         self.subject = subject
         super().__init__(
             f"JetStream stream {stream!r} (for subject {subject!r}) does not exist: create it with "
-            f"`nats stream add {stream} --subjects 'audit.>' --storage file --dupe-window 2m` "
+            f"`nats stream add {stream} --subjects 'audit.>' --storage file --dupe-window 2m "
+            "--allow-direct --deny-delete --deny-purge` "
             "or set [audit] create_stream = true"
         )

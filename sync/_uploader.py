@@ -20,12 +20,19 @@ without k, and "resume after the last message" would skip k forever. Hence:
 2. Within one connection, TCP delivers the publishes in order and the server stores them in that
    order, so whatever of a connection's publishes reached the stream is a contiguous run
    k, k+1, ..., j (unless the server *rejects* one, see 4).
-3. Every new connection starts by asking the stream (`get_last_msg`) and resumes after what it
-   holds, never after what this process believes. Publishes of the dead connection that the
-   server is still processing while the new one starts are contiguous runs too, and both runs
-   carry the same Msg-Ids, so the duplicate window (2 min) stores each seq once and in order.
-   Past the window, the query is what prevents duplicates after a crash between publish and
-   bookkeeping: the stream is the truth, the local synced_seq only an optimisation.
+3. Every new connection starts by asking the stream for the last message on `audit.<device>`
+   and resumes after what it holds, never after what this process believes. Publishes of the
+   dead connection that the server is still processing while the new one starts are contiguous
+   runs too, and both runs carry the same Msg-Ids, so the duplicate window (2 min) stores each
+   seq once and in order. Past the window, the query is what prevents duplicates after a crash
+   between publish and bookkeeping: the stream is the truth, the local synced_seq only an
+   optimisation. The query is a direct get of the last message *on this device's subject*
+   (`$JS.API.DIRECT.GET.<stream>.audit.<device>`), not a stream-wide message get, so that hub
+   permissions can let a device read its own records and nobody else's; the stream must allow
+   direct gets (`allow_direct`), and one that does not is reported as such, never worked around.
+   On a replicated stream any replica may answer a direct get, and a lagging one answers with
+   an older record: the uploader then re-sends records the stream holds, under their Msg-Ids,
+   which the duplicate window absorbs.
 4. A server-side error ack for k while k+1 succeeds (k too large for the stream's max_msg_size,
    a limit hit and lifted...) would leave a hole. The uploader checks every ack in record order:
    after an error it stops sending, settles what is in flight, and if a later record got in, the
@@ -79,7 +86,6 @@ from ._record import decode_record, hash_ok
 
 log = logging.getLogger("sync.uploader")
 
-_STREAM_NOT_FOUND = 10059  # JetStream err_code: stream not found
 _STREAM_NAME_IN_USE = 10058  # JetStream err_code: stream name already in use (created concurrently)
 _DUPLICATE_WINDOW_S = 120.0
 _READ_CHUNK = 512
@@ -375,33 +381,49 @@ class Uploader:
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         try:
-            await js.stream_info(self.stream)
+            info = await js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             if not self.create_stream:
                 self._stream_missing = True
                 raise StreamMissing(self.stream, self.subject) from None
             try:
+                # Direct gets let a device read its own last record (see _resume); nobody may
+                # delete or purge records (deleting the stream itself is a hub permission).
                 await js.add_stream(
                     name=self.stream,
                     subjects=["audit.>"],
                     storage=StorageType.FILE,
                     duplicate_window=_DUPLICATE_WINDOW_S,
+                    allow_direct=True,
+                    deny_delete=True,
+                    deny_purge=True,
                 )
                 log.info("audit upload: created stream %s", self.stream)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != _STREAM_NAME_IN_USE:
                     raise
+            info = await js.stream_info(self.stream)
         self._stream_missing = False
+        if not info.config.allow_direct:
+            raise SyncError(self._no_direct_get())
+
+    def _no_direct_get(self) -> str:
+        return (f"JetStream stream {self.stream!r} does not allow direct gets: the uploader reads the last "
+                f"record on {self.subject!r} with one; enable them with `nats stream edit {self.stream} "
+                "--allow-direct`")
 
     async def _resume(self, js: JetStreamContext) -> int:
         """Ask the stream what it holds for this device; return the first seq to publish."""
         try:
-            raw = await js.get_last_msg(self.stream, self.subject)
-        except nats.js.errors.NotFoundError as exc:
-            if exc.err_code == _STREAM_NOT_FOUND:
-                self._stream_missing = True
-                raise StreamMissing(self.stream, self.subject) from None
-            upstream = 0
+            # A direct get of the last message on our own subject: $JS.API.DIRECT.GET.<stream>.<subject>.
+            raw = await js.get_last_msg(self.stream, self.subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            upstream = 0  # 404: nothing on this subject yet
+        except nats.errors.NoRespondersError:
+            # Nothing answers direct gets: the stream went away since _ensure_stream, or it no
+            # longer allows them. The next connection's stream check tells which.
+            raise SyncError(f"no answer to a direct get of the last record on {self.subject!r} in "
+                            f"{self.stream!r}: the stream is gone or no longer allows direct gets") from None
         else:
             record = decode_record(raw.data or b"")
             if record.device != self.log.device or not hash_ok(record):

@@ -39,7 +39,7 @@ async def test_kill_9_of_the_runtime_during_sync_loses_and_duplicates_nothing(
     admin = await connect(cloud.url)
     # A duplicate window far shorter than a restart: only the resume-from-the-stream logic can
     # prevent a duplicate, not JetStream's de-duplication.
-    await admin.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=0.1)
+    await admin.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True, duplicate_window=0.1)
     await admin.close()  # reconnected below, once the cloud has stopped coming and going
     path = write_config(tmp_path, config_data(tmp_path, local.url, upstream_url=cloud.url,
                                               audit={"create_stream": False}))

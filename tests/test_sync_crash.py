@@ -50,7 +50,7 @@ async def test_kill_9_during_backlog_sync_loses_and_duplicates_nothing(tmp_path:
     nc = await nats.connect(nats_server.url)
     # A duplicate window far shorter than a restart: de-duplication cannot hide a re-send, only
     # the uploader's "ask the stream where it stands" can prevent one.
-    await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=0.1)
+    await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True, duplicate_window=0.1)
     await nc.close()
 
     for round_ in range(8):

@@ -150,7 +150,8 @@ async def test_a_missing_stream_is_reported_and_sync_resumes_once_it_exists(
             assert "nats stream add EDGE_AUDIT" in str(uploader.last_error)
             assert log.synced_seq == 0
             async with admin(nats_server) as nc:
-                await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120)
+                await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True,
+                                                duplicate_window=120)
             assert await uploader.sync_now(10) == 0
             assert uploader.status()["stream_missing"] is False
     assert await stream_seqs(nats_server) == list(range(1, 51))
@@ -163,7 +164,8 @@ async def test_a_restarted_uploader_behind_the_stream_does_not_duplicate(
     path = tmp_path / "audit.db"
     async with admin(nats_server) as nc:
         # A tiny duplicate window: the stream's own de-duplication cannot hide a re-send.
-        await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=0.1)
+        await nc.jetstream().add_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True,
+                                        duplicate_window=0.1)
     async with AuditLog(path, "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(500)])
         async with uploading(log, nats_server) as uploader:
@@ -183,7 +185,8 @@ async def test_a_restarted_uploader_behind_the_stream_does_not_duplicate(
 async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Path, nats_server: NatsServer) -> None:
     async with admin(nats_server) as nc:
         js = nc.jetstream()
-        await js.add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120, max_msg_size=4096)
+        await js.add_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True, duplicate_window=120,
+                            max_msg_size=4096)
         async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
             huge = {"blob": "z" * 8000}
             futures = [log.append("decision", huge if i == 5 else BODY) for i in range(1, 11)]
@@ -203,7 +206,8 @@ async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Pat
                 assert await uploader.sync_now(0.3) == 1
 
                 # The operator lifts the limit: 11 goes out, and resend() repairs 5 (out of order).
-                await js.update_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120)
+                await js.update_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True,
+                                       duplicate_window=120)
                 assert await uploader.sync_now(10) == 0
                 assert uploader.resend(5, 5) == 1
                 await wait_until(lambda: uploader.status()["resend"] is None, what="resend of 5")
@@ -217,7 +221,7 @@ async def test_refuses_to_publish_when_the_stream_is_ahead_of_the_local_log(
 ) -> None:
     async with admin(nats_server) as nc:
         js = nc.jetstream()
-        await js.add_stream(name="EDGE_AUDIT", subjects=["audit.>"], duplicate_window=120)
+        await js.add_stream(name="EDGE_AUDIT", subjects=["audit.>"], allow_direct=True, duplicate_window=120)
         other = Chain("gw-1")
         for _ in range(30):
             await js.publish("audit.gw-1", encode_record(other.make("decision", {}, ts=1)))

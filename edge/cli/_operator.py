@@ -52,6 +52,7 @@ from ..fleet import (
     sign_command,
 )
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, exit_code_for, local_url, print_json, run_async
+from ._provision import register_provision
 
 log = logging.getLogger("edge.operator")
 
@@ -680,4 +681,5 @@ def register(sub: Any, add: Add) -> None:
     p.add_argument("--by", default="", help="who answers (default: the login name)")
     p.add_argument("--limit", type=int, help="stop after answering this many")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    register_provision(fleet, add)
 

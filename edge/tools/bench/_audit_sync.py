@@ -112,7 +112,7 @@ async def bench_sync(work: Path, sizes: Sizes) -> SyncFigures:
     mean_bytes = statistics.fmean(len(p) for _, _, p in wire)
 
     async def make_stream(nc: NATS, name: str) -> None:
-        await nc.jetstream().add_stream(name=name, subjects=["audit.>"], storage=StorageType.FILE,
+        await nc.jetstream().add_stream(name=name, subjects=["audit.>"], allow_direct=True, storage=StorageType.FILE,
                                         duplicate_window=120.0)
 
     async with fresh_server(work, "sync-up") as server:
