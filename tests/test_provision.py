@@ -37,7 +37,6 @@ from edge.fleet._provision import (
 )
 from sync import AuditLog, Uploader, connect_for_upload, verify_upstream
 from tests.nats_harness import ServerFactory
-from tests.polling import wait_until
 from tests.runtime_harness import NORMAL, Collector, make_config
 from tests.test_layers import RUNTIME_PROPER, closure
 
@@ -418,8 +417,9 @@ async def test_the_uploader_makes_the_stream_it_needs_and_names_one_without_dire
             await js.add_stream(name=STREAM, subjects=["audit.>"])
             await log.append("decision", {"n": 2})
             async with Uploader(log, lambda: connect_for_upload(plain.url), create_stream=True) as uploader:
-                await wait_until(lambda: "does not allow direct gets" in str(uploader.last_error), within=10,
-                                 what="the uploader naming the problem")
+                # The first attempt fails at once; sync_now waits (bounded) and leaves the record unsynced.
+                assert await uploader.sync_now(1.0) == 1
+                assert "does not allow direct gets" in str(uploader.last_error)
                 assert "nats stream edit EDGE_AUDIT --allow-direct" in str(uploader.last_error)
                 assert (await js.stream_info(STREAM)).state.messages == 0 and log.backlog == 1
     finally:
@@ -449,18 +449,19 @@ async def test_the_runtime_works_as_its_device_identity(hub: Hub, tmp_path: Path
         decisions = await Collector().start(sensors, "edge.gw-a.decision.pump")
         async with Runtime(config) as runtime:
             assert runtime.fleet is not None and runtime.uploader is not None and runtime.audit is not None
-            await runtime.fleet.wait_attached()
-            await wait_until(lambda: runtime.link.state is LinkState.ONLINE, within=10, what="the link online")
+            await runtime.fleet.wait_attached()  # upstream connected: the link is online from then on
             for _ in range(20):
                 await sensors.publish("sensors.p1.pump", json.dumps(NORMAL).encode())
             decided = await decisions.wait_for(20)
             assert Counter(d["tier"] for d in decided) == {"cloud": 20}
+            # ... and the link probe (a request on the cloud subject, every 100 ms) never failed.
+            assert runtime.link.state is LinkState.ONLINE and runtime.link.last_failure is None
 
             # Commands: signed to the device, by group (devices found by $SRV discovery and heartbeats).
             seed = load_seed(hub.seed_file("ops"))
             paused = await send_command(operator.nc, "gw-a", "pause", {"reason": "test"}, seed=seed, timeout=5)
             assert [r.ok for r in paused.replies] == [True] and runtime.paused
-            status = await send_command(operator.nc, "group:g1", "status", timeout=1)
+            status = await send_command(operator.nc, "group:g1", "status", seed=seed, timeout=1)
             assert [(r.device, r.ok) for r in status.replies] == [("gw-a", True)] and status.did_not_answer == []
             assert (await operator.nc.request("edge.gw-a.svc.status", b"", timeout=2)).data
             assert heartbeats.messages and heartbeats.messages[0].subject == "edge.gw-a.heartbeat"
