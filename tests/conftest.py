@@ -13,7 +13,11 @@ import pytest
 
 pytest_plugins = ["tests.nats_harness"]
 
-BOTH_LOOPS = {"test_pipeline", "test_audit_runtime"}
+# The core integration modules: a Runtime, a Fleet or the sync Uploader against real nats-servers.
+BOTH_LOOPS = {
+    "test_pipeline", "test_audit_runtime", "test_local_bus", "test_cloud_link", "test_approvals", "test_fleet",
+    "test_sync_log", "test_sync_uploader", "test_sync_crash",
+}
 
 
 def pytest_asyncio_loop_factories(

@@ -19,11 +19,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge import CommandError, Config, Heartbeat, Runtime
+from edge import CommandError, Config, Heartbeat, Runtime, server_barrier
 from edge.cli._operator import DEFAULT_TIMEOUT_S
 from edge.fleet import Fleet
 from models import bundled_model_path
 from sync import Uploader
+from tests.polling import wait_until
 from tests.runtime_harness import NORMAL, make_config
 
 RULES_ONLY = {"ladder": ["rules"], "model": ""}
@@ -124,6 +125,23 @@ class Decisions:
                 await asyncio.wait_for(self._changed.wait(), left)
             except TimeoutError:
                 continue
+
+
+async def every_decision_heard(fleet: list[tuple[Runtime, Fleet]], decisions: Decisions, *,
+                               within: float = 10.0) -> None:
+    """Until each device's pipeline has published nothing `decisions` has not heard (a doubled one included).
+
+    A barrier on each device's own connection first: whatever the server delivered to it before now, it has read.
+    """
+    for runtime, _ in fleet:
+        assert runtime.local is not None
+        await server_barrier(runtime.local)
+
+    def heard() -> bool:
+        return all(runtime.pipelines["pump"].stats.decisions == sum(decisions.per_input[runtime.device].values())
+                   for runtime, _ in fleet)
+
+    await wait_until(heard, within=within, what="every decision the devices made")
 
 
 class Inputs:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from nats.aio.msg import Msg
 
 from edge import Config, config_to_toml, decode_config, server_barrier
 from models import bundled_model_path
+from tests.polling import wait_until
 
 PUMP_INPUT = {"rms": "float", "kurtosis": "float", "temp_c": "float", "rpm": "float", "asset": "str?"}
 PUMP_RULES = [
@@ -105,25 +105,21 @@ class Collector:
         return self.decoded()
 
 
-async def poll(predicate: Callable[[], bool], within: float = 10.0, interval: float = 0.02) -> None:
-    """Poll with a deadline until `predicate()` holds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(interval)  # poll with deadline
-
-
 async def wait_until_answering(nc: NATS, subject: str, payload: bytes, within: float = 20.0) -> Msg:
     """Request until someone answers (a runtime starting in another process), with a deadline."""
-    deadline = time.monotonic() + within
-    while True:
+    reply: Msg | None = None
+
+    async def answered() -> bool:
+        nonlocal reply
         try:
-            return await nc.request(subject, payload, timeout=0.5)
+            reply = await nc.request(subject, payload, timeout=0.5)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)  # poll with deadline
+            return False
+        return True
+
+    await wait_until(answered, within=within, what=f"an answer on {subject}", interval=0.05)
+    assert reply is not None
+    return reply
 
 
 async def connect(url: str, **options: Any) -> NATS:

@@ -15,7 +15,8 @@ from edge import ApprovalRequest, NatsServer, Runtime, server_barrier
 from edge.tools.chaos import FaultProxy
 from edge.tools.cloudsim import AutoApprover
 from tests.nats_harness import ServerFactory
-from tests.runtime_harness import CRITICAL, NORMAL, Collector, connect, encode, make_config, poll
+from tests.polling import wait_until
+from tests.runtime_harness import CRITICAL, NORMAL, Collector, connect, encode, make_config
 
 APPROVAL_TIMEOUT_MS = 1500
 DECISIONS = "edge.gw-test.decision.pump"
@@ -50,7 +51,7 @@ async def rig(nats_servers: ServerFactory, tmp_path: Path) -> AsyncIterator[Rig]
         cloud_nc = await connect(cloud.url)
         async with Runtime(_config(tmp_path, local.url, proxy.url)) as runtime:
             decisions = await Collector().start(sensors, DECISIONS)
-            await poll(lambda: runtime.link.state.value == "online")
+            await wait_until(lambda: runtime.link.state.value == "online", within=10, what="the cloud link online")
             yield Rig(local, cloud, proxy, runtime, sensors, cloud_nc, decisions)
         await sensors.close()
         await cloud_nc.close()
@@ -80,7 +81,8 @@ async def test_an_approver_approves_one_and_denies_another(rig: Rig) -> None:
     # Each request and outcome is on record with the decision id.
     from sync import iter_records
 
-    await poll(lambda: rig.runtime.audit is not None and rig.runtime.audit.pending == 0)
+    await wait_until(lambda: rig.runtime.audit is not None and rig.runtime.audit.pending == 0, within=10,
+                     what="the audit log written")
     assert rig.runtime.audit is not None
     records = list(iter_records(rig.runtime.audit.path))
     kinds = [(r.kind, msgspec.json.decode(r.body).get("decision_id")) for r in records]
@@ -122,7 +124,7 @@ async def test_blackholed_upstream_is_decided_at_once_without_waiting(rig: Rig) 
 
     rig.proxy.blackhole()
     # The link must be known dead first: probes time out and open the breaker.
-    await poll(lambda: rig.runtime.link.skip_reason() is not None, within=10)
+    await wait_until(lambda: rig.runtime.link.skip_reason() is not None, within=10, what="the link skipped")
     started = time.monotonic()
     reply = await rig.sensors.request("sensors.p1.pump", encode(CRITICAL), timeout=10)
     waited = time.monotonic() - started
@@ -157,7 +159,7 @@ async def test_pending_approvals_do_not_stall_other_inputs(rig: Rig) -> None:
         for i in range(1000):
             await rig.sensors.publish("sensors.p1.pump", encode({**CRITICAL, "asset": f"c{i}"}))
         await server_barrier(rig.sensors)
-        await poll(lambda: pipeline.pending_approvals == bound, within=10)
+        await wait_until(lambda: pipeline.pending_approvals == bound, within=10, what=f"{bound} approvals pending")
         latencies = []
         for _ in range(100):
             started = time.perf_counter()

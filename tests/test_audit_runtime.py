@@ -13,6 +13,7 @@ import nats
 from edge import Runtime, server_barrier
 from sync import iter_records, verify_chain, verify_upstream
 from tests.nats_harness import ServerFactory
+from tests.polling import wait_until
 from tests.runtime_harness import (
     CRITICAL,
     NORMAL,
@@ -21,7 +22,6 @@ from tests.runtime_harness import (
     connect,
     encode,
     make_config,
-    poll,
     start_runtime_process,
     wait_until_answering,
     write_config,
@@ -60,7 +60,7 @@ async def test_kill_9_of_the_runtime_during_sync_loses_and_duplicates_nothing(
             await server_barrier(sensors)
             if round_ % 2 == 0:
                 await cloud.start()  # the backlog starts to drain...
-            await asyncio.sleep(rng.uniform(0.05, 1.0))  # ...and at a seeded moment in it, the kill
+            await asyncio.sleep(rng.uniform(0.05, 1.0))  # pace: ...and at a seeded moment in it, the kill
         finally:
             process.send_signal(signal.SIGKILL)
             await asyncio.to_thread(process.wait, 10)
@@ -79,11 +79,11 @@ async def test_kill_9_of_the_runtime_during_sync_loses_and_duplicates_nothing(
             except nats.js.errors.NotFoundError:
                 return 0
 
-        for _ in range(300):  # poll with deadline: until the stream holds what the log holds
+        async def stream_holds_the_log() -> bool:
             last_local = max(r.seq for r in iter_records(db))
-            if await stream_last() >= last_local - 1:
-                break
-            await asyncio.sleep(0.1)
+            return await stream_last() >= last_local - 1
+
+        await wait_until(stream_holds_the_log, within=30, what="the stream to hold what the log holds", interval=0.1)
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 30) == 0
@@ -148,8 +148,9 @@ async def test_full_store_with_drop_oldest_records_the_gap(nats_servers: ServerF
             await nc.publish("sensors.p1.pump", encode({**NORMAL, "asset": f"a{i}"}))
         await server_barrier(nc)
         assert runtime.audit is not None
-        await poll(lambda: runtime.pipelines["pump"].stats.decisions == 1500, within=20)
-        await poll(lambda: any(r.kind == "gap" for r in iter_records(runtime.audit.path)), within=20)  # type: ignore[union-attr]
+        await wait_until(lambda: runtime.pipelines["pump"].stats.decisions == 1500, within=20, what="1500 decisions")
+        await wait_until(lambda: any(r.kind == "gap" for r in iter_records(runtime.audit.path)),  # type: ignore[union-attr]
+                         within=20, what="a gap record")
         await nc.close()
     db = runtime.data_dir / "audit.db"
     gaps = [msgspec.json.decode(r.body) for r in iter_records(db) if r.kind == "gap"]

@@ -16,16 +16,7 @@ from nats.aio.msg import Msg
 
 from edge import NatsServer
 from edge.tools.chaos import Fault, FaultKind, FaultProxy
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "condition") -> None:
-    """Poll `predicate` every 10 ms until it holds; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)  # poll with a deadline
-
+from tests.polling import wait_until
 
 # --- raw TCP against an echo server --------------------------------------------------------------
 
@@ -105,7 +96,7 @@ async def test_forwards_bytes_and_half_close(echo: EchoServer) -> None:
         writer.write_eof()  # our FIN must reach the server, whose reply must still reach us
         assert await asyncio.wait_for(reader.read(), 5) == b"bye"
         writer.close()
-        await until(lambda: proxy.active == 0, what="the connection to end")
+        await wait_until(lambda: proxy.active == 0, within=5, what="the connection to end")
         assert proxy.accepted == 1
         assert proxy.bytes_to_target == 5
         assert proxy.bytes_to_client == 8
@@ -137,7 +128,7 @@ async def test_reset_sends_rst_and_resets_new_connections(echo: EchoServer) -> N
         writer.close()
         with pytest.raises(ConnectionResetError):
             await connect_and_read(proxy)  # the RST may beat the handshake's last step, or not
-        await until(lambda: proxy.active == 0, what="every connection to end")
+        await wait_until(lambda: proxy.active == 0, within=5, what="every connection to end")
 
 
 async def test_blackhole_discards_without_blocking_and_resets_every_connection_when_lifted(
@@ -150,7 +141,7 @@ async def test_blackhole_discards_without_blocking_and_resets_every_connection_w
         burst = b"x" * 4_000_000  # far beyond every buffer: the proxy must read and discard
         writer.write(burst)
         await asyncio.wait_for(writer.drain(), 10)
-        await until(lambda: proxy.bytes_dropped >= len(burst), what="the burst to be discarded")
+        await wait_until(lambda: proxy.bytes_dropped >= len(burst), within=5, what="the burst to be discarded")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.read(1), 0.2)
         assert not reader.at_eof()
@@ -158,7 +149,7 @@ async def test_blackhole_discards_without_blocking_and_resets_every_connection_w
         late_reader, late_writer = await open_client(proxy)  # accepted, but it never reaches the echo
         late_writer.write(b"lost")
         await late_writer.drain()
-        await until(lambda: proxy.accepted == 2, what="the proxy to accept it during the blackhole")
+        await wait_until(lambda: proxy.accepted == 2, within=5, what="the proxy to accept it during the blackhole")
         proxy.pass_through()
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(late_reader.read(), 5)
@@ -215,7 +206,7 @@ async def test_flap_runs_its_cycles_then_forwards_again(echo: EchoServer) -> Non
             proxy.flap(0.1, 0.1, mode="pass")
         proxy.flap(0.02, 0.02, mode="close", cycles=2)
         assert proxy.fault.kind is FaultKind.CLOSE  # the link starts down
-        await until(lambda: not proxy.flapping, what="the schedule to end")
+        await wait_until(lambda: not proxy.flapping, within=5, what="the schedule to end")
         assert proxy.flaps == 2
         assert proxy.fault == Fault(FaultKind.PASS)
         reader, writer = await open_client(proxy)
@@ -332,11 +323,11 @@ async def test_nats_reset_disconnects_and_resets_reconnects_then_recovers(
     nc, watch = await connect()
     await rtt(nc)
     proxy.reset()
-    await until(lambda: watch.disconnects == 1, what="the disconnect")
-    await until(lambda: proxy.accepted >= 3, what="reconnect attempts to be reset")
+    await wait_until(lambda: watch.disconnects == 1, within=5, what="the disconnect")
+    await wait_until(lambda: proxy.accepted >= 3, within=5, what="reconnect attempts to be reset")
     assert not nc.is_connected
     proxy.pass_through()
-    await until(lambda: watch.reconnects == 1, what="the reconnect")
+    await wait_until(lambda: watch.reconnects == 1, within=5, what="the reconnect")
     await rtt(nc)
 
 
@@ -344,12 +335,12 @@ async def test_nats_close_disconnects_then_recovers(proxy: FaultProxy, connect: 
     nc, watch = await connect()
     await rtt(nc)
     proxy.close()
-    await until(lambda: watch.disconnects == 1, what="the disconnect")
+    await wait_until(lambda: watch.disconnects == 1, within=5, what="the disconnect")
     assert any(isinstance(e, nats.errors.UnexpectedEOF) for e in watch.errors)  # a FIN, not a reset
-    await until(lambda: len(watch.errors) >= 3, what="reconnect attempts to be refused")
+    await wait_until(lambda: len(watch.errors) >= 3, within=5, what="reconnect attempts to be refused")
     assert proxy.accepted == 1
     proxy.pass_through()
-    await until(lambda: watch.reconnects == 1, what="the reconnect")
+    await wait_until(lambda: watch.reconnects == 1, within=5, what="the reconnect")
     await rtt(nc)
     assert proxy.accepted == 2
 
@@ -367,9 +358,9 @@ async def test_nats_blackhole_times_out_then_stale_detection_recovers(
     assert patient.is_connected  # to the client the socket still looks fine
     assert proxy.active >= 2  # the watchful client may already be trying a new connection
     assert proxy.bytes_dropped > 0
-    await until(lambda: watch.disconnects == 1, what="the stale connection to be noticed")
+    await wait_until(lambda: watch.disconnects == 1, within=5, what="the stale connection to be noticed")
     proxy.pass_through()
-    await until(lambda: watch.reconnects == 1, what="the reconnect after the blackhole")
+    await wait_until(lambda: watch.reconnects == 1, within=5, what="the reconnect after the blackhole")
     await rtt(watchful)
 
 
@@ -402,7 +393,7 @@ async def test_nats_throttle_caps_throughput(proxy: FaultProxy, connect: Connect
         start = time.monotonic()
         for _ in range(150):
             await nc.publish("bulk", payload)
-        await until(lambda: received == expected, within=10, what=f"{expected} messages")
+        await wait_until(lambda: received == expected, within=10, what=f"{expected} messages")
         return time.monotonic() - start
 
     try:
@@ -422,9 +413,9 @@ async def test_nats_flapping_link_disconnects_repeatedly_then_settles(
 ) -> None:
     nc, watch = await connect()
     proxy.flap(up_s=0.4, down_s=0.2, mode="reset")
-    await until(lambda: watch.disconnects >= 2, within=8, what="two disconnects")
+    await wait_until(lambda: watch.disconnects >= 2, within=8, what="two disconnects")
     assert proxy.flaps >= 2
     proxy.stop_flapping()
     assert not proxy.flapping
-    await until(lambda: nc.is_connected, what="the client to settle")
+    await wait_until(lambda: nc.is_connected, within=5, what="the client to settle")
     await rtt(nc)

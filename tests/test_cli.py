@@ -15,7 +15,8 @@ from edge import BUNDLED_CONFIG, Runtime
 from edge.cli import main
 from models import bundled_model_path
 from tests.nats_harness import ServerFactory
-from tests.runtime_harness import ANOMALY, NORMAL, connect, encode, make_config, poll
+from tests.polling import wait_until
+from tests.runtime_harness import ANOMALY, NORMAL, connect, encode, make_config
 
 
 def test_check_accepts_the_bundled_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,7 +65,9 @@ async def test_audit_commands_on_a_real_log(nats_servers: ServerFactory, tmp_pat
             await nc.request("sensors.p1.pump", encode(row), timeout=5)
         uploader = runtime.uploader
         assert uploader is not None
-        await poll(lambda: runtime.audit is not None and uploader.status()["synced_seq"] == runtime.audit.last_seq)
+        await wait_until(
+            lambda: runtime.audit is not None and uploader.status()["synced_seq"] == runtime.audit.last_seq,
+            within=10, what="the uploader to sync the whole log")
         await nc.close()
     db = str(runtime.data_dir / "audit.db")
 

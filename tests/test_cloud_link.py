@@ -24,7 +24,8 @@ from edge.tools.chaos import FaultProxy
 from edge.tools.cloudsim import CloudSimulator
 from sync import iter_records
 from tests.nats_harness import ServerFactory
-from tests.runtime_harness import ANOMALY, NORMAL, Collector, connect, encode, make_config, poll
+from tests.polling import wait_until
+from tests.runtime_harness import ANOMALY, NORMAL, Collector, connect, encode, make_config
 
 TIMEOUT_MS = 200
 BREAKER_FAILURES = 3
@@ -60,7 +61,7 @@ async def rig(nats_servers: ServerFactory, tmp_path: Path) -> AsyncIterator[Rig]
         local_nc = await connect(local.url)
         async with CloudSimulator(cloud_nc) as sim, Runtime(config) as runtime:
             decisions = await Collector().start(local_nc, DECISIONS)
-            await poll(lambda: runtime.link.state.value == "online", within=10)
+            await wait_until(lambda: runtime.link.state.value == "online", within=10, what="the cloud link online")
             yield Rig(local, cloud, proxy, runtime, sim, decisions, local_nc)
         await local_nc.close()
         await cloud_nc.close()
@@ -119,7 +120,7 @@ def _proxy(method: str, *args: Any) -> Action:
 
 async def _flap(r: Rig) -> None:
     r.proxy.flap(0.4, 0.4, "reset", cycles=3)
-    await poll(lambda: not r.proxy.flapping, within=10)
+    await wait_until(lambda: not r.proxy.flapping, within=10, what="the flapping to end")
 
 
 # fault name → (apply, restore, the cloud fallback reasons a decision may carry while it lasts)
@@ -146,21 +147,24 @@ async def test_decisions_keep_flowing_through_a_cloud_fault(rig: Rig, fault: str
     driver = asyncio.create_task(drive(rig, stop))
     try:
         # Steady state: the cloud decides.
-        await poll(lambda: any(d["tier"] == "cloud" for d in rig.decisions.decoded()), within=10)
+        await wait_until(lambda: any(d["tier"] == "cloud" for d in rig.decisions.decoded()), within=10,
+                         what="a decision by the cloud")
         fault_at = time.time_ns()
         await apply(rig)
         if fault in SUSTAINED:
             # Hold the fault until decisions stop waiting on the cloud at all, then a while longer.
-            await poll(lambda: any(reasons(d) & {"breaker_open", "unreachable"} for d in rig.decisions.decoded()
-                                   if d["received_at"] > fault_at), within=15)
+            await wait_until(lambda: any(reasons(d) & {"breaker_open", "unreachable"} for d in rig.decisions.decoded()
+                                         if d["received_at"] > fault_at), within=15,
+                             what="decisions that skip the cloud")
             skipped_since = time.time_ns()
-            await poll(lambda: sum(1 for d in rig.decisions.decoded() if d["received_at"] > skipped_since) >= 30,
-                       within=10)
+            await wait_until(lambda: sum(1 for d in rig.decisions.decoded() if d["received_at"] > skipped_since) >= 30,
+                             within=10, what="30 more decisions while the fault lasts")
         restored_at = time.time_ns()
         await restore(rig)
         # Recovery without a restart: the cloud decides again.
-        await poll(lambda: any(d["tier"] == "cloud" and d["received_at"] > restored_at
-                               for d in rig.decisions.decoded()), within=30)
+        await wait_until(lambda: any(d["tier"] == "cloud" and d["received_at"] > restored_at
+                                     for d in rig.decisions.decoded()), within=30,
+                         what="the cloud deciding again after the restore")
     finally:
         stop.set()
         await driver
@@ -190,7 +194,7 @@ async def test_decisions_keep_flowing_through_a_cloud_fault(rig: Rig, fault: str
     # Every change of link state is on record: it went offline and came back.
     audit = rig.runtime.audit
     assert audit is not None
-    await poll(lambda: audit.pending == 0)
+    await wait_until(lambda: audit.pending == 0, within=10, what="the audit log written")
     links = [msgspec.json.decode(r.body) for r in iter_records(audit.path) if r.kind == "link"]
     assert "offline" in {link["to"] for link in links}
     assert links[-1]["to"] in ("online", "degraded")
@@ -216,7 +220,8 @@ async def test_cloud_misbehaviour_falls_through_with_the_reason(rig: Rig) -> Non
     assert slow["tier"] == "model" and slow["fallbacks"] == [{"tier": "cloud", "reason": "timeout"}]
     assert latency_ms(slow) >= TIMEOUT_MS * 0.9
     rig.sim.normal()
-    await poll(lambda: rig.runtime.link.skip_reason() is None, within=10)  # one timeout: breaker still closed
+    await wait_until(lambda: rig.runtime.link.skip_reason() is None, within=10,
+                     what="the link usable again")  # one timeout: breaker still closed
     rig.sim.confidence_floor = 0.0
     # A bar above any possible answer: the cloud's answer is always too doubtful.
     rig.runtime.pipelines["pump"].logic.ladder.tiers[0].min_confidence = 1.01  # type: ignore[attr-defined]

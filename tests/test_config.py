@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from edge import ConfigError
-from edge._config import BUNDLED_CONFIG, decode_config, load_config, parse_duration, parse_rate, parse_size
+from edge import BUNDLED_CONFIG, ConfigError, decode_config, load_config
+from edge._config import parse_duration, parse_rate, parse_size
 
 
 def bundled() -> dict[str, Any]:

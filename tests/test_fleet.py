@@ -55,6 +55,7 @@ from tests.fleet_helpers import (
     Decisions,
     Inputs,
     StubDevice,
+    every_decision_heard,
     figure,
     fleet_of,
     model_version,
@@ -64,7 +65,8 @@ from tests.fleet_helpers import (
     write_seed,
 )
 from tests.nats_harness import ServerFactory
-from tests.runtime_harness import CRITICAL, NORMAL, PUMP_RULES, config_data, connect, make_config, poll, write_config
+from tests.polling import wait_until
+from tests.runtime_harness import CRITICAL, NORMAL, PUMP_RULES, config_data, connect, make_config, write_config
 
 SEED = new_seed()
 OPERATOR = public_key(SEED)
@@ -278,7 +280,7 @@ async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, caps
         assert {d["device"] for d in listing["devices"]} == devices and listing["did_not_answer"] == []
         assert all(d["link"]["state"] == "online" for d in listing["devices"])
         figure(pytestconfig, capsys, f"fleet ls: 20 devices in {listing['elapsed_s']:.3f}s")
-        await poll(lambda: beats == devices, within=5)
+        await wait_until(lambda: beats == devices, within=5, what="a heartbeat from every device")
 
         # A group command reaches exactly the group's members.
         got = await send_command(nc, "group:odd", "pause", {"reason": "storm", "by": "ops"}, timeout=2.0, expect=10)
@@ -306,7 +308,7 @@ async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, caps
         await sender
         sent = set(inputs.sent)
         await decisions.wait_for(lambda: len(decisions.all) >= 20 * len(sent))
-        await asyncio.sleep(0.2)  # anything doubled would arrive now
+        await every_decision_heard(fleet, decisions)  # a doubled one too
         for device in devices:
             counts = decisions.per_input[device]
             assert set(counts) == sent and set(counts.values()) == {1}, device
@@ -415,7 +417,7 @@ async def test_shadow_deploy_promote_rollback_loses_no_decision(
         await sender
         sent = set(inputs.sent)
         await decisions.wait_for(lambda: len(decisions.all) >= 2 * len(sent))
-        await asyncio.sleep(0.2)  # anything doubled would arrive now
+        await every_decision_heard(fleet, decisions)  # a doubled one too
         for device in devices:
             assert set(decisions.per_input[device]) == sent and set(decisions.per_input[device].values()) == {1}
         assert any(d["model"] and d["model"]["version"] == "2" for d in decisions.all[mark:])
@@ -478,7 +480,8 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
         assert msgspec.json.decode(reply.data)["model"]["version"] == "1"
 
         # Audited, every one with its outcome.
-        await poll(lambda: runtime.audit is not None and runtime.audit.pending == 0, within=5)
+        await wait_until(lambda: runtime.audit is not None and runtime.audit.pending == 0, within=5,
+                         what="the audit log written")
         from sync import iter_records
 
         records = [msgspec.json.decode(r.body) for r in iter_records(runtime.data_dir / "audit.db")
@@ -575,10 +578,11 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         watch = asyncio.create_task(approvals_watch(ops(server.url, auto=None, by="alice", limit=1, duration=20),
                                                     lines))
-        await poll(lambda: said("watching edge.*.approval.*"), within=5)  # it says so once subscribed
+        await wait_until(lambda: said("watching edge.*.approval.*"), within=5,
+                         what="the watcher subscribed")  # it says so once subscribed
         pending = asyncio.ensure_future(nc.request("sensors.p1.pump", msgspec.json.encode(CRITICAL), timeout=10))
-        await poll(lambda: len(requests) == 1, within=5)
-        await poll(lambda: said("#1 gw-c/pump: shutdown"), within=5)
+        await wait_until(lambda: len(requests) == 1, within=5, what="one approval request")
+        await wait_until(lambda: said("#1 gw-c/pump: shutdown"), within=5, what="the request shown")
         await lines.put("d 1 not now")
         denied = msgspec.json.decode((await pending).data)
         assert await watch == 0
@@ -587,7 +591,7 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         assert denied["governance"]["by"] == "alice"
         printed.clear()
         watch = asyncio.create_task(approvals_watch(ops(server.url, auto="approve", by="bot", limit=1, duration=20)))
-        await poll(lambda: said("watching edge.*.approval.*"), within=5)
+        await wait_until(lambda: said("watching edge.*.approval.*"), within=5, what="the watcher subscribed")
         approved = msgspec.json.decode((await nc.request("sensors.p1.pump", msgspec.json.encode(CRITICAL),
                                                          timeout=10)).data)
         assert await watch == 0
@@ -604,9 +608,9 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         async with fleet._mutating:  # a long change in progress: promotes wait for it
             for _ in range(MAX_IN_FLIGHT + 8):
                 await nc.publish("edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', reply=inbox)
-            await poll(lambda: len(answers) == 8, within=5)
+            await wait_until(lambda: len(answers) == 8, within=5, what="8 answers")
             assert {a["error"]["code"] for a in answers} == {"busy"}
-        await poll(lambda: len(answers) == MAX_IN_FLIGHT + 8, within=5)
+        await wait_until(lambda: len(answers) == MAX_IN_FLIGHT + 8, within=5, what="every answer")
         assert Counter(a["error"]["code"] for a in answers) == {"busy": 8, "no_shadow": MAX_IN_FLIGHT}
 
         # Signed from a seed file, against a device that trusts it.
@@ -641,7 +645,7 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
         fleet = runtime.fleet
         assert fleet is not None
         await asyncio.wait_for(fleet.wait_attached(), 10)  # upstream connects in the background
-        await poll(lambda: len(beats) >= 3, within=5)
+        await wait_until(lambda: len(beats) >= 3, within=5, what="three heartbeats")
         assert beats[-1]["groups"] == ["pumps"] and beats[-1]["link"] == "online"
         got = await send_command(up, "group:pumps", "status", seed=SEED, expect=1)
         assert got.all_ok and got.replies[0].result["device"] == "gw-u"
@@ -678,12 +682,13 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
 
         # Upstream gone: no heartbeat is sent (none buffered for later); back, and commands work again.
         await hub.stop()
-        await poll(lambda: not runtime.upstream or not runtime.upstream.is_connected, within=5)
+        await wait_until(lambda: not runtime.upstream or not runtime.upstream.is_connected, within=5,
+                         what="the upstream connection lost")
         during = fleet.heartbeats
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a window of five beats at the heartbeat rate (heartbeat_s=0.1): none may go out
         assert fleet.heartbeats == during
         await hub.start()
-        await poll(lambda: fleet.heartbeats > during + 2, within=10)
+        await wait_until(lambda: fleet.heartbeats > during + 2, within=10, what="heartbeats again")
         got = await send_command(up, "gw-u", "status", seed=SEED, timeout=5)
         assert got.all_ok
     await up.close()

@@ -10,7 +10,8 @@ import msgspec
 
 from edge import Runtime
 from tests.nats_harness import ServerFactory
-from tests.runtime_harness import NORMAL, connect, encode, make_config, poll, wait_until_answering
+from tests.polling import wait_until
+from tests.runtime_harness import NORMAL, connect, encode, make_config, wait_until_answering
 
 
 async def test_embedded_server_is_started_supervised_and_restarted(tmp_path: Path) -> None:
@@ -26,7 +27,8 @@ async def test_embedded_server_is_started_supervised_and_restarted(tmp_path: Pat
         first_pid = runtime.server.pid
         assert first_pid is not None
         os.kill(first_pid, signal.SIGKILL)  # the child dies under us
-        await poll(lambda: runtime.server is not None and runtime.server.pid not in (None, first_pid), within=15)
+        await wait_until(lambda: runtime.server is not None and runtime.server.pid not in (None, first_pid), within=15,
+                         what="a new nats-server")
         # Same port, subscriptions back: the runtime answers again without a restart of its own.
         reply = await wait_until_answering(nc, "sensors.p1.pump", encode(NORMAL), within=20)
         assert msgspec.json.decode(reply.data)["label"] == "normal"

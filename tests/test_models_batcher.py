@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 
 from models import BatcherState, ManifestError, MicroBatcher, Model, ModelUnavailable, Prediction, load_model
 from tests.model_builders import matmul_model, write_model
+from tests.polling import wait_until
 
 FEATURES = ["a", "b", "c", "d"]
 WEIGHTS = np.array([1.0, 10.0, 100.0, 1000.0], dtype=np.float32)
@@ -77,15 +78,6 @@ class Probe:
         assert await asyncio.to_thread(self.entered.wait, 30), "no batch reached the worker"
 
 
-async def until(condition: Callable[[], bool], passes: int = 10_000) -> None:
-    """Yield to the event loop until `condition` holds (bounded; no timers)."""
-    for _ in range(passes):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
-
-
 async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(weighted_sum: Model) -> None:
     rows = [row(i) for i in range(200)]
     async with MicroBatcher(weighted_sum) as batcher:
@@ -98,7 +90,7 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(weigh
 
 async def staggered(batcher: MicroBatcher, i: int, passes: int) -> Prediction:
     for _ in range(passes):
-        await asyncio.sleep(0)  # arrive `passes` turns of the event loop later
+        await asyncio.sleep(0)  # pace: arrive `passes` turns of the event loop later
     return await batcher.predict(row(i))
 
 
@@ -121,7 +113,7 @@ async def test_calls_arriving_while_a_batch_runs_form_the_next_batch(weighted_su
             first = asyncio.create_task(batcher.predict(row(0)))
             await probe.wait_entered()
             rest = [asyncio.create_task(batcher.predict(row(i))) for i in range(1, 41)]
-            await until(lambda: batcher.pending == 41)
+            await wait_until(lambda: batcher.pending == 41, within=5, what="41 pending calls", interval=0)
             probe.release()
             results = await asyncio.gather(first, *rest)
     assert probe.sizes == [1, 40]
@@ -135,7 +127,7 @@ async def test_max_batch_is_respected(weighted_sum: Model) -> None:
             first = asyncio.create_task(batcher.predict(row(0)))
             await probe.wait_entered()
             rest = [asyncio.create_task(batcher.predict(row(i))) for i in range(1, 51)]
-            await until(lambda: batcher.pending == 51)
+            await wait_until(lambda: batcher.pending == 51, within=5, what="51 pending calls", interval=0)
             probe.release()
             results = await asyncio.gather(first, *rest)
     assert probe.sizes == [1, 8, 8, 8, 8, 8, 8, 2]
@@ -150,9 +142,9 @@ async def test_back_pressure_bounds_pending_calls(weighted_sum: Model) -> None:
             first = asyncio.create_task(batcher.predict(row(0)))
             await probe.wait_entered()
             rest = [asyncio.create_task(batcher.predict(row(i))) for i in range(1, 11)]
-            await until(lambda: batcher.pending == 4)
-            for _ in range(100):  # give the waiting callers every chance to overfill the batcher
-                await asyncio.sleep(0)
+            await wait_until(lambda: batcher.pending == 4, within=5, what="4 pending calls", interval=0)
+            for _ in range(100):
+                await asyncio.sleep(0)  # pace: 100 loop turns, every chance for the waiting callers to overfill it
             assert batcher.pending == 4
             assert not any(t.done() for t in rest)
             probe.release()
@@ -168,7 +160,7 @@ async def test_swap_answers_every_call_running_batch_on_the_old_model(weighted_s
             first = asyncio.create_task(batcher.predict(row(0)))
             await probe.wait_entered()
             queued = [asyncio.create_task(batcher.predict(row(i))) for i in range(1, 21)]
-            await until(lambda: batcher.pending == 21)
+            await wait_until(lambda: batcher.pending == 21, within=5, what="21 pending calls", interval=0)
             old = batcher.swap(doubled_sum)
             assert old is probe and batcher.model is doubled_sum
             probe.release()
@@ -232,9 +224,10 @@ async def test_close_answers_queued_calls_and_refuses_new_ones(weighted_sum: Mod
         first = asyncio.create_task(batcher.predict(row(0)))
         await probe.wait_entered()
         queued = [asyncio.create_task(batcher.predict(row(i))) for i in range(1, 6)]
-        await until(lambda: batcher.pending == 6)
+        await wait_until(lambda: batcher.pending == 6, within=5, what="6 pending calls", interval=0)
         closing = asyncio.create_task(batcher.aclose())
-        await until(lambda: batcher.state is BatcherState.CLOSING)
+        await wait_until(lambda: batcher.state is BatcherState.CLOSING, within=5, what="the batcher closing",
+                         interval=0)
         with pytest.raises(ModelUnavailable, match="closing"):
             await batcher.predict(row(9))
         probe.release()
@@ -252,9 +245,9 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(weighted_sum: Mode
             await probe.wait_entered()
             doomed = asyncio.create_task(batcher.predict(row(1)))
             kept = asyncio.create_task(batcher.predict(row(2)))
-            await until(lambda: batcher.pending == 3)
+            await wait_until(lambda: batcher.pending == 3, within=5, what="3 pending calls", interval=0)
             doomed.cancel()
-            await until(lambda: batcher.pending == 2)
+            await wait_until(lambda: batcher.pending == 2, within=5, what="2 pending calls", interval=0)
             probe.release()
             assert (await first).value == expected(row(0))
             assert (await kept).value == expected(row(2))

@@ -11,6 +11,7 @@ import pytest
 
 from edge import Runtime, server_barrier
 from tests.nats_harness import ServerFactory
+from tests.polling import wait_until
 from tests.runtime_harness import (
     ANOMALY,
     CRITICAL,
@@ -20,7 +21,6 @@ from tests.runtime_harness import (
     connect,
     encode,
     make_config,
-    poll,
     start_runtime_process,
     wait_until_answering,
     write_config,
@@ -138,8 +138,9 @@ async def test_garbage_flood_is_aggregated_and_memory_bounded(nats_servers: Serv
             await nc.publish("sensors.p1.pump", b"not json %d" % i)
         await server_barrier(nc)
         pipeline = runtime.pipelines["pump"]
-        await poll(lambda: pipeline.stats.rejected["not_json"] == 3000)
-        await poll(lambda: runtime.audit is not None and runtime.audit.last_seq >= 2, within=5)
+        await wait_until(lambda: pipeline.stats.rejected["not_json"] == 3000, within=10, what="3000 rejections")
+        await wait_until(lambda: runtime.audit is not None and runtime.audit.last_seq >= 2, within=5,
+                         what="two audit records")
         assert pipeline._inbox.qsize() == 0
         await nc.close()
     # One aggregated record (per second), not 3000.

@@ -13,7 +13,7 @@ from nats.aio.client import Client
 
 from edge import NatsServer
 from sync import AuditLog, Uploader, iter_records, verify_chain, verify_upstream
-from tests.sync_helpers import wait_until
+from tests.polling import wait_until
 
 WRITER = Path(__file__).parent / "sync_helpers" / "writer.py"
 

@@ -22,7 +22,7 @@ from sync import (
     record_hash,
     verify_chain,
 )
-from tests.sync_helpers import wait_until
+from tests.polling import wait_until
 
 BODY = {"reading": "x" * 360, "rms": 4.2, "label": "normal"}
 
@@ -213,7 +213,7 @@ async def test_drop_oldest_writes_a_gap_record_naming_what_was_lost(tmp_path: Pa
         assert log.oldest_seq > 1
         last = log.last_seq
         # Retention converges: once appends stop, the store is back under max_bytes.
-        await wait_until(lambda: log.used_bytes <= 64 * 1024, what="retention under max_bytes")
+        await wait_until(lambda: log.used_bytes <= 64 * 1024, within=10, what="retention under max_bytes")
     records = list(iter_records(path))
     gaps = [msgspec.json.decode(bytes(r.body)) for r in records if r.kind == GAP_KIND]
     assert gaps and all(g["reason"] == "store_full" for g in gaps)
@@ -240,7 +240,7 @@ async def test_block_raises_audit_full_and_loses_nothing(tmp_path: Path) -> None
         assert seqs_in(path) == list(range(1, last + 1))  # nothing deleted, nothing unsynced dropped
         # Once the records are upstream, they may go and appends work again.
         log.mark_synced(last)
-        await wait_until(lambda: not log.full, what="synced records deleted")
+        await wait_until(lambda: not log.full, within=10, what="synced records deleted")
         assert await log.append("decision", BODY) == last + 1
         assert log.oldest_seq > 1
     assert not any(r.kind == GAP_KIND for r in iter_records(path))
@@ -269,7 +269,7 @@ async def test_old_synced_records_are_swept_after_keep_synced(tmp_path: Path) ->
     async with AuditLog(path, "gw-1", keep_synced_s=0.0) as log:
         log.mark_synced(3)
         await log.append("k", {})  # a commit (after open) sweeps
-        await wait_until(lambda: log.oldest_seq == 4, what="sweep of synced records")
+        await wait_until(lambda: log.oldest_seq == 4, within=10, what="sweep of synced records")
     assert seqs_in(path) == [4, 5, 6]
     assert verify_chain(path).ok
 

@@ -8,8 +8,8 @@ import msgspec
 import pytest
 
 import sync
-from sync import GENESIS, AuditRecord, Chain, ChainBroken, decode_record, encode_record, hash_ok
-from sync._record import _Canonical, _canonical_encoder, canonical_bytes, gap_range
+from sync import GENESIS, AuditRecord, Chain, ChainBroken, canonical_bytes, decode_record, encode_record, hash_ok
+from sync._record import _Canonical, _canonical_encoder, gap_range
 
 
 class Reading(msgspec.Struct):

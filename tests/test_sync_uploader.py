@@ -27,7 +27,7 @@ from sync import (
     verify_upstream,
 )
 from tests.nats_harness import ServerFactory
-from tests.sync_helpers import wait_until
+from tests.polling import wait_until
 
 BODY = {"reading": "x" * 300, "rms": 4.2, "label": "normal"}
 
@@ -97,17 +97,17 @@ async def test_steady_appends_through_upstream_stop_and_kill(tmp_path: Path, nat
         async def appender() -> None:
             while not stop.is_set():
                 await log.append("decision", BODY)
-                await asyncio.sleep(0.001)  # a steady trickle of decisions
+                await asyncio.sleep(0.001)  # pace: a steady trickle of decisions
 
         async with uploading(log, nats_server, create_stream=True, window=64) as uploader:
             task = asyncio.create_task(appender())
             try:
                 for outage in (nats_server.stop, nats_server.kill, nats_server.kill, nats_server.stop):
                     mark = log.last_seq
-                    await wait_until(lambda m=mark: log.synced_seq > m + 50, what="sync while up")  # type: ignore[misc]
+                    await wait_until(lambda m=mark: log.synced_seq > m + 50, within=10, what="sync while up")  # type: ignore[misc]
                     await outage()
                     mark = log.last_seq
-                    await wait_until(lambda m=mark: log.last_seq > m + 100, what="appends while down")  # type: ignore[misc]
+                    await wait_until(lambda m=mark: log.last_seq > m + 100, within=10, what="appends while down")  # type: ignore[misc]
                     assert not uploader.connected
                     await nats_server.start()
             finally:
@@ -135,7 +135,7 @@ async def test_stream_deleted_and_recreated_is_refilled_from_the_kept_records(
             async with admin(nats_server) as nc:
                 await nc.jetstream().delete_stream("EDGE_AUDIT")
             await asyncio.gather(*[log.append("decision", BODY) for _ in range(100)])
-            await wait_until(lambda: log.synced_seq == 400 and log.backlog == 0, what="refill")
+            await wait_until(lambda: log.synced_seq == 400 and log.backlog == 0, within=10, what="refill")
             assert uploader.status()["upstream_lost"] == []
     assert await stream_seqs(nats_server) == list(range(1, 401))
 
@@ -146,7 +146,7 @@ async def test_a_missing_stream_is_reported_and_sync_resumes_once_it_exists(
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(50)])
         async with uploading(log, nats_server, create_stream=False) as uploader:
-            await wait_until(lambda: uploader.status()["stream_missing"] is True, what="stream_missing")
+            await wait_until(lambda: uploader.status()["stream_missing"] is True, within=10, what="stream_missing")
             assert "nats stream add EDGE_AUDIT" in str(uploader.last_error)
             assert log.synced_seq == 0
             async with admin(nats_server) as nc:
@@ -193,7 +193,7 @@ async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Pat
             await asyncio.gather(*futures)
             async with uploading(log, nats_server) as uploader:
                 # 5 is refused while 6..10, already in flight, get in: a hole, said out loud.
-                await wait_until(lambda: log.synced_seq == 10, what="sync past the refused record")
+                await wait_until(lambda: log.synced_seq == 10, within=10, what="sync past the refused record")
                 status = uploader.status()
                 assert status["holes"] == [[5, 5]]
                 assert "rejected seq 5" in str(status["last_error"])
@@ -202,7 +202,7 @@ async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Pat
 
                 # A refused record with nothing after it blocks the sync instead of being skipped.
                 await log.append("decision", huge)
-                await wait_until(lambda: "rejected seq 11" in str(uploader.last_error), what="refusal of 11")
+                await wait_until(lambda: "rejected seq 11" in str(uploader.last_error), within=10, what="refusal of 11")
                 assert await uploader.sync_now(0.3) == 1
 
                 # The operator lifts the limit: 11 goes out, and resend() repairs 5 (out of order).
@@ -210,7 +210,7 @@ async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Pat
                                        duplicate_window=120)
                 assert await uploader.sync_now(10) == 0
                 assert uploader.resend(5, 5) == 1
-                await wait_until(lambda: uploader.status()["resend"] is None, what="resend of 5")
+                await wait_until(lambda: uploader.status()["resend"] is None, within=10, what="resend of 5")
         report = (await verify_upstream(js, device="gw-1"))["gw-1"]
         assert report.missing == [] and report.out_of_order == 1 and report.duplicates == 0
     assert await stream_seqs(nats_server) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 5]
@@ -228,7 +228,7 @@ async def test_refuses_to_publish_when_the_stream_is_ahead_of_the_local_log(
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await log.append("decision", BODY)
         async with uploading(log, nats_server) as uploader:
-            await wait_until(lambda: "reset or replaced" in str(uploader.last_error), what="refusal")
+            await wait_until(lambda: "reset or replaced" in str(uploader.last_error), within=10, what="refusal")
             assert uploader.status()["published"] == 0 and log.synced_seq == 0
 
 

@@ -34,7 +34,7 @@ async def run(args: argparse.Namespace) -> None:
                 # One write per group: a kill lands between lines, and a torn last line is ignored.
                 os.write(fd, "".join(f"{seq}\n" for seq in seqs).encode())
                 group = args.group
-                await asyncio.sleep(args.pause)  # a steady trickle, not a busy loop
+                await asyncio.sleep(args.pause)  # pace: a steady trickle, not a busy loop
 
 
 def main() -> None:
