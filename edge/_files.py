@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -14,7 +15,8 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     data_dir may hold secrets). Blocking: call it in a worker thread from the loop.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name of its own per write: two writers of one file never share (or delete) a temporary.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as out:

@@ -105,9 +105,10 @@ class Verdict(msgspec.Struct, frozen=True):
     action: str
     status: str
     requested_action: str
-    by: str | None = None
+    by: str | None = None  # who settled an approval: the approver's public key when answers are signed
     reason: str | None = None
     approval: ApprovalNeeded | None = None
+    by_name: str | None = None  # the name the approver gave (free text; `by` is what was verified)
 
 
 class Approved(msgspec.Struct, frozen=True):
@@ -115,6 +116,7 @@ class Approved(msgspec.Struct, frozen=True):
 
     by: str = ""
     reason: str = ""
+    by_name: str = ""
 
 
 class Denied(msgspec.Struct, frozen=True):
@@ -122,6 +124,7 @@ class Denied(msgspec.Struct, frozen=True):
 
     by: str = ""
     reason: str = ""
+    by_name: str = ""
 
 
 class TimedOut(msgspec.Struct, frozen=True):
@@ -235,12 +238,13 @@ class Governor:
             plan = self._plans.get(requested)
             instead = plan.final_instead if plan is not None else instead
         match outcome:
-            case Approved(by=by, reason=reason):
+            case Approved(by=by, reason=reason, by_name=name):
                 if paused:
-                    return Verdict(instead, "paused", requested, by or None, "approved, but paused meanwhile")
-                return Verdict(requested, "approved", requested, by or None, reason or None)
-            case Denied(by=by, reason=reason):
-                return Verdict(instead, "denied", requested, by or None, reason or None)
+                    return Verdict(instead, "paused", requested, by or None, "approved, but paused meanwhile",
+                                   by_name=name or None)
+                return Verdict(requested, "approved", requested, by or None, reason or None, by_name=name or None)
+            case Denied(by=by, reason=reason, by_name=name):
+                return Verdict(instead, "denied", requested, by or None, reason or None, by_name=name or None)
             case TimedOut():
                 return Verdict(instead, "timeout", requested)
             case Unreachable():

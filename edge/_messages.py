@@ -35,8 +35,9 @@ class Governance(msgspec.Struct, frozen=True, omit_defaults=True):
 
     status: str
     requested_action: str
-    by: str | None = None
+    by: str | None = None  # an approval's signer (public key)
     reason: str | None = None
+    by_name: str | None = None  # the name that signer gave
 
 
 class Decision(msgspec.Struct, frozen=True):

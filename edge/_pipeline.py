@@ -46,6 +46,7 @@ from ._messages import (
     ShadowResult,
 )
 from ._natsutil import server_barrier
+from ._replies import ReplyPolicy
 
 log = logging.getLogger("edge.pipeline")
 
@@ -140,6 +141,7 @@ class Pipeline:
         audit: AuditSink,
         is_paused: Callable[[], bool] = lambda: False,
         approver: Callable[[ApprovalRequest, float], Awaitable[ApprovalOutcome]] | None = None,
+        replies: ReplyPolicy | None = None,
     ) -> None:
         self.logic = logic
         self.name = logic.config.name
@@ -148,6 +150,7 @@ class Pipeline:
         self.audit = audit
         self.is_paused = is_paused
         self.approver = approver
+        self.replies = replies or ReplyPolicy(["_INBOX"])
         self.rejected_subject = f"edge.{device}.rejected.{self.name}"
         self.stats = PipelineStats()
         self.state = PipelineState.NEW
@@ -270,6 +273,8 @@ class Pipeline:
     async def handle(self, subject: str, data: bytes, headers: Mapping[str, str] | None, reply: str) -> None:
         received = time.time_ns()
         start = time.perf_counter_ns()
+        if reply and not self.replies.allows(reply):
+            reply = ""  # decided, audited and published as usual; never sent where the sender pointed
         content_type = headers.get("Content-Type", "") if headers else ""
         logic = self.logic  # one config decides one message from start to end, even across a swap
         try:
@@ -315,6 +320,8 @@ class Pipeline:
         final = logic.governor.settle(verdict, outcome, paused=self.is_paused())
         body = {"decision_id": decision.id, "pipeline": self.name, "requested_action": final.requested_action,
                 "action": final.action, "status": final.status, "by": final.by, "reason": final.reason}
+        if final.by_name:
+            body["by_name"] = final.by_name
         try:
             self.audit.append("approval", body)
         except Exception as exc:  # the decision record that follows carries the outcome too
@@ -322,7 +329,7 @@ class Pipeline:
         return msgspec.structs.replace(
             decision, action=final.action,
             governance=Governance(status=final.status, requested_action=final.requested_action,
-                                  by=final.by, reason=final.reason),
+                                  by=final.by, reason=final.reason, by_name=final.by_name),
         )
 
     def _decision(self, subject: str, received: int, answer: Answer, fallbacks: list[Fallback],

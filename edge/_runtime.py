@@ -62,6 +62,7 @@ from ._link import CircuitBreaker, CloudLink, LinkState
 from ._messages import Heartbeat
 from ._nats_server import NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
+from ._replies import ReplyPolicy
 from ._rules import compile_guards, compile_rules
 from ._version import version
 from .fleet import Fleet
@@ -110,7 +111,9 @@ class Runtime:
         self.fleet: Fleet | None = None
         self._upstream_ready = asyncio.Event()
         self.approvals = ApprovalDesk(self.device, upstream=lambda: self.upstream, link=self.link,
-                                      record=self.record)
+                                      record=self.record, approver_keys=config.fleet.approver_keys,
+                                      allow_unsigned=config.fleet.allow_unsigned)
+        self.replies = ReplyPolicy(config.nats.reply_prefixes)  # shared by the pipelines
         self._stack = AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -184,6 +187,7 @@ class Runtime:
         # On the way out the background loops are cancelled (then the TaskGroup awaits them).
         stack.callback(self._cancel_background)
         self._spawn(self._probe_forever(), "link-probe")
+        self._spawn(self._flush_refusals_forever(), "refusal-flusher")
         if self.upstream is None:
             self._spawn(self._connect_upstream_until_up(), "upstream-connect")
         if self.server is not None:
@@ -309,6 +313,15 @@ class Runtime:
             link=self.link.state.value, paused=self.paused,
             audit_backlog=self.audit.backlog if self.audit is not None else 0,
         )
+
+    async def _flush_refusals_forever(self) -> None:
+        # Forged and late approval answers: one audit record a second at most, however many come.
+        try:
+            while not self._stop.is_set():
+                await asyncio.sleep(1.0)  # pace: the aggregation window
+                self.approvals.refusals.flush()
+        finally:
+            self.approvals.refusals.flush()
 
     @property
     def inbox_prefix(self) -> str:
@@ -451,7 +464,7 @@ class Runtime:
         assert self.audit is not None and self.local is not None
         pipeline = Pipeline(self._build_logic(p), device=self.device, bus=self.local,
                             audit=AuditSink(append=self.audit.append), is_paused=lambda: self.paused,
-                            approver=self.approvals.ask)
+                            approver=self.approvals.ask, replies=self.replies)
         await self._stack.enter_async_context(pipeline)
         self.pipelines[pipeline.name] = pipeline
         return pipeline
@@ -588,6 +601,8 @@ class Runtime:
                      "last_failure": self.link.last_failure},
             "local": redact_url(self.local_url),
             "pipelines": {name: p.status() for name, p in self.pipelines.items()},
+            "approvals": self.approvals.status(),
+            "replies_refused": self.replies.refused,
             "models": self.registry.status(),
             "deployments": self.deployments.status(),
             "audit": audit,

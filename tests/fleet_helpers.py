@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,7 @@ from edge.fleet import Fleet
 from models import bundled_model_path
 from sync import Uploader
 from tests.polling import wait_until
-from tests.runtime_harness import NORMAL, make_config
+from tests.runtime_harness import APPROVER_SEED, NORMAL, OPERATOR_SEED, make_config
 
 RULES_ONLY = {"ladder": ["rules"], "model": ""}
 
@@ -35,19 +36,6 @@ def figure(pytestconfig: pytest.Config, capsys: pytest.CaptureFixture[str], text
     if pytestconfig.getoption("capture") == "no":
         with capsys.disabled():
             print(f"\n{text}")
-
-
-def new_seed() -> bytes:
-    """A fresh operator (user) nkey seed, "SU..."."""
-    import nkeys  # type: ignore[import-untyped]
-
-    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
-
-
-def public_key(seed: bytes) -> str:
-    import nkeys
-
-    return str(nkeys.from_seed(seed).public_key.decode())
 
 
 def write_seed(tmp_path: Path, seed: bytes, name: str = "operator.nk") -> Path:
@@ -70,10 +58,30 @@ def model_version(tmp_path: Path, version: str, *, corrupt: bool = False) -> Pat
     return folder
 
 
+def seed_file(seed: bytes, name: str) -> Path:
+    """A test key as a file, for --sign-with."""
+    path = Path(tempfile.gettempdir()) / f"edge-tests-{os.getpid()}" / f"{name}.nk"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.write_bytes(seed + b"\n")
+    return path
+
+
+def operator_seed_file() -> Path:
+    """The test operator's seed (tests.runtime_harness.OPERATOR_SEED): what every test config trusts."""
+    return seed_file(OPERATOR_SEED, "operator")
+
+
+def approver_seed_file() -> Path:
+    """The test approver's seed (tests.runtime_harness.APPROVER_SEED)."""
+    return seed_file(APPROVER_SEED, "approver")
+
+
 def ops(server: str, **kwargs: Any) -> argparse.Namespace:
-    """Arguments for the operator functions, as the CLI would parse them."""
+    """Arguments for the operator functions, as the CLI would parse them (signed as the test operator)."""
     defaults: dict[str, Any] = {"server": server, "timeout": DEFAULT_TIMEOUT_S, "json": True, "expect": None,
-                                "sign_with": None, "creds": None}
+                                "sign_with": str(operator_seed_file()), "creds": None, "nkey": None,
+                                "tls_ca": None, "tls_cert": None, "tls_key": None}
     return argparse.Namespace(**{**defaults, **kwargs})
 
 

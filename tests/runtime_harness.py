@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from edge import Config, config_to_toml, decode_config, server_barrier
+from edge.fleet import new_seed, public_key_of
 from models import bundled_model_path
 from tests.polling import wait_until
 
@@ -29,6 +30,11 @@ PUMP_RULES = [
 NORMAL = {"rms": 1.2, "kurtosis": 3.0, "temp_c": 45.0, "rpm": 1480.0, "asset": "p1"}
 ANOMALY = {"rms": 5.5, "kurtosis": 7.0, "temp_c": 60.0, "rpm": 1480.0, "asset": "p1"}
 CRITICAL = {"rms": 9.0, "kurtosis": 4.0, "temp_c": 99.0, "rpm": 1480.0, "asset": "p1"}
+
+# The secure path, with keys made for this test run: every test config trusts this operator for
+# commands and this approver for approval answers (a test of `allow_unsigned` says so itself).
+OPERATOR_SEED, APPROVER_SEED = new_seed(), new_seed()
+OPERATOR, APPROVER = public_key_of(OPERATOR_SEED), public_key_of(APPROVER_SEED)
 
 
 def config_data(tmp_path: Path, local_url: str, *, upstream_url: str = "", device: str = "gw-test",
@@ -52,6 +58,7 @@ def config_data(tmp_path: Path, local_url: str, *, upstream_url: str = "", devic
         "link": {"probe_interval_ms": 100, "probe_timeout_ms": 100, "breaker_failures": 3, "breaker_reset_ms": 500},
         "audit": {"create_stream": True},
         "models": [{"name": "pump-anomaly", "path": str(bundled_model_path())}],
+        "fleet": {"trusted_keys": [OPERATOR], "approver_keys": [APPROVER]},
         "pipelines": [p],
     }
     for key, value in top.items():

@@ -16,7 +16,7 @@ from edge.tools.chaos import FaultProxy
 from edge.tools.cloudsim import AutoApprover
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
-from tests.runtime_harness import CRITICAL, NORMAL, Collector, connect, encode, make_config
+from tests.runtime_harness import APPROVER, APPROVER_SEED, CRITICAL, NORMAL, Collector, connect, encode, make_config
 
 APPROVAL_TIMEOUT_MS = 1500
 DECISIONS = "edge.gw-test.decision.pump"
@@ -65,17 +65,19 @@ async def test_an_approver_approves_one_and_denies_another(rig: Rig) -> None:
     def policy(request: ApprovalRequest) -> bool:
         return request.input.get("asset") == "approve-me"
 
-    async with AutoApprover(rig.cloud_nc, delay_s=(0.05, 0.1), policy=policy, name="alice") as approver:
+    async with AutoApprover(rig.cloud_nc, delay_s=(0.05, 0.1), policy=policy, name="alice",
+                            key=APPROVER_SEED) as approver:
         approved = await rig.sensors.request("sensors.p1.pump", encode({**CRITICAL, "asset": "approve-me"}), timeout=5)
         denied = await rig.sensors.request("sensors.p2.pump", encode({**CRITICAL, "asset": "deny-me"}), timeout=5)
     import msgspec
 
     a, d = msgspec.json.decode(approved.data), msgspec.json.decode(denied.data)
     assert a["action"] == "shutdown"
-    assert a["governance"] == {"status": "approved", "requested_action": "shutdown", "by": "alice",
-                               "reason": "looks right"}
+    # `by` is the key that signed the answer (verified); `by_name` the name the approver gave.
+    assert a["governance"] == {"status": "approved", "requested_action": "shutdown", "by": APPROVER,
+                               "by_name": "alice", "reason": "looks right"}
     assert d["action"] == "hold"
-    assert d["governance"]["status"] == "denied" and d["governance"]["by"] == "alice"
+    assert d["governance"]["status"] == "denied" and d["governance"]["by"] == APPROVER
     assert {r.requested_action for r in approver.requests} == {"shutdown"}
     assert {r.decision_id for r in approver.requests} == {a["id"], d["id"]}
     # Each request and outcome is on record with the decision id.
@@ -137,7 +139,7 @@ async def test_blackholed_upstream_is_decided_at_once_without_waiting(rig: Rig) 
 async def test_pause_turns_actions_into_instead_and_resume_restores(rig: Rig) -> None:
     import msgspec
 
-    async with AutoApprover(rig.cloud_nc, delay_s=(0.01, 0.02)):
+    async with AutoApprover(rig.cloud_nc, delay_s=(0.01, 0.02), key=APPROVER_SEED):
         rig.runtime.pause(by="ops", reason="storm")
         paused = msgspec.json.decode((await rig.sensors.request("sensors.p1.pump", encode(CRITICAL), timeout=5)).data)
         normal = msgspec.json.decode((await rig.sensors.request("sensors.p1.pump", encode(NORMAL), timeout=5)).data)
@@ -155,7 +157,7 @@ async def test_pending_approvals_do_not_stall_other_inputs(rig: Rig) -> None:
 
     pipeline = rig.runtime.pipelines["pump"]
     bound = pipeline.config.max_pending_approvals
-    async with AutoApprover(rig.cloud_nc, delay_s=(5.0, 5.0)):
+    async with AutoApprover(rig.cloud_nc, delay_s=(5.0, 5.0), key=APPROVER_SEED):
         for i in range(1000):
             await rig.sensors.publish("sensors.p1.pump", encode({**CRITICAL, "asset": f"c{i}"}))
         await server_barrier(rig.sensors)

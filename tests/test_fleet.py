@@ -43,10 +43,12 @@ from edge.fleet import (
     ModelDeploy,
     Pause,
     decode_command,
+    new_seed,
     pack_model_folder,
+    public_key_of,
     pushed_config,
-    sign,
     sign_command,
+    sign_model,
     unpack_model_archive,
     verify_artifact,
 )
@@ -55,21 +57,30 @@ from tests.fleet_helpers import (
     Decisions,
     Inputs,
     StubDevice,
+    approver_seed_file,
     every_decision_heard,
     figure,
     fleet_of,
     model_version,
-    new_seed,
     ops,
-    public_key,
     write_seed,
 )
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
-from tests.runtime_harness import CRITICAL, NORMAL, PUMP_RULES, config_data, connect, make_config, write_config
+from tests.runtime_harness import (
+    APPROVER,
+    CRITICAL,
+    NORMAL,
+    OPERATOR,
+    OPERATOR_SEED,
+    PUMP_RULES,
+    config_data,
+    connect,
+    make_config,
+    write_config,
+)
 
-SEED = new_seed()
-OPERATOR = public_key(SEED)
+SEED = OPERATOR_SEED  # the operator every test config trusts
 INTRUDER_SEED = new_seed()
 NOW = 1_700_000_000 * 10**9
 
@@ -120,11 +131,11 @@ def test_signature_verification() -> None:
     verifier = CommandVerifier(clock=lambda: clock[0])
     subject, body = "edge.gw-1.cmd.pause", b'{"reason": "x"}'
     headers = sign_command(SEED, subject, body, timestamp_ns=NOW, nonce="nonce-0001")
-    assert verifier.verify(subject, body, headers, [OPERATOR]) == OPERATOR
+    assert verifier.verify_command(subject, body, headers, [OPERATOR]) == OPERATOR
 
     def refused(code: str, subject: str, body: bytes, headers: dict[str, str] | None) -> str:
         with pytest.raises(CommandError) as caught:
-            verifier.verify(subject, body, headers, [OPERATOR])
+            verifier.verify_command(subject, body, headers, [OPERATOR])
         assert caught.value.code == code, caught.value
         return caught.value.message
 
@@ -145,23 +156,26 @@ def test_signature_verification() -> None:
     future = sign_command(SEED, subject, body, timestamp_ns=NOW + 6 * 60 * 10**9, nonce="nonce-0005")
     assert "+360s" in refused("unauthorized", subject, body, future)
     # The refused ones did not burn their nonces; the accepted one is remembered across a restart.
-    assert verifier.verify(subject, body, fresh, [OPERATOR]) == OPERATOR
+    assert verifier.verify_command(subject, body, fresh, [OPERATOR]) == OPERATOR
     restarted = CommandVerifier(clock=lambda: clock[0])
     restarted.load(verifier.export())
     with pytest.raises(CommandError, match="replayed"):
-        restarted.verify(subject, body, headers, [OPERATOR])
-    # Past the window the nonce is forgotten, and so is the command (its timestamp is stale by then).
+        restarted.verify_command(subject, body, headers, [OPERATOR])
+    # Nonces are forgotten by the signer's high-water mark, never by the clock: only a newer
+    # command (here 11 minutes later) moves the mark past them.
     clock[0] = NOW + 11 * 60 * 10**9
-    assert len(CommandVerifier(clock=lambda: clock[0])) == 0
     restarted.load(verifier.export())
-    assert len(restarted) == 0
+    assert len(restarted) == 2
+    newer = sign_command(SEED, subject, body, timestamp_ns=clock[0], nonce="nonce-0006")
+    assert restarted.verify_command(subject, body, newer, [OPERATOR]) == OPERATOR
+    assert len(restarted) == 1
 
 
 def test_model_artefact_signature() -> None:
     sha = hashlib.sha256(b"model").hexdigest()
-    assert verify_artifact(sha, sign(SEED, sha.encode()), [public_key(INTRUDER_SEED), OPERATOR]) == OPERATOR
-    for signature, code in [("", "unsigned"), (sign(INTRUDER_SEED, sha.encode()), "bad_signature"),
-                            (sign(SEED, b"0" * 64), "bad_signature"), ("not base64!", "bad_signature")]:
+    assert verify_artifact(sha, sign_model(SEED, sha), [public_key_of(INTRUDER_SEED), OPERATOR]) == OPERATOR
+    for signature, code in [("", "unsigned"), (sign_model(INTRUDER_SEED, sha), "bad_signature"),
+                            (sign_model(SEED, "0" * 64), "bad_signature"), ("not base64!", "bad_signature")]:
         with pytest.raises(CommandError) as caught:
             verify_artifact(sha, signature, [OPERATOR])
         assert caught.value.code == code
@@ -283,10 +297,11 @@ async def test_fleet_of_twenty(nats_servers: ServerFactory, tmp_path: Path, caps
         await wait_until(lambda: beats == devices, within=5, what="a heartbeat from every device")
 
         # A group command reaches exactly the group's members.
-        got = await send_command(nc, "group:odd", "pause", {"reason": "storm", "by": "ops"}, timeout=2.0, expect=10)
+        got = await send_command(nc, "group:odd", "pause", {"reason": "storm", "by": "ops"}, timeout=2.0, expect=10,
+                                 seed=SEED)
         assert {r.device for r in got.replies} == odd and got.all_ok and got.did_not_answer == []
         assert {rt.device for rt, _ in fleet if rt.paused} == odd
-        got = await send_command(nc, "all", "resume", timeout=1.0, expect=20)
+        got = await send_command(nc, "all", "resume", timeout=1.0, expect=20, seed=SEED)
         assert {r.device for r in got.replies} == devices and not any(rt.paused for rt, _ in fleet)
 
         # Config push to a group while inputs flow: none lost, none doubled, the new rules in effect.
@@ -346,7 +361,7 @@ async def test_many_lightweight_devices_are_listed(nats_servers: ServerFactory, 
         figure(pytestconfig, capsys,
                f"fleet ls: 100 lightweight devices in {listing['elapsed_s']:.3f}s ({elapsed:.3f}s with connect)")
         nc = await connect(server.url)
-        got = await send_command(nc, "group:g1", "pause", timeout=1.0, expect=25)
+        got = await send_command(nc, "group:g1", "pause", timeout=1.0, expect=25, seed=SEED)
         assert len(got.replies) == 25 and got.all_ok
         assert {int(r.device[-3:]) % 4 for r in got.replies} == {1}
         await nc.close()
@@ -392,12 +407,12 @@ async def test_shadow_deploy_promote_rollback_loses_no_decision(
         assert status["deployments"]["pump-anomaly"]["shadow"].endswith("pump-anomaly/2")
 
         promoted_at = time.monotonic()
-        got = await send_command(nc, "group:canary", "model.promote", {"name": "pump-anomaly"}, expect=2)
+        got = await send_command(nc, "group:canary", "model.promote", {"name": "pump-anomaly"}, expect=2, seed=SEED)
         assert got.all_ok and {r.result["version"] for r in got.replies} == {"2"}
         mark = len(decisions.all)
         await decisions.wait_for(first(lambda d: d["model"] and d["model"]["version"] == "2"))
         promote_s = time.monotonic() - promoted_at
-        got = await send_command(nc, "group:canary", "model.rollback", {"name": "pump-anomaly"}, expect=2)
+        got = await send_command(nc, "group:canary", "model.rollback", {"name": "pump-anomaly"}, expect=2, seed=SEED)
         assert got.all_ok and {r.result["version"] for r in got.replies} == {"1"}
         after_rollback = len(inputs.sent)
         await decisions.wait_for(lambda: len(inputs.sent) >= after_rollback + 30)
@@ -444,7 +459,7 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
         obj, actual = await publish_model(nc, folder, bucket="models", name="pump-anomaly", version=version)
         sha = sha or actual
         body = msgspec.to_builtins(ModelDeploy(name="pump-anomaly", version=version, bucket="models", object=obj,
-                                               sha256=sha, signature=sign(signer, sha.encode()) if signer else ""))
+                                               sha256=sha, signature=sign_model(signer, sha) if signer else ""))
         return await send_command(nc, "gw-s", "model.deploy", body, seed=seed, timeout=30)
 
     def code(got: Any) -> str:
@@ -473,7 +488,7 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
         assert code(await deploy(good, "4")) == "manifest_mismatch"  # the archive says version 2
         missing = msgspec.to_builtins(ModelDeploy(name="pump-anomaly", version="9", bucket="models",
                                                   object="nope.tar.gz", sha256="a" * 64,
-                                                  signature=sign(SEED, b"a" * 64)))
+                                                  signature=sign_model(SEED, "a" * 64)))
         assert code(await send_command(nc, "gw-s", "model.deploy", missing, seed=SEED)) == "not_found"
         assert not (runtime.deployments.store_dir("pump-anomaly", "3")).exists()
         reply = await nc.request("sensors.p1.pump", msgspec.json.encode(NORMAL), timeout=5)
@@ -487,8 +502,15 @@ async def test_bad_commands_and_deploys_are_refused_and_a_restart_keeps_what_was
         records = [msgspec.json.decode(r.body) for r in iter_records(runtime.data_dir / "audit.db")
                    if r.kind == "command"]
         assert [r.get("code") for r in records if not r["ok"]] == [
-            "unauthorized", "unauthorized", "replayed", "bad_model", "checksum_mismatch", "bad_signature",
-            "unsigned", "manifest_mismatch", "not_found"]
+            "bad_model", "checksum_mismatch", "bad_signature", "unsigned", "manifest_mismatch", "not_found"]
+        # Refused before they were authenticated: counted, and recorded one record a second at most.
+        await wait_until(lambda: runtime.fleet is not None and runtime.fleet.refusals.pending == 0, within=3,
+                         what="the refusals recorded")
+        refused = Counter[str]()
+        for r in iter_records(runtime.data_dir / "audit.db"):
+            if r.kind == "command_refused":
+                refused.update(msgspec.json.decode(r.body)["counts"])
+        assert refused == {"unauthorized": 2, "replayed": 1}
         assert all(r.get("signer") == OPERATOR for r in records if r["ok"])
 
         # Good, signed: a new active version and a new config.
@@ -576,7 +598,8 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
             return text in "".join(printed)
 
         lines: asyncio.Queue[str | None] = asyncio.Queue()
-        watch = asyncio.create_task(approvals_watch(ops(server.url, auto=None, by="alice", limit=1, duration=20),
+        watch = asyncio.create_task(approvals_watch(ops(server.url, auto=None, by="alice", limit=1, duration=20,
+                                                        sign_with=str(approver_seed_file())),
                                                     lines))
         await wait_until(lambda: said("watching edge.*.approval.*"), within=5,
                          what="the watcher subscribed")  # it says so once subscribed
@@ -588,14 +611,16 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         assert await watch == 0
         assert said("#1 gw-c/pump shutdown: denied")
         assert denied["action"] == "hold" and denied["governance"]["status"] == "denied"
-        assert denied["governance"]["by"] == "alice"
+        assert denied["governance"]["by"] == APPROVER and denied["governance"]["by_name"] == "alice"
         printed.clear()
-        watch = asyncio.create_task(approvals_watch(ops(server.url, auto="approve", by="bot", limit=1, duration=20)))
+        watch = asyncio.create_task(approvals_watch(ops(server.url, auto="approve", by="bot", limit=1, duration=20,
+                                                        sign_with=str(approver_seed_file()))))
         await wait_until(lambda: said("watching edge.*.approval.*"), within=5, what="the watcher subscribed")
         approved = msgspec.json.decode((await nc.request("sensors.p1.pump", msgspec.json.encode(CRITICAL),
                                                          timeout=10)).data)
         assert await watch == 0
-        assert approved["action"] == "shutdown" and approved["governance"]["by"] == "bot"
+        assert approved["action"] == "shutdown" and approved["governance"]["by"] == APPROVER
+        assert approved["governance"]["by_name"] == "bot"
 
         # Commands beyond what the device handles at once get `busy` at once, never a queue.
         answers: list[dict[str, Any]] = []
@@ -607,17 +632,17 @@ async def test_operator_cli(nats_servers: ServerFactory, tmp_path: Path, capsys:
         await nc.subscribe(inbox, cb=on_answer)
         async with fleet._mutating:  # a long change in progress: promotes wait for it
             for _ in range(MAX_IN_FLIGHT + 8):
-                await nc.publish("edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}', reply=inbox)
+                subject, body = "edge.gw-c.cmd.model.promote", b'{"name": "pump-anomaly"}'
+                await nc.publish(subject, body, reply=inbox, headers=sign_command(SEED, subject, body))
             await wait_until(lambda: len(answers) == 8, within=5, what="8 answers")
             assert {a["error"]["code"] for a in answers} == {"busy"}
         await wait_until(lambda: len(answers) == MAX_IN_FLIGHT + 8, within=5, what="every answer")
         assert Counter(a["error"]["code"] for a in answers) == {"busy": 8, "no_shadow": MAX_IN_FLIGHT}
 
-        # Signed from a seed file, against a device that trusts it.
+        # Signed from a seed file, against a device that trusts it; unsigned, refused.
         seed_file = write_seed(tmp_path, SEED)
-        runtime.config = msgspec.structs.replace(runtime.config, fleet=msgspec.structs.replace(
-            runtime.config.fleet, trusted_keys=[OPERATOR]))
-        assert await fleet_cmd(ops(server.url, target="gw-c", verb="pause", data=None)) == 1
+        assert await fleet_cmd(ops(server.url, target="gw-c", verb="pause", data=None, sign_with=None)) == 1
+        assert not runtime.paused
         assert await fleet_cmd(ops(server.url, target="gw-c", verb="pause", data=None, sign_with=str(seed_file))) == 0
         assert runtime.paused
     await nc.close()

@@ -39,17 +39,17 @@ from edge._config import config_sha256, redact_url
 from edge._files import write_atomically
 from edge.cli import build_parser, main
 from edge.cli._operator import device_status, fleet_status, send_command
-from edge.fleet import pushed_config
-from tests.fleet_helpers import RULES_ONLY, new_seed, ops, public_key
+from edge.fleet import new_seed, public_key_of, pushed_config
+from tests.fleet_helpers import RULES_ONLY, ops
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
 from tests.runtime_harness import NORMAL, config_data, connect, encode
 
 SEED = new_seed()
-OPERATOR = public_key(SEED)
+OPERATOR = public_key_of(SEED)
 REVOKED_SEED = new_seed()
-REVOKED = public_key(REVOKED_SEED)
-APPROVER = public_key(new_seed())
+REVOKED = public_key_of(REVOKED_SEED)
+APPROVER = public_key_of(new_seed())
 
 # ---------------------------------------------------------------------------------------------
 # Servers that want credentials
@@ -387,7 +387,7 @@ async def test_trust_roots_change_only_with_the_file(nats_servers: ServerFactory
     async with Runtime(load_config(path)) as runtime:
         # No command changes who is trusted, or switches signatures off.
         for fleet, key in [({"trusted_keys": []}, "fleet.trusted_keys"),
-                           ({"trusted_keys": [OPERATOR, REVOKED, public_key(new_seed())]}, "fleet.trusted_keys"),
+                           ({"trusted_keys": [OPERATOR, REVOKED, public_key_of(new_seed())]}, "fleet.trusted_keys"),
                            ({"allow_unsigned": True}, "fleet.allow_unsigned"),
                            ({"approver_keys": [APPROVER]}, "fleet.approver_keys"),
                            ({"device_key": "elsewhere.nk"}, "fleet.device_key")]:

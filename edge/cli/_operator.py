@@ -40,7 +40,7 @@ from models import ModelError, load_manifest
 from .._config import DEVICE_ID, Auth, Tls, connect_options, decode_config, load_config, redact_url
 from .._errors import CommandError, ConfigError
 from .._messages import ApprovalRequest, Heartbeat
-from .._natsutil import server_barrier
+from .._natsutil import client_of, server_barrier
 from ..fleet import (
     REPLY_DECODER,
     VERBS,
@@ -48,8 +48,9 @@ from ..fleet import (
     Reply,
     load_seed,
     pack_model_folder,
-    sign,
+    sign_approval,
     sign_command,
+    sign_model,
 )
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, exit_code_for, local_url, print_json, run_async
 from ._provision import register_provision
@@ -312,7 +313,7 @@ async def fleet_deploy_model(args: argparse.Namespace) -> int:
     async with _connected(args) as nc:
         obj, sha256 = await publish_model(nc, folder, bucket=args.bucket, name=name, version=version)
         command = ModelDeploy(name=name, version=version, bucket=args.bucket, object=obj, sha256=sha256,
-                              signature=sign(seed, sha256.encode()) if seed is not None else "",
+                              signature=sign_model(seed, sha256) if seed is not None else "",
                               mode="shadow" if args.shadow else "active")
         body = msgspec.to_builtins(command)
         got = await send_command(nc, args.target, "model.deploy", body, timeout=args.timeout, expect=args.expect,
@@ -365,6 +366,7 @@ async def device_status(args: argparse.Namespace) -> int:
 async def approvals_watch(args: argparse.Namespace, lines: asyncio.Queue[str | None] | None = None) -> int:
     """`edge approvals watch`: list approval requests; `a N` approves, `d N [reason]` denies (or `--auto`)."""
     by = args.by or getpass.getuser()
+    seed = _seed(args)  # the approver's key: devices accept only answers it signs
     pending: dict[int, tuple[Msg, ApprovalRequest, float]] = {}
     numbers = iter(range(1, 1 << 62))
     answered = 0
@@ -377,7 +379,9 @@ async def approvals_watch(args: argparse.Namespace, lines: asyncio.Queue[str | N
             print(f"no pending request #{number}")
             return
         msg, request, _ = entry
-        await msg.respond(_JSON.encode({"approved": approved, "by": by, "reason": reason}))
+        body = _JSON.encode({"approved": approved, "by": by, "reason": reason})
+        headers = sign_approval(seed, request.decision_id, body) if seed is not None else None
+        await client_of(msg).publish(msg.reply, body, headers=headers)
         answered += 1
         verdict = "approved" if approved else "denied"
         print(f"#{number} {request.device}/{request.pipeline} {request.requested_action}: {verdict}", flush=True)
@@ -557,7 +561,8 @@ async def _connected(args: argparse.Namespace, default: tuple[Auth, Path] | None
     try:
         nc = await nats.connect(servers=[s.strip() for s in args.server.split(",")], name="edge-operator",
                                 allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
-                                connect_timeout=max(1.0, float(args.timeout)), error_cb=quiet, **options)
+                                connect_timeout=max(1.0, float(args.timeout)), error_cb=quiet,
+                                inbox_prefix=getattr(args, "inbox_prefix", None) or "_INBOX", **options)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise CommandError("unreachable", f"cannot connect to {redact_url(args.server)}: "
                                           f"{exc or type(exc).__name__}") from None
@@ -624,7 +629,10 @@ def _upstream_args(p: argparse.ArgumentParser, *, expect: bool = True) -> None:
                    help="upstream NATS URL(s), comma-separated (env EDGE_SERVER)")
     _connection_args(p)
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to gather replies")
-    p.add_argument("--sign-with", metavar="SEED_FILE", help="sign commands with this operator nkey seed")
+    p.add_argument("--inbox-prefix", default="_INBOX",
+                   help="reply subjects under this prefix (a provisioned approver uses _INBOX_<name>)")
+    p.add_argument("--sign-with", metavar="SEED_FILE",
+                   help="nkey seed file to sign with (operator: commands; approver: answers)")
     if expect:
         p.add_argument("--expect", type=int, help="stop gathering once this many devices have answered")
 

@@ -38,6 +38,7 @@ from .._errors import CommandError
 from .._files import write_atomically
 from .._messages import Heartbeat
 from .._natsutil import client_of, server_barrier, stop_service_quietly
+from .._replies import RefusalTally, ReplyPolicy
 from .._version import version
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ from ._protocol import (
     unknown_verb,
     verb_of,
 )
-from ._signing import CommandVerifier, verify_artifact
+from ._signing import CommandVerifier, is_signed, verify_artifact
 
 log = logging.getLogger("edge.fleet")
 
@@ -144,6 +145,9 @@ class Fleet:
         self.state = FleetState.NEW
         self.verifier = CommandVerifier()
         self.counts: Counter[str] = Counter()  # "ok" or the error code
+        # Refusals of unauthenticated commands: one audit record a second at most, whoever floods us.
+        self.refusals = RefusalTally("command_refused", host.record)
+        self.replies = ReplyPolicy(host.config.nats.reply_prefixes)
         self.heartbeats = 0
         self._nc: NATS | None = None
         self._subs: dict[str, Subscription] = {}
@@ -153,18 +157,21 @@ class Fleet:
         self._tasks: asyncio.TaskGroup | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._mutating = asyncio.Lock()  # one change of config or models at a time
+        self._saving = asyncio.Lock()  # one write of the replay state at a time
         self._attached = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None  # waits for the upstream connection, then attaches
         self._stop = asyncio.Event()
 
     @property
     def nonce_file(self) -> Path:
+        """Where the replay state (per-signer high-water marks and recent nonces) is kept."""
         return self.host.data_dir / "fleet" / "nonces.json"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Fleet:
         self.state = FleetState.WAITING
+        self._announce_trust()
         with contextlib.suppress(FileNotFoundError):
             self.verifier.load(await asyncio.to_thread(self.nonce_file.read_bytes))
         self._tasks = asyncio.TaskGroup()
@@ -187,7 +194,18 @@ class Fleet:
             raise
         self._follower = self._tasks.create_task(self._follow_upstream(), name=f"fleet-upstream-{self.device}")
         self._tasks.create_task(self._heartbeat_forever(), name=f"fleet-heartbeat-{self.device}")
+        self._tasks.create_task(self._flush_refusals_every_second(), name=f"fleet-refusals-{self.device}")
         return self
+
+    def _announce_trust(self) -> None:
+        fleet = self.host.config.fleet
+        if fleet.allow_unsigned:
+            log.warning("fleet.allow_unsigned = true: device %s obeys UNSIGNED commands from anyone on the bus "
+                        "(labs and demos only)", self.device)
+            self.host.record("trust", {"allow_unsigned": True, "trusted_keys": len(fleet.trusted_keys)})
+        elif not fleet.trusted_keys:
+            log.warning("fleet.trusted_keys is empty: device %s answers `status` and refuses every other command",
+                        self.device)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -298,6 +316,15 @@ class Fleet:
 
     # -- heartbeat -------------------------------------------------------------------------------
 
+    async def _flush_refusals_every_second(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)  # pace: one record a second at most
+                self.refusals.flush()
+        finally:
+            self.refusals.flush()
+
     async def _heartbeat_forever(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -337,7 +364,7 @@ class Fleet:
         if len(self._handlers) >= MAX_IN_FLIGHT:
             verb = verb_of(msg.subject)
             error = CommandError("busy", f"{len(self._handlers)} commands already in progress; try again")
-            reply = self._failed(verb, msg.subject, error, by="", signer="")
+            reply = self._failed(verb, msg.subject, error, by="", signer="", accepted=False)
             await self._answer(msg, reply)
             return
         task = self._tasks.create_task(self._serve(msg, local=local))
@@ -351,6 +378,9 @@ class Fleet:
     async def _answer(self, msg: Msg, reply: Reply) -> None:
         if not msg.reply:
             return
+        if not self.replies.allows(msg.reply):
+            log.debug("fleet: reply to %.200s refused (not under nats.reply_prefixes)", msg.reply)
+            return
         content_type = msg.headers.get("Content-Type", "") if msg.headers else ""
         headers = {"Content-Type": MSGPACK} if content_type == MSGPACK else None
         await self._publish(client_of(msg), msg.reply, encode_reply(reply, content_type), headers)
@@ -360,13 +390,15 @@ class Fleet:
         """Authenticate, decode, run and audit one command; never raises (the reply says what went wrong)."""
         verb = verb_of(subject)
         signer, by = "", ""
+        accepted = False  # authenticated (or read-only): its outcome is audited one by one
         try:
             if verb not in VERBS:
                 raise unknown_verb(verb)
-            trusted = self.host.config.fleet.trusted_keys
-            if trusted and not unsigned_ok:
-                signer = self.verifier.verify(subject, body, headers, trusted)
-                await self._save_nonces()
+            self._authenticate(subject, verb, body, headers, local=unsigned_ok)
+            signer = headers.get("Edge-Signer", "") if headers and is_signed(headers) else ""
+            if signer and self.host.config.fleet.trusted_keys:
+                await self._save_replay_state()
+            accepted = True
             content_type = headers.get("Content-Type", "") if headers else ""
             command = decode_command(verb, body, content_type)
             by = command.by or signer
@@ -374,19 +406,36 @@ class Fleet:
                 raise CommandError("unauthorized", "only `status` is answered on the local bus")
             result = await self._dispatch(command, by, signer)
         except CommandError as error:
-            return self._failed(verb, subject, error, by=by, signer=signer)
+            return self._failed(verb, subject, error, by=by, signer=signer, accepted=accepted)
         except Exception as exc:  # a bug must cost one command, never the subscription: log it, say so
             log.exception("fleet: %s failed unexpectedly", verb)
             return self._failed(verb, subject, CommandError("internal", f"{type(exc).__name__}: {exc}"),
-                                by=by, signer=signer)
+                                by=by, signer=signer, accepted=accepted)
         self.counts["ok"] += 1
         self._audit(verb, subject, ok=True, by=by, signer=signer)
         return Reply(ok=True, device=self.device, verb=verb, result=result)
 
-    def _failed(self, verb: str, subject: str, error: CommandError, *, by: str, signer: str) -> Reply:
+    def _authenticate(self, subject: str, verb: str, body: bytes, headers: Mapping[str, str] | None, *,
+                      local: bool) -> None:
+        """Default deny: only `status` is read without a signature; everything else needs one by a
+        trusted key, unless `fleet.allow_unsigned` says otherwise. Raises CommandError."""
+        if local or (verb == "status" and not is_signed(headers)):
+            return
+        fleet = self.host.config.fleet
+        if fleet.trusted_keys and (is_signed(headers) or not fleet.allow_unsigned):
+            self.verifier.verify_command(subject, body, headers, fleet.trusted_keys)
+        elif not fleet.allow_unsigned:
+            raise CommandError("unauthorized", "this device trusts no operator key (fleet.trusted_keys is empty): "
+                                               "it answers `status` only")
+
+    def _failed(self, verb: str, subject: str, error: CommandError, *, by: str, signer: str,
+                accepted: bool = True) -> Reply:
         self.counts[error.code] += 1
-        self._audit(verb, subject, ok=False, by=by, signer=signer, code=error.code, message=error.message)
-        log.info("fleet: %s refused: %s", verb or subject, error)
+        if accepted:
+            self._audit(verb, subject, ok=False, by=by, signer=signer, code=error.code, message=error.message)
+        else:
+            self.refusals.add(error.code, f"{verb or subject[:100]}: {error.message}")
+        log.info("fleet: %.100s refused: %.300s", verb or subject, error)
         return Reply(ok=False, device=self.device, verb=verb, error=ErrorInfo(error.code, error.message))
 
     def _audit(self, verb: str, subject: str, *, ok: bool, by: str, signer: str, code: str = "",
@@ -397,12 +446,10 @@ class Fleet:
                 body[key] = value
         self.host.record("command", body)
 
-    async def _save_nonces(self) -> None:
-        # Before the command runs: a restart must not make a captured command replayable.
-        data = self.verifier.export()
-        path = self.nonce_file
-
-        await asyncio.to_thread(write_atomically, path, data)
+    async def _save_replay_state(self) -> None:
+        # Before the command runs, fsynced: a restart must not make a captured command replayable.
+        async with self._saving:  # in order: a newer state is never overwritten by an older one
+            await asyncio.to_thread(write_atomically, self.nonce_file, self.verifier.export())
 
     async def _dispatch(self, command: Command, by: str, signer: str) -> dict[str, Any]:
         host = self.host
@@ -460,6 +507,8 @@ class Fleet:
         return {"state": self.state.value, "subjects": sorted(self._subs), "commands": dict(self.counts),
                 "in_progress": len(self._handlers), "heartbeats": self.heartbeats,
                 "signed": bool(self.host.config.fleet.trusted_keys), "nonces": len(self.verifier),
+                "allow_unsigned": self.host.config.fleet.allow_unsigned, "refused": dict(self.refusals.totals),
+                "replies_refused": self.replies.refused,
                 "service_id": self._service.id if self._service is not None else None}
 
     async def _on_service_status(self, request: Request) -> None:

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from edge import ApprovalReply, ApprovalRequest, server_barrier
+from edge.fleet import sign_approval
 from models import Model, bundled_model_path, load_model
 
 
@@ -115,12 +116,15 @@ class AutoApprover:
 
     def __init__(self, nc: NATS, *, subject: str = "edge.*.approval.*", delay_s: tuple[float, float] = (0.2, 1.0),
                  policy: Callable[[ApprovalRequest], bool] | None = None, name: str = "on-call (simulated)",
-                 seed: int = 7) -> None:
+                 seed: int = 7, key: bytes | None = None) -> None:
+        """`key`: the approver's nkey seed; answers are signed with it (devices accept only signed
+        answers from their `fleet.approver_keys`). None sends unsigned answers (`allow_unsigned` labs)."""
         self.nc = nc
         self.subject = subject
         self.delay_s = delay_s
         self.policy = policy or (lambda request: True)
         self.name = name
+        self.key = key
         self.requests: list[ApprovalRequest] = []
         self._random = random.Random(seed)
         self._sub: Subscription | None = None
@@ -158,4 +162,6 @@ class AutoApprover:
             ApprovalReply(approved=approved, by=self.name, reason="looks right" if approved else "not now")
         )
         if msg.reply and not self.nc.is_closed:
-            await self.nc.publish(msg.reply, msgspec.json.encode(reply))
+            body = msgspec.json.encode(reply)
+            headers = sign_approval(self.key, request.decision_id, body) if self.key is not None else None
+            await self.nc.publish(msg.reply, body, headers=headers)

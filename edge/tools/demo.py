@@ -42,6 +42,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from edge import BUNDLED_CONFIG, Config, EdgeError, Fallback, Governance, LinkState, NatsServer, Runtime, decode_config
+from edge.fleet import new_seed, public_key_of
 from models import bundled_model_path
 from sync import (
     AuditLog,
@@ -199,9 +200,13 @@ class SensorStory:
 # The runtime's config: the bundled example, pointed at the demo's servers and sped up
 
 
-def demo_config(local_url: str, upstream_url: str, data_dir: Path) -> Config:
-    """The bundled example config with the demo's servers, a data dir, and a link tuned to demo speed."""
+def demo_config(local_url: str, upstream_url: str, data_dir: Path, *, operator_key: str = "",
+                approver_key: str = "") -> Config:
+    """The bundled example config with the demo's servers, a data dir, a link tuned to demo speed,
+    and the keys the demo made for its operator and approver (the secure path, not allow_unsigned)."""
     data = tomllib.loads(BUNDLED_CONFIG.read_text(encoding="utf-8"))
+    data["fleet"] = {**data.get("fleet", {}), "trusted_keys": [operator_key] if operator_key else [],
+                     "approver_keys": [approver_key] if approver_key else []}
     data["device_id"] = DEVICE
     data["data_dir"] = str(data_dir)
     data["nats"] = {"local": local_url, "upstream": upstream_url}
@@ -907,11 +912,16 @@ async def run_demo(options: DemoOptions) -> int:
             cloud = await _enter(stack, NatsServer(name="demo-cloud", store_dir=work / "cloud"),
                                  "the cloud nats-server")
             proxy = await _enter(stack, FaultProxy("127.0.0.1", cloud.port), "the fault proxy")
-            config = demo_config(local.url, proxy.url, work / "var")
+            # Keys made on the fly: the device obeys only its operator and settles approvals only
+            # with answers its approver signed (nothing on the bus is trusted for being there).
+            operator_seed, approver_seed = new_seed(), new_seed()
+            config = demo_config(local.url, proxy.url, work / "var", operator_key=public_key_of(operator_seed),
+                                 approver_key=public_key_of(approver_seed))
             cloud_nc = await _connect(stack, cloud.url, "demo-cloud-sim")
             local_nc = await _connect(stack, local.url, "demo-sensors")
             await _enter(stack, CloudSimulator(cloud_nc), "the cloud simulator")
-            approver = await _enter(stack, AutoApprover(cloud_nc, delay_s=APPROVAL_DELAY_S, seed=options.seed),
+            approver = await _enter(stack, AutoApprover(cloud_nc, delay_s=APPROVAL_DELAY_S, seed=options.seed,
+                                                                key=approver_seed),
                                     "the approver")
             await local_nc.subscribe(f"edge.{DEVICE}.decision.>", cb=recorder.on_decision)
             await local_nc.flush()
