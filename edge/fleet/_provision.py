@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, assert_never
@@ -66,7 +65,7 @@ import msgspec
 
 from .._errors import ConfigError, Problem
 from .._files import write_atomically
-from ._signing import load_seed, public_key_of
+from ._signing import load_seed, new_seed, public_key_of
 
 Role = Literal["device", "operator", "approver", "cloud"]
 ROLES: tuple[Role, ...] = ("device", "operator", "approver", "cloud")
@@ -221,13 +220,6 @@ def permissions_for(identity: Identity, *, stream: str = DEFAULT_STREAM,
             assert_never(identity.role)
 
 
-def new_user_seed() -> bytes:
-    """A fresh user nkey seed ("SU...") from 32 random bytes."""
-    import nkeys  # type: ignore[import-untyped]  # only where keys are made
-
-    return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
-
-
 def _discovery() -> list[str]:
     return [subject for verb in SRV_VERBS
             for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{SERVICE}", f"$SRV.{verb}.{SERVICE}.*")]
@@ -346,7 +338,7 @@ def provision(out: Path, identities: Sequence[Identity], *, stream: str = DEFAUL
             seeds[identity.name] = (load_seed(path), "kept")
             os.chmod(path, 0o600)
         else:
-            seed = new_user_seed()
+            seed = new_seed()
             write_atomically(path, seed + b"\n", mode=0o600)
             seeds[identity.name] = (seed, "new")
     keys = {name: public_key_of(seed) for name, (seed, _) in seeds.items()}
