@@ -1,4 +1,5 @@
-"""Section 7: round trips of inputs that need no approval, with none and then many approvals pending."""
+"""Section 7: round trips of inputs that need no approval, with none and then many approvals pending;
+and of inputs that do, answered at once by an approver that signs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import msgspec
 
+from edge.fleet import new_seed, public_key_of
+
 from ._constants import PIPELINE
-from ._results import ApprovalFigures, Latency, Sizes
+from ._results import ApprovalFigures, BenchError, Latency, Sizes
 from ._runtime_side import device_name, runtime_config_data
 from ._servers import fresh_server
 
@@ -24,6 +27,9 @@ async def bench_approvals(work: Path, sizes: Sizes) -> ApprovalFigures:
     pending, requests = 100, (300 if sizes.repeats == 1 else 2000)
     device = device_name("appr")
     data = runtime_config_data(work, "", device=device, ladder=("rules",))
+    # The secure path: answers count only when signed by the approver's key.
+    approver_seed = new_seed()
+    data["fleet"] = {**data.get("fleet", {}), "approver_keys": [public_key_of(approver_seed)]}
     async with fresh_server(work, "approvals") as server:
         data["nats"] = {"local": server.url, "upstream": ""}
         data["pipelines"][0]["actions"]["shutdown"] = {"approval": "required", "approval_timeout_ms": 60_000,
@@ -49,7 +55,7 @@ async def bench_approvals(work: Path, sizes: Sizes) -> ApprovalFigures:
 
                 idle = await measure()
                 # A human who takes a minute: every critical input waits on its own.
-                async with AutoApprover(approver_nc, delay_s=(60.0, 60.0)):
+                async with AutoApprover(approver_nc, delay_s=(60.0, 60.0), key=approver_seed):
                     for _ in range(pending):
                         await nc.publish(subject, critical)
                     pipeline = rt.pipelines[PIPELINE]
@@ -60,10 +66,20 @@ async def bench_approvals(work: Path, sizes: Sizes) -> ApprovalFigures:
                     waiting = pipeline.pending_approvals
                     busy = await measure()
                     rt.approvals.link_lost()  # settle the pending ones now rather than after a minute
+                # An approver that answers at once, signing: the signed-approval path end to end.
+                async with AutoApprover(approver_nc, delay_s=(0.0, 0.0), key=approver_seed):
+                    samples: list[float] = []
+                    for _ in range(requests // 4):
+                        started = time.perf_counter()
+                        reply = await nc.request(subject, critical, timeout=5)
+                        samples.append((time.perf_counter() - started) * 1000)
+                        if msgspec.json.decode(reply.data)["governance"]["status"] != "approved":
+                            raise BenchError(f"a signed approval did not settle: {reply.data[:200]!r}")
+                    signed = _latency_of(samples)
             finally:
                 await nc.close()
                 await approver_nc.close()
-    return ApprovalFigures(pending=waiting, requests=requests, idle=idle, busy=busy)
+    return ApprovalFigures(pending=waiting, requests=requests, idle=idle, busy=busy, signed=signed)
 
 
 def _latency_of(samples_ms: list[float]) -> Latency:

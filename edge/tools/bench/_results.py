@@ -224,6 +224,9 @@ class ApprovalFigures(msgspec.Struct, kw_only=True):
     requests: int  # request/reply round trips of inputs that need no approval, per phase
     idle: Latency  # with no approval pending
     busy: Latency  # with `pending` approvals pending
+    # Inputs that need approval, answered at once by an approver that signs (edge-approval-v1)
+    # and verified by the device: the round trip of the whole signed-approval path.
+    signed: Latency | None = None
 
 
 class BenchResult(msgspec.Struct, kw_only=True):

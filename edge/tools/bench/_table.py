@@ -118,7 +118,10 @@ def format_table(r: BenchResult) -> str:
             f"7. Inputs that need no approval, request/reply round trip ms ({ap.requests:,} each; closed loop)",
             f"   {'':30}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>9}",
         ]
-        for name, lat in (("no approval pending", ap.idle), (f"{ap.pending} approvals pending", ap.busy)):
+        rows = [("no approval pending", ap.idle), (f"{ap.pending} approvals pending", ap.busy)]
+        if ap.signed is not None:
+            rows.append(("approval needed, signed answer", ap.signed))
+        for name, lat in rows:
             lines.append(f"   {name:30}{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}")
         lines.append("")
     if r.profile is not None:
