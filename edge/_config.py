@@ -17,7 +17,7 @@ import socket
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -53,115 +53,168 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Config tables: unknown keys are errors, not silently ignored typos."""
 
 
+def _doc(meaning: str) -> msgspec.Meta:
+    """A key's one-line meaning: what `edge config reference` prints and the config's JSON Schema says.
+
+    Every config key has one (tests/test_reference.py checks), so the reference is generated from
+    these Structs and cannot drift from what the loader accepts.
+    """
+    return msgspec.Meta(description=meaning)
+
+
 class Tls(_Strict):
-    ca: str = ""
-    cert: str = ""
-    key: str = ""
+    """TLS for one connection (paths relative to the config file)."""
+
+    ca: Annotated[str, _doc("CA certificate(s) that verify the server (PEM file)")] = ""
+    cert: Annotated[str, _doc("client certificate (PEM file)")] = ""
+    key: Annotated[str, _doc("the client certificate's private key (PEM file)")] = ""
 
 
 class Auth(_Strict):
     """Credentials for one NATS connection, passed through to nats-py."""
 
-    creds: str = ""
-    nkey_seed: str = ""
-    user: str = ""
-    password: str = ""
-    token: str = ""
-    tls: Tls | None = None
+    creds: Annotated[str, _doc("a NATS .creds file (JWT and seed)")] = ""
+    nkey_seed: Annotated[str, _doc("a file holding an nkey seed: the connection's NATS identity")] = ""
+    user: Annotated[str, _doc("user name (goes with password)")] = ""
+    password: Annotated[str, _doc("password (goes with user); shown as ***")] = ""
+    token: Annotated[str, _doc("an authentication token; shown as ***")] = ""
+    tls: Annotated[Tls | None, _doc("TLS client settings {ca, cert, key}")] = None
 
 
 class NatsConfig(_Strict):
-    local: str = "embedded"
-    upstream: str = ""  # empty: the same connection as local
-    embedded_port: int = 4222  # -1: let the server choose (tests, demos)
-    local_auth: Auth = msgspec.field(default_factory=Auth)
-    upstream_auth: Auth = msgspec.field(default_factory=Auth)
-    # A reply goes only to a subject whose first token is one of these, or begins with one and "_".
-    reply_prefixes: list[str] = msgspec.field(default_factory=lambda: ["_INBOX"])
-    # A non-loopback upstream with a password or token and no TLS is refused unless this is set.
-    allow_insecure: bool = False
+    """The two connections: the local bus and upstream (the cloud)."""
+
+    local: Annotated[str, _doc('the local bus: a nats:// URL, or "embedded" (start and supervise a nats-server)')
+                     ] = "embedded"
+    upstream: Annotated[str, _doc("the cloud's NATS URL; empty: the same connection as local")] = ""
+    embedded_port: Annotated[int, _doc("the embedded server's port; -1: any free port")] = 4222
+    local_auth: Annotated[Auth, _doc("credentials for the local bus")] = msgspec.field(default_factory=Auth)
+    upstream_auth: Annotated[Auth, _doc("credentials for upstream")] = msgspec.field(default_factory=Auth)
+    reply_prefixes: Annotated[list[str], _doc(
+        "replies go only to subjects whose first token is one of these, or begins with one and '_'")
+    ] = msgspec.field(default_factory=lambda: ["_INBOX"])
+    allow_insecure: Annotated[bool, _doc(
+        "allow a password or token to reach a non-loopback host without TLS")] = False
 
 
 class LinkConfig(_Strict):
-    probe_interval_ms: int = 1000
-    probe_timeout_ms: int = 500
-    probe_subject: str = ""  # empty: a server round trip (PING/PONG) on the upstream connection
-    breaker_failures: int = 3
-    breaker_reset_ms: int = 5000
+    """How the cloud's reachability is judged."""
+
+    probe_interval_ms: Annotated[int, _doc("milliseconds between two probes of the cloud")] = 1000
+    probe_timeout_ms: Annotated[int, _doc("milliseconds a probe waits for an answer")] = 500
+    probe_subject: Annotated[str, _doc(
+        "the subject the probe asks; empty: the first pipeline's cloud subject, else a server round trip")] = ""
+    breaker_failures: Annotated[int, _doc("consecutive failures that open the breaker")] = 3
+    breaker_reset_ms: Annotated[int, _doc(
+        "milliseconds the breaker stays open; then a probe is the trial (half-open)")] = 5000
 
 
 class AuditConfig(_Strict):
-    fsync: Literal["always", "batch", "off"] = "batch"
-    commit_interval_ms: float = 2.0
-    max_bytes: str | int = "1GiB"
-    on_full: Literal["drop_oldest", "block"] = "drop_oldest"
-    stream: str = "EDGE_AUDIT"
-    create_stream: bool = False
-    keep_synced: str = "7d"
-    sync_window: int = 256
+    """The durable audit log and its sync to the upstream stream."""
+
+    fsync: Annotated[Literal["always", "batch", "off"], _doc(
+        "always: fsync every commit; batch: one fsync per commit_interval_ms; off: never")] = "batch"
+    commit_interval_ms: Annotated[float, _doc("batch mode: milliseconds between two fsyncs")] = 2.0
+    max_bytes: Annotated[str | int, _doc('the log\'s size limit ("1GiB", "500MB" or a number of bytes)')] = "1GiB"
+    on_full: Annotated[Literal["drop_oldest", "block"], _doc(
+        "with only unsynced records left: drop the oldest (a gap record says so), or block (act as instead)")
+    ] = "drop_oldest"
+    stream: Annotated[str, _doc("the upstream JetStream stream that receives the log")] = "EDGE_AUDIT"
+    create_stream: Annotated[bool, _doc("create the stream when it is missing")] = False
+    keep_synced: Annotated[str, _doc('how long synced records are kept for re-sending ("7d", "12h")')] = "7d"
+    sync_window: Annotated[int, _doc("publishes in flight to JetStream at once")] = 256
 
 
 class FleetConfig(_Strict):
-    heartbeat_s: float = 10.0
-    trusted_keys: list[str] = msgspec.field(default_factory=list)  # operators: who may command and deploy
-    approver_keys: list[str] = msgspec.field(default_factory=list)  # whose signed answers settle approvals
-    allow_unsigned: bool = False  # labs and demos only: accept unsigned commands and approvals (warned, audited)
-    device_key: str = ""  # an nkey seed file; empty: data_dir/device.nk, created on first start
+    """Fleet commands, approvals and the device's own key."""
+
+    heartbeat_s: Annotated[float, _doc("seconds between two heartbeats")] = 10.0
+    trusted_keys: Annotated[list[str], _doc(
+        "operators' public nkeys ('U...'): who may command the device and deploy models")
+    ] = msgspec.field(default_factory=list)
+    approver_keys: Annotated[list[str], _doc("approvers' public nkeys: whose signed answers settle approvals")
+                             ] = msgspec.field(default_factory=list)
+    allow_unsigned: Annotated[bool, _doc(
+        "accept unsigned commands and approvals (labs and demos only; warned and audited)")] = False
+    device_key: Annotated[str, _doc(
+        "the device's nkey seed file; empty: data_dir/device.nk, made on first start")] = ""
 
 
 class ModelConfig(_Strict):
-    name: str
-    path: str
-    max_batch: int = 64
-    max_wait_us: int = 500
+    """One model pipelines may run."""
+
+    name: Annotated[str, _doc("the name pipelines' model and shadow use")]
+    path: Annotated[str, _doc("a folder holding the model file and manifest.toml")]
+    max_batch: Annotated[int, _doc("most inputs in one model call (1..4096)")] = 64
+    max_wait_us: Annotated[int, _doc("microseconds a batch waits to fill")] = 500
 
 
 class CloudConfig(_Strict):
-    subject: str
-    timeout_ms: int = 200
+    """A cloud model asked over NATS."""
+
+    subject: Annotated[str, _doc("the upstream subject of its requests")]
+    timeout_ms: Annotated[int, _doc("milliseconds a decision waits for its answer")] = 200
 
 
 class ActionPolicy(_Strict):
     """What it takes for a pipeline to perform one action."""
 
-    approval: Literal["none", "required"] = "none"
-    approval_timeout_ms: int = 30000
-    instead: str = ""  # the action taken when this one is not allowed; empty: no replacement needed
-    rate_limit: str = ""  # "N/s|m|h|d"
-    min_confidence: float | None = None  # a stricter bar when a model or the cloud chose it
-    tiers: list[str] = msgspec.field(default_factory=list)  # tiers allowed to choose it; empty: any
+    approval: Annotated[Literal["none", "required"], _doc("required: a human approves each one")] = "none"
+    approval_timeout_ms: Annotated[int, _doc("milliseconds to wait for an approver")] = 30000
+    instead: Annotated[str, _doc(
+        "the action taken when this one is not allowed (denied, rate-limited, paused); empty: none")] = ""
+    rate_limit: Annotated[str, _doc('at most this many ("3/h", "10/s"); empty: no limit')] = ""
+    min_confidence: Annotated[float | None, _doc(
+        "a stricter bar when a model or the cloud chose it; unset: the pipeline's")] = None
+    tiers: Annotated[list[str], _doc("the tiers that may choose it (model, cloud, rules, guard); empty: any")
+                     ] = msgspec.field(default_factory=list)
 
 
 class PipelineConfig(_Strict):
-    name: str
-    subscribe: list[str]
-    input: dict[str, str]
-    rules: list[RuleSpec]
-    guards: list[RuleSpec] = msgspec.field(default_factory=list)  # hard limits, checked before any tier
-    queue_group: str = ""
-    ladder: list[str] = msgspec.field(default_factory=lambda: ["model", "cloud", "rules"])
-    model: str = ""
-    shadow: str = ""
-    cloud: CloudConfig | None = None
-    min_confidence: float = 0.8
-    labels: dict[str, str] = msgspec.field(default_factory=dict)
-    publish: str = "edge.{device}.decision.{pipeline}"
-    actions: dict[str, ActionPolicy] = msgspec.field(default_factory=dict)
-    max_input_bytes: int = 64 * 1024
-    max_pending_approvals: int = 256
+    """One decision flow: input subjects, ladder, governance, decision."""
+
+    name: Annotated[str, _doc("the pipeline's name, in its subjects and records")]
+    subscribe: Annotated[list[str], _doc("the local subjects of its inputs (wildcards allowed)")]
+    input: Annotated[dict[str, str], _doc(
+        'the input\'s fields: name = "float", "int", "str" or "bool" (with "?" when optional)')]
+    rules: Annotated[list[RuleSpec], _doc("tried in order; the last one is the default")]
+    guards: Annotated[list[RuleSpec], _doc("hard limits, checked before any tier; no default")
+                      ] = msgspec.field(default_factory=list)
+    queue_group: Annotated[str, _doc("a queue group: several runtimes share the inputs")] = ""
+    ladder: Annotated[list[str], _doc("the tiers asked in order: model, cloud, rules (always last)")
+                      ] = msgspec.field(default_factory=lambda: ["model", "cloud", "rules"])
+    model: Annotated[str, _doc("the model (of [[models]]) the model tier runs")] = ""
+    shadow: Annotated[str, _doc("a candidate model run beside, recorded, never acted on")] = ""
+    cloud: Annotated[CloudConfig | None, _doc("the cloud tier {subject, timeout_ms}")] = None
+    min_confidence: Annotated[float, _doc(
+        "a model's or the cloud's answer below this falls through to the next tier")] = 0.8
+    labels: Annotated[dict[str, str], _doc("model or cloud label -> action; an unlisted label is its own action")
+                      ] = msgspec.field(default_factory=dict)
+    publish: Annotated[str, _doc("the subject of its decisions ({device} and {pipeline} are filled in)")
+                       ] = "edge.{device}.decision.{pipeline}"
+    actions: Annotated[dict[str, ActionPolicy], _doc("a policy per action name")] = msgspec.field(default_factory=dict)
+    max_input_bytes: Annotated[int, _doc("larger inputs are rejected (too_large)")] = 64 * 1024
+    max_pending_approvals: Annotated[int, _doc(
+        "approvals waiting at once; beyond, the instead action (approval_backlog)")] = 256
 
 
 class Config(_Strict):
-    pipelines: list[PipelineConfig]
-    device_id: str = ""
-    groups: list[str] = msgspec.field(default_factory=list)
-    data_dir: str = "./var"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
-    link: LinkConfig = msgspec.field(default_factory=LinkConfig)
-    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
-    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
-    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    """A device's configuration file."""
+
+    pipelines: Annotated[list[PipelineConfig], _doc("the decision flows (at least one)")]
+    device_id: Annotated[str, _doc("the device's name; env EDGE_DEVICE_ID overrides; empty: the hostname")] = ""
+    groups: Annotated[list[str], _doc("the groups whose commands the device receives")
+                      ] = msgspec.field(default_factory=list)
+    data_dir: Annotated[str, _doc("audit log, applied config, model store")] = "./var"
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc(
+        "the log level of edge run (--log-level wins)")] = "info"
+    nats: Annotated[NatsConfig, _doc("the connections")] = msgspec.field(default_factory=NatsConfig)
+    link: Annotated[LinkConfig, _doc("how the cloud's reachability is judged")
+                    ] = msgspec.field(default_factory=LinkConfig)
+    audit: Annotated[AuditConfig, _doc("the audit log and its sync")] = msgspec.field(default_factory=AuditConfig)
+    fleet: Annotated[FleetConfig, _doc("fleet commands, approvals, the device's key")
+                     ] = msgspec.field(default_factory=FleetConfig)
+    models: Annotated[list[ModelConfig], _doc("the models pipelines may run")] = msgspec.field(default_factory=list)
     # Not a key: the folder relative paths are resolved against (set by the loader).
     base_dir: str = ""
 

@@ -50,7 +50,7 @@ import operator
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -994,10 +994,11 @@ class RuleSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """One rule as written in a config: a `when` condition, or `default = true` for the last rule;
     `label` defaults to `action`."""
 
-    when: str | None = None
-    default: bool = False
-    action: str
-    label: str = ""
+    when: Annotated[str | None, msgspec.Meta(description="a condition on the input's fields: rms > 4.5 and rpm < 900")
+                    ] = None
+    default: Annotated[bool, msgspec.Meta(description="true for the last rule: it always holds (rules only)")] = False
+    action: Annotated[str, msgspec.Meta(description="the action it decides")]
+    label: Annotated[str, msgspec.Meta(description="the decision's label; empty: the action")] = ""
 
 
 class Rule(msgspec.Struct, frozen=True):
