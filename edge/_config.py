@@ -25,6 +25,7 @@ import msgspec
 from models import ModelError, load_manifest
 
 from ._codec import validation_issue
+from ._config_keys import NOT_A_KEY, in_table, key_problems
 from ._errors import ConfigError, Problem
 from ._files import write_atomically
 from ._rules import FIELD_TYPES, RuleSpec, check_guards, check_rules
@@ -215,8 +216,9 @@ class Config(_Strict):
     fleet: Annotated[FleetConfig, _doc("fleet commands, approvals, the device's key")
                      ] = msgspec.field(default_factory=FleetConfig)
     models: Annotated[list[ModelConfig], _doc("the models pipelines may run")] = msgspec.field(default_factory=list)
-    # Not a key: the folder relative paths are resolved against (set by the loader).
-    base_dir: str = ""
+    # Not a key: the folder relative paths are resolved against (set by the loader, refused in a file:
+    # where relative paths start is the file's folder, never the file's say).
+    base_dir: Annotated[str, NOT_A_KEY] = ""
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -271,14 +273,18 @@ def default_device_id() -> str:
 
 def decode_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | None = None,
                   env: Mapping[str, str] | None = None) -> Config:
-    """Decode and check a config given as a mapping (a parsed TOML file or a pushed config)."""
-    if "base_dir" in data:
-        # Not a key: where relative paths start is the file's folder, never the file's say.
-        raise ConfigError([Problem("base_dir", "unknown key")], source)
+    """Decode and check a config given as a mapping (a parsed TOML file or a pushed config).
+
+    Every problem at once: first every unknown, missing or mistyped key (`key_problems`); then, when
+    the data without those keys still decodes, the semantic checks, leaving out problems with keys
+    beside a bad one (such a problem may only be its consequence: `model` judged on its default
+    because the file says `modle`).
+    """
+    keys = key_problems(data, Config)
     try:
-        config = msgspec.convert(dict(data), Config)
+        config = msgspec.convert(keys.cleaned, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError([_problem_from_msgspec(str(exc))], source) from None
+        raise ConfigError(keys.problems or [_problem_from_msgspec(str(exc))], source) from None
     env = os.environ if env is None else env
     updates: dict[str, Any] = {"base_dir": str(base_dir) if base_dir is not None else config.base_dir}
     if env.get("EDGE_DEVICE_ID"):
@@ -286,7 +292,8 @@ def decode_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path |
     elif not config.device_id:
         updates["device_id"] = default_device_id()
     config = msgspec.structs.replace(config, **updates)
-    problems = list(check_config(config))
+    semantic = [p for p in check_config(config) if not any(in_table(p.path, table) for table in keys.tables)]
+    problems = [*keys.problems, *semantic]
     if problems:
         raise ConfigError(problems, source)
     return config

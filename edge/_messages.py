@@ -41,7 +41,7 @@ class Governance(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Decision(msgspec.Struct, frozen=True):
-    """One input's decision (SPEC §5); also the body of its audit record."""
+    """One input's decision; also the body of its audit record."""
 
     id: str
     device: str

@@ -120,6 +120,7 @@ class Runtime:
         self._stop = asyncio.Event()
         self.local_url = ""
         self.upstream_url = ""
+        self._link_was_online = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -428,7 +429,11 @@ class Runtime:
         return next((p.cloud.subject for p in self.config.pipelines if p.cloud is not None and "cloud" in p.ladder), "")
 
     def _on_link_change(self, old: LinkState, new: LinkState, reason: str) -> None:
-        log.warning("link %s -> %s (%s)", old.value, new.value, reason)
+        # The link starts offline: reaching the cloud the first time is the start going well, not news.
+        first_online = new is LinkState.ONLINE and not self._link_was_online
+        self._link_was_online = self._link_was_online or new is LinkState.ONLINE
+        log.log(logging.INFO if first_online else logging.WARNING, "link %s -> %s (%s)", old.value, new.value,
+                reason)
         if self.state in (RuntimeState.STOPPING, RuntimeState.STOPPED):
             return  # our own connections closing, after the log's last record
         self.record("link", {"from": old.value, "to": new.value, "reason": reason,
@@ -624,6 +629,9 @@ async def run(config: Config, *, ready: Callable[[Runtime], Awaitable[None]] | N
             await ready(runtime)
         await runtime.wait()
         log.info("stopping: draining in-flight decisions")
+        stopping = time.monotonic()
+    log.info("stopped: drain finished in %.2fs (decisions audited, log closed, connections drained)",
+             time.monotonic() - stopping)
 
 
 def _restrict(path: Path, mode: int) -> None:

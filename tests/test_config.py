@@ -43,7 +43,7 @@ def test_env_overrides_device_id_and_hostname_is_default() -> None:
 def test_unknown_key_names_its_path() -> None:
     data = bundled()
     data["pipelines"][0]["subscrbe"] = ["x"]
-    assert problems(data) == {"pipelines[0].subscrbe": "unknown key"}
+    assert problems(data) == {"pipelines[0].subscrbe": "unknown key; did you mean 'subscribe'?"}
 
 
 def test_wrong_type_names_its_path() -> None:

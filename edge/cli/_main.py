@@ -24,6 +24,10 @@ from ._output import (
     setup_logging,
 )
 
+# A record's body in text output: whole (a command record must show which command), up to a bound
+# that keeps one huge record (a pushed config) from flooding a terminal. --json is never cut.
+TEXT_BODY_CHARS = 2000
+
 # -- commands --------------------------------------------------------------------------------------
 
 
@@ -41,6 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .._runtime import run
 
     config = _load(args)
+    if args.log_level is None:  # the config's log_level, unless the command line says otherwise
+        logging.getLogger().setLevel(config.log_level.upper())
     run_async(run(config))
     return EXIT_OK
 
@@ -106,8 +112,10 @@ def _print_records(records: Sequence[Any], as_json: bool) -> None:
             sys.stdout.write(json.dumps(_record_dict(record)) + "\n")
         else:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.ts / 1e9))
-            body = bytes(record.body).decode()
-            print(f"{record.seq:>8}  {when}  {record.kind:<16} {body[:120]}")
+            body = bytes(record.body).decode(errors="replace")
+            if len(body) > TEXT_BODY_CHARS:
+                body = f"{body[:TEXT_BODY_CHARS]}... ({len(body) - TEXT_BODY_CHARS} more characters; --json shows all)"
+            print(f"{record.seq:>8}  {when}  {record.kind:<16} {body}")
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
@@ -225,7 +233,8 @@ def _load(args: argparse.Namespace) -> Config:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge", description="Edge AI orchestrator runtime.")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info (for edge run, the config's log_level)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
@@ -246,9 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(handler=handler, passthrough=True)
 
+    from ._keys import register_keys
     from ._operator import register
+    from ._reference import register_reference
+    from ._send import register_send
 
     register(sub, add)
+    register_send(sub, add)
+    register_reference(sub, add)
+    register_keys(sub, add)
 
     p = add("check", cmd_check, "validate a config file")
     p.add_argument("file")
@@ -293,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rest = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level or "info", args.log_format)
     started = time.monotonic()
     try:
         code: int = args.handler(args)

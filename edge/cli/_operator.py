@@ -500,12 +500,24 @@ def _report_status(args: argparse.Namespace, got: Gathered) -> int:
                    _ls_row(status), strict=True))
     for key, value in row.items():
         print(f"{key:10} {value}")
-    print(f"{'uptime_s':10} {status.get('uptime_s')}")
+    uptime = status.get("uptime_s")
+    print(f"{'uptime':10} {'-' if uptime is None else f'{float(uptime):.0f}s'}")
     for name, pipeline in (status.get("pipelines") or {}).items():
-        latency = pipeline.get("latency_ms") or {}
-        print(f"pipeline {name}: {pipeline.get('decisions')} decisions, by tier {pipeline.get('by_tier')}, "
-              f"p50 {latency.get('p50')} ms, p99 {latency.get('p99')} ms, shadow {pipeline.get('shadow')}")
+        print(f"pipeline {name}: {_pipeline_text(pipeline)}")
     return EXIT_OK
+
+
+def _pipeline_text(pipeline: dict[str, Any]) -> str:
+    """A pipeline's status in words: no raw Python values (`{}`, `None`) in text output."""
+    by_tier = ", ".join(f"{tier} {n}" for tier, n in sorted((pipeline.get("by_tier") or {}).items()))
+    parts = [f"{int(pipeline.get('decisions') or 0)} decisions" + (f" ({by_tier})" if by_tier else "")]
+    latency = pipeline.get("latency_ms") or {}
+    if latency.get("p50") is not None and latency.get("p99") is not None:
+        parts.append(f"p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms")
+    shadow = pipeline.get("shadow") or {}
+    if shadow.get("compared") and shadow.get("agreement") is not None:
+        parts.append(f"shadow agrees {shadow['agreement']:.0%} of {shadow['compared']}")
+    return ", ".join(parts)
 
 
 def _ls_row(status: dict[str, Any]) -> list[str]:

@@ -118,7 +118,7 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 
 
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A command's answer: `result` when ok, `error` when not (SPEC §8)."""
+    """A command's answer: `result` when ok, `error` when not."""
 
     ok: bool
     device: str
