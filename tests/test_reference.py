@@ -382,6 +382,16 @@ async def test_status_text_shows_no_raw_python_values(nats_server: Any, tmp_path
     assert re.search(r"pipeline pump: 1 decisions \((model|rules) 1\), p50 [\d.]+ ms, p99 [\d.]+ ms", after), after
 
 
+def test_models_inspect_text_shows_no_raw_python_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "inspect", str(bundled_model_path())]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"None|True|False|\{'|\['|\(", out.replace("tensor(float)", "").replace(
+        "tensor(int64)", "")), out
+    assert "  input  tensor(float)  [?, 4]" in out.splitlines()
+    assert '  features = ["rms", "kurtosis", "temp_c", "rpm"]' in out.splitlines()
+    assert "sha256_matches: yes" in out and "problems: none" in out
+
+
 async def test_audit_tail_shows_whole_bodies_up_to_a_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                            ) -> None:
     db = tmp_path / "audit.db"

@@ -59,13 +59,36 @@ def cmd_models_inspect(args: argparse.Namespace) -> int:
         print_json(info)
         return EXIT_OK
     for key, value in info.items():
-        if isinstance(value, (list, dict)):
+        if isinstance(value, list) and value:
             print(f"{key}:")
-            for item in value if isinstance(value, list) else [f"{k} = {v}" for k, v in value.items()]:
-                print(f"  {item}")
+            for item in value:
+                print(f"  {_tensor_text(item) if isinstance(item, dict) else _shown(item)}")
+        elif isinstance(value, dict) and value:
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k} = {_shown(v)}")
         else:
-            print(f"{key}: {value}")
+            print(f"{key}: {_shown(value)}")
     return EXIT_OK
+
+
+def _shown(value: Any) -> str:
+    """A value in text output: words for yes/no/none, JSON for containers, never a Python repr."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or value == [] or value == {}:
+        return "none"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _tensor_text(tensor: dict[str, Any]) -> str:
+    """`input  tensor(float)  [?, 4]` (`?`: a dynamic dimension)."""
+    if set(tensor) != {"name", "type", "shape"}:
+        return _shown(tensor)
+    dims = ", ".join("?" if d is None else str(d) for d in tensor["shape"] or [])
+    return f"{tensor['name']}  {tensor['type']}  [{dims}]"
 
 
 # -- audit ------------------------------------------------------------------------------------------
