@@ -42,7 +42,17 @@ from models import bundled_model_path
 from sync import AuditLog
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
-from tests.runtime_harness import CRITICAL, NORMAL, config_data, make_config, write_config
+from tests.runtime_harness import (
+    CRITICAL,
+    NORMAL,
+    config_data,
+    connect,
+    encode,
+    make_config,
+    start_runtime_process,
+    wait_until_answering,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -427,6 +437,23 @@ async def test_the_first_link_online_is_info_and_the_drain_says_it_finished(
     assert len(link) >= 2 and all(level == logging.WARNING for level, _ in link[1:]), link
     drained = [r for r in caplog.records if "drain finished" in r.getMessage()]
     assert len(drained) == 1 and drained[0].levelno == logging.INFO
+
+
+async def test_edge_run_takes_its_log_level_from_the_config(nats_server: Any, tmp_path: Path) -> None:
+    # No trusted keys: the device warns about it at start, so the log is not empty.
+    path = write_config(tmp_path, config_data(tmp_path, nats_server.url, log_level="warning",
+                                              fleet={"trusted_keys": []}))
+    child = start_runtime_process(path)
+    try:
+        nc = await connect(nats_server.url)
+        await wait_until_answering(nc, "sensors.p1.pump", encode(NORMAL))
+        await nc.close()
+    finally:
+        child.terminate()
+        await asyncio.to_thread(child.wait, 30)
+    lines = [json.loads(line) for line in path.with_suffix(".log").read_text().splitlines() if line.startswith("{")]
+    assert "warning" in {line["level"] for line in lines}
+    assert not [line for line in lines if line["level"] in ("info", "debug")], lines
 
 
 # -- the README -------------------------------------------------------------------------------------
