@@ -27,6 +27,10 @@ from ._codec import validation_issue
 from ._errors import Problem
 
 NOT_A_KEY = msgspec.Meta(extra={"not_a_key": True})  # a Struct field the loader sets; never a key of a file
+# A pushed config comes from outside: what its problems quote of it is bounded (one unknown key of a
+# megabyte, or a hundred thousand of them, must not make a reply or an audit record that size).
+MAX_PROBLEMS = 100
+MAX_KEY_CHARS = 64
 
 
 class KeyDoc(msgspec.Struct, frozen=True):
@@ -215,6 +219,9 @@ def key_problems(data: Mapping[str, Any], cls: type[msgspec.Struct]) -> KeyProbl
     problems: list[Problem] = []
     tables: list[str] = []
     cleaned = _check_table(data, cls, "", problems, tables, _everywhere(cls))
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - MAX_PROBLEMS
+        problems = [*problems[:MAX_PROBLEMS], Problem("", f"... and {more} more problems with keys")]
     return KeyProblems(problems=problems, cleaned=cleaned, tables=tables)
 
 
@@ -224,7 +231,7 @@ def _check_table(data: Mapping[str, Any], cls: type[msgspec.Struct], where: str,
     cleaned: dict[str, Any] = {}
     own = False  # whether a key of this very table is in trouble (not one of a table inside it)
     for key, value in data.items():
-        at = _join(where, str(key))
+        at = _join(where, _key_text(key))
         field = fields.get(key)
         if field is None:
             problems.append(Problem(at, "unknown key" + _suggestion(str(key), list(fields), everywhere)))
@@ -258,7 +265,8 @@ def _check_value(value: Any, field: _Field, at: str, problems: list[Problem], ta
         if kind == "list" and isinstance(value, list):
             return [_check_element(v, item, f"{at}[{i}]", problems, tables, everywhere) for i, v in enumerate(value)]
         if kind == "dict" and isinstance(value, Mapping):
-            return {k: _check_element(v, item, f"{at}.{k}", problems, tables, everywhere) for k, v in value.items()}
+            return {k: _check_element(v, item, f"{at}.{_key_text(k)}", problems, tables, everywhere)
+                    for k, v in value.items()}
     try:
         msgspec.convert(value, field.python_type)
     except msgspec.ValidationError as exc:
@@ -278,6 +286,12 @@ def _check_element(value: Any, cls: type[msgspec.Struct], at: str, problems: lis
     return value  # kept: the cleaned data then fails to decode, and the semantic checks are skipped
 
 
+def _key_text(key: object) -> str:
+    """A key of the file as it appears in a problem's path: cut when it is longer than a key should be."""
+    text = str(key)
+    return text if len(text) <= MAX_KEY_CHARS else f"{text[:MAX_KEY_CHARS]}...({len(text)} characters)"
+
+
 def _toml_kind(value: Any) -> str:
     kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
     return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
@@ -285,6 +299,8 @@ def _toml_kind(value: Any) -> str:
 
 def _suggestion(key: str, siblings: list[str], everywhere: Mapping[str, list[str]]) -> str:
     """"; did you mean 'x'?" from the keys of the same table, else the key where it belongs elsewhere."""
+    if len(key) > MAX_KEY_CHARS:
+        return ""
     lowered = {s.lower(): s for s in siblings}
     close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)
     if close:

@@ -223,6 +223,19 @@ def test_semantic_problems_are_reported_beside_a_misspelt_key() -> None:
     assert problems(data) == {"pipelines[0].modle": "unknown key; did you mean 'model'?"}
 
 
+def test_problems_quote_a_hostile_config_bounded() -> None:
+    data = bundled()
+    data["k" * 100_000] = 1
+    for i in range(5000):
+        data[f"junk{i}"] = i
+    with pytest.raises(ConfigError) as info:
+        decode_config(data, base_dir=BUNDLED_CONFIG.parent, env={})
+    found = info.value.problems
+    assert len(found) == 101 and found[-1].message == "... and 4901 more problems with keys"
+    assert found[0].path == "k" * 64 + "...(100000 characters)"
+    assert len(str(info.value)) < 20_000  # a hundred problems of a line each, not the input
+
+
 def test_base_dir_is_not_a_key() -> None:
     data = bundled()
     data["base_dir"] = "/etc"
