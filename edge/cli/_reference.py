@@ -81,9 +81,9 @@ def _schema(kind: Any) -> dict[str, Any]:
 
 
 MESSAGES: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-    "decision": ("a Decision: the reply to an input and what edge.<device>.decision.<pipeline> carries",
+    "decision": ("a Decision (the reply to an input; on edge.<device>.decision.<pipeline>)",
                  lambda: _schema(Decision)),
-    "rejected": ("a Rejected: the reply to an input that cannot be decided, on edge.<device>.rejected.<pipeline>",
+    "rejected": ("a Rejected (the reply to a refused input; on edge.<device>.rejected.<pipeline>)",
                  lambda: _schema(Rejected)),
     "command": ("the body of each fleet command verb", _command_schema),
     "reply": ("a fleet command's Reply", lambda: _schema(Reply)),
@@ -140,9 +140,10 @@ def register_reference(sub: Any, add: Add) -> None:
     p = add("reference", cmd_config_reference, "every config key: type, default, meaning", config)
     p.add_argument("prefix", nargs="?", help="only keys that begin with this (nats, pipelines[].actions, ...)")
 
-    described = "; ".join(f"{name}: {what}" for name, (what, _) in MESSAGES.items())
     p = add("schema", cmd_schema, "JSON Schema of a message or the config", sub)
-    p.description = ("Print a JSON Schema. input: a pipeline's input messages (-c, --pipeline); " + described)
+    listed = [("input", "a pipeline's input (-c FILE, --pipeline NAME)"), *((n, w) for n, (w, _) in MESSAGES.items())]
+    p.description = "Print the JSON Schema of:\n" + "\n".join(f"  {name:<17} {what}" for name, what in listed)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("message", choices=SCHEMA_NAMES)
     p.add_argument("-c", "--config", help="for input: the config file (default: the bundled example)")
     p.add_argument("--pipeline", help="for input: the pipeline (default: the config's first)")
