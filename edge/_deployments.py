@@ -134,6 +134,7 @@ class Deployments:
         state.previous, state.active, state.shadow = state.active, state.shadow, ""
         self._save()
         await self._rebuild(self._pipelines_using(name))
+        await self.registry.drop(f"{name}.shadow")  # after the rebuild: no pipeline asks it any more
         result = {"name": name, "version": candidate.manifest.version, "sha256": candidate.sha256, "by": by}
         self._record("model", {"event": "promote", **result})
         return result
@@ -156,10 +157,21 @@ class Deployments:
             serving = previous
         self._save()
         await self._rebuild(self._pipelines_using(name))
+        if event == "shadow_dropped":
+            await self.registry.drop(f"{name}.shadow")  # after the rebuild: no pipeline asks it any more
         result = {"name": name, "event": event, "by": by,
                   "version": serving.manifest.version if serving else None}
         self._record("model", result)
         return result
+
+    def serving(self, name: str) -> tuple[str | None, str | None]:
+        """The versions of `name` serving as active and as shadow (None: none)."""
+        versions = []
+        for slot_name in (name, f"{name}.shadow"):
+            slot = self.registry.get(slot_name)
+            model = slot.model if slot is not None else None
+            versions.append(model.manifest.version if model is not None else None)
+        return versions[0], versions[1]
 
     def status(self) -> dict[str, Any]:
         return {name: msgspec.to_builtins(state) for name, state in self._state.items()}

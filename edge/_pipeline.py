@@ -210,6 +210,9 @@ class Pipeline:
         old = self.logic
         await self._subscribe(logic.config)
         self.logic = logic
+        if (old.shadow.slot if old.shadow else None) is not (logic.shadow.slot if logic.shadow else None):
+            # Another candidate (or none): the old one's agreement figure says nothing about it.
+            self.stats.shadow_total = self.stats.shadow_agree = 0
         keep = {f"{subject} {logic.config.queue_group}" for subject in logic.config.subscribe}
         for key in [k for k in self._subs if k not in keep]:
             sub = self._subs.pop(key)

@@ -34,10 +34,11 @@ class ReplyPolicy:
 
 
 class RefusalTally:
-    """Refusals of one kind, recorded as one audit record a second at most (never one per message).
+    """Events of one kind counted, then recorded as one audit record per window (never one per message):
+    refusals (a window of a second), read-only commands such as `status` polls (a minute).
 
-    `add` counts; `flush` writes what the last second gathered as `{until, counts, examples}` under
-    `kind` and is called by whoever owns the tally, once a second and at the end.
+    `add` counts; `flush` writes what the window gathered as `{until, counts, examples}` under
+    `kind` and is called by whoever owns the tally, once a window and at the end.
     """
 
     def __init__(self, kind: str, record: Callable[[str, dict[str, Any]], None], *,

@@ -90,6 +90,17 @@ class ModelRegistry:
             slot = self._slots[name] = ModelSlot(name, max_batch=max_batch, max_wait_us=max_wait_us)
         return slot
 
+    def get(self, name: str) -> ModelSlot | None:
+        """The slot named `name`, if there is one (never creates it)."""
+        return self._slots.get(name)
+
+    async def drop(self, name: str) -> None:
+        """Remove the slot named `name` (a shadow candidate promoted or dropped): it no longer serves
+        nor shows in `status`. Calls already queued on it are answered first; later ones find no slot."""
+        slot = self._slots.pop(name, None)
+        if slot is not None:
+            await slot.close()
+
     async def load(self, name: str, folder: Path, *, max_batch: int = 64, max_wait_us: int = 500) -> ModelSlot:
         """Load, verify and warm up the model in `folder` off the event loop, then serve it."""
         slot = self.slot(name, max_batch=max_batch, max_wait_us=max_wait_us)

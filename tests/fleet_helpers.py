@@ -185,6 +185,9 @@ class _NoDeployments:
     def store_dir(self, name: str, version: str) -> Path:
         return Path("/nonexistent") / name / version
 
+    def serving(self, name: str) -> tuple[str | None, str | None]:
+        return None, None
+
     async def deploy(self, name: str, folder: Path, mode: Literal["active", "shadow"] = "active", *,
                      by: str = "") -> dict[str, Any]:
         raise CommandError("unknown_model", f"no model {name!r}")

@@ -124,7 +124,8 @@ RUNTIME = [m for m in MODULES if in_package(m, "edge") and not any(
     in_package(m, p) for p in ("edge.cli", "edge.tools", "edge.fleet"))
     and m not in ("edge.__main__", "edge.chaos", "edge.cloudsim")]  # the command's entry and two tool aliases
 FLEET = [m for m in MODULES if in_package(m, "edge.fleet")]
-FLEET_PURE = ["edge.fleet._protocol", "edge.fleet._signing", "edge.fleet._archive", "edge.fleet._provision"]
+FLEET_PURE = ["edge.fleet._protocol", "edge.fleet._signing", "edge.fleet._archive", "edge.fleet._provision",
+              "edge.fleet._desired"]
 RUNTIME_PROPER = {"edge._runtime", "edge._pipeline", "edge._approvals", "edge._deployments", "edge._ladder",
                   "edge._nats_server", "edge.fleet._service"}
 PURE_DECISIONS = ["edge._rules", "edge._ladder", "edge._governance", "edge._link", "edge._inputs", "edge._codec"]

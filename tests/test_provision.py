@@ -24,19 +24,23 @@ from nats.js.api import StorageType
 
 from edge import ConfigError, LinkState, NatsServer, Runtime, nats_server_binary, server_barrier
 from edge.cli import main
+from edge.cli._fleet_state import fleet_buckets, read_fleet, write_intent
 from edge.cli._operator import send_command
-from edge.fleet import load_seed, public_key_of
+from edge.fleet import Fleet, load_seed, public_key_of
 from edge.fleet._provision import (
     FRAGMENT,
     Identity,
     Provisioning,
     check,
     device_permissions,
+    operator_permissions,
     parse_device,
     provision,
 )
 from sync import AuditLog, Uploader, connect_for_upload, verify_upstream
+from tests.fleet_helpers import StubDevice
 from tests.nats_harness import ServerFactory
+from tests.polling import wait_until
 from tests.runtime_harness import NORMAL, Collector, make_config
 from tests.test_layers import RUNTIME_PROPER, closure
 
@@ -82,6 +86,18 @@ def test_a_device_may_read_only_its_own_audit_record_and_never_write_a_model_buc
     assert not [s for s in perms.publish if s.startswith(("$JS.API.STREAM.MSG.GET.EDGE_AUDIT", "$O.", "audit.*"))]
     assert not [s for s in perms.publish if any(v in s for v in ("DELETE.EDGE", "PURGE", "UPDATE", "CREATE.EDGE"))]
     assert not [s for s in perms.subscribe if s.startswith("_INBOX.") or "*" in s.split(".")[0]]
+
+
+def test_a_device_reads_the_desired_state_and_writes_only_its_own_report() -> None:
+    perms = device_permissions("gw-1", ["g1"], stream=STREAM, buckets=["models"])
+    assert [s for s in perms.publish if s.startswith("$KV.")] == ["$KV.EDGE_FLEET_STATUS.device.gw-1"]
+    kv_api = [s for s in perms.publish if "KV_EDGE_FLEET" in s]
+    assert kv_api == ["$JS.API.CONSUMER.CREATE.KV_EDGE_FLEET", "$JS.API.CONSUMER.INFO.KV_EDGE_FLEET.*",
+                      "$JS.FC.KV_EDGE_FLEET.>"]
+    operator = operator_permissions(stream=STREAM, buckets=["models"])
+    assert [s for s in operator.publish if s.startswith("$KV.")] == ["$KV.EDGE_FLEET.>"]
+    assert not [s for s in operator.publish if "KV_EDGE_FLEET" in s and any(v in s for v in ("PURGE", "UPDATE",
+                                                                                              "STREAM.DELETE"))]
 
 
 def test_provision_writes_private_seeds_and_keeps_them_when_forced(tmp_path: Path) -> None:
@@ -424,6 +440,32 @@ async def test_the_uploader_makes_the_stream_it_needs_and_names_one_without_dire
                 assert (await js.stream_info(STREAM)).state.messages == 0 and log.backlog == 1
     finally:
         await admin.close()
+
+
+async def test_desired_state_is_written_by_operators_and_read_by_devices(hub: Hub, tmp_path: Path) -> None:
+    operator, device, other = await hub.connect("ops"), await hub.connect("gw-a"), await hub.connect("gw-b")
+    await fleet_buckets(operator.nc)  # an operator makes both buckets
+    seed = load_seed(hub.seed_file("ops"))
+    intended = await write_intent(operator.nc, "group:g1", "pause", {"reason": "storm"}, seed)
+    assert intended is not None and intended.key == "group.g1.paused"
+    config = make_config(tmp_path, hub.server.url, device="gw-a", groups=["g1"], pipeline={"ladder": ["rules"],
+                         "model": ""}, models=[], fleet={"trusted_keys": [hub.public_key("ops")], "heartbeat_s": 0.3})
+    stub = StubDevice(config, device.nc)
+    async with Fleet(stub) as fleet:
+        # The device watches its keys (read only), applies them and reports under its own key.
+        await wait_until(lambda: stub.paused and fleet.convergence.reports > 0, within=5,
+                         what="the device paused and reporting")
+        state = await read_fleet(operator.nc)
+        assert state.reports["gw-a"][0].applied["paused"].key == "group.g1.paused"
+    await device.publish_refused(
+        "$KV.EDGE_FLEET.group.g1.paused", "$KV.EDGE_FLEET.device.gw-a.paused", "$KV.EDGE_FLEET_STATUS.device.gw-b",
+        *(f"$JS.API.STREAM.{verb}.KV_{bucket}" for verb in ("CREATE", "UPDATE", "DELETE", "PURGE")
+          for bucket in ("EDGE_FLEET", "EDGE_FLEET_STATUS")),
+        "$JS.API.STREAM.MSG.DELETE.KV_EDGE_FLEET", "$JS.API.CONSUMER.CREATE.KV_EDGE_FLEET_STATUS")
+    await other.publish_refused("$KV.EDGE_FLEET_STATUS.device.gw-a")  # no device speaks for another
+    await operator.publish_refused(  # operators read reports, never write them; nobody purges intent
+        "$KV.EDGE_FLEET_STATUS.device.gw-a", "$JS.API.STREAM.PURGE.KV_EDGE_FLEET",
+        "$JS.API.STREAM.DELETE.KV_EDGE_FLEET", "$JS.API.STREAM.MSG.DELETE.KV_EDGE_FLEET")
 
 
 # ---------------------------------------------------------------------------------------------

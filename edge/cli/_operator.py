@@ -52,6 +52,18 @@ from ..fleet import (
     sign_command,
     sign_model,
 )
+from ..fleet._desired import (
+    MISSING_AFTER_HEARTBEATS,
+    ConfigIntent,
+    DeviceView,
+    Intent,
+    ModelIntent,
+    PausedIntent,
+    decode_intent,
+    desired_key,
+    view_fleet,
+)
+from ._fleet_state import FleetState, Intended, read_fleet, states_intent, write_intent, write_value
 from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, exit_code_for, local_url, print_json, run_async
 from ._provision import register_provision
 
@@ -244,24 +256,50 @@ async def publish_model(nc: NATS, folder: Path, *, bucket: str, name: str, versi
 
 
 async def fleet_ls(args: argparse.Namespace) -> int:
-    """`edge fleet ls`: every device's status in a table, and who did not answer."""
+    """`edge fleet ls`: every device that ever reported or answers now, who is missing, who did not
+    answer, and how each differs from its desired state."""
     async with _connected(args) as nc:
         got = await send_command(nc, "all", "status", timeout=args.timeout, expect=args.expect, seed=_seed(args))
+        try:
+            state = await read_fleet(nc)
+            unreadable = ""
+        except (nats.errors.Error, TimeoutError) as exc:  # nats.js errors included: no JetStream, no permission
+            state, unreadable = FleetState(reports={}, desired=[], bad={}), f"{type(exc).__name__}: {exc}"
+            print(f"edge: the fleet's desired and reported state cannot be read ({unreadable}): missing devices "
+                  "and divergence are unknown", file=sys.stderr)
     rows = [r.result for r in got.replies if r.ok and isinstance(r.result, dict)]
+    live = {str(row.get("device")): row for row in rows}
+    views = view_fleet(state.reports, state.desired, live, time.time_ns())
+    missing = [v.device for v in views if v.state == "missing"]
+    silent = [v.device for v in views if v.state == "silent" and v.device not in got.did_not_answer]
+    diverged = [v.device for v in views if v.divergence]
     failed = [r for r in got.replies if not r.ok]
     short = args.expect is not None and len(got.replies) < args.expect
     if args.json:
         print_json({"devices": rows, "failed": [msgspec.to_builtins(r) for r in failed],
-                     "did_not_answer": got.did_not_answer, "elapsed_s": got.elapsed_s})
+                     "did_not_answer": got.did_not_answer, "elapsed_s": got.elapsed_s,
+                     "fleet": [msgspec.to_builtins(v) for v in views], "missing": missing, "silent": silent,
+                     "diverged": diverged, "bad_desired": state.bad})
     else:
-        _print_table(["DEVICE", "GROUPS", "VERSION", "LINK", "PAUSED", "DECISIONS", "P99_MS", "BACKLOG", "MODELS"],
-                     [_ls_row(row) for row in rows])
+        _print_table(["DEVICE", "STATE", "GROUPS", "PAUSED", "MODELS", "SHADOW", "SEEN", "DECISIONS", "P99_MS",
+                      "BACKLOG"], [_fleet_row(v, live.get(v.device)) for v in views])
+        for view in views:
+            for line in view.divergence:
+                print(f"{view.device} diverges: {line}")
+            if view.ignored:
+                print(f"{view.device} ignored {view.ignored} desired value(s) not signed by a key it trusts")
         for reply in failed:
             print(f"{reply.device}: {_error_text(reply)}")
-        if got.did_not_answer:
-            print(f"did not answer: {', '.join(got.did_not_answer)}")
-        print(f"{len(rows)} device(s) in {got.elapsed_s:.2f}s")
-    return EXIT_FAILURE if failed or got.did_not_answer or short or not got.replies else EXIT_OK
+        if missing:
+            print(f"missing (not seen for {MISSING_AFTER_HEARTBEATS} heartbeats): {', '.join(missing)}")
+        if got.did_not_answer or silent:
+            print(f"did not answer: {', '.join(sorted({*got.did_not_answer, *silent}))}")
+        for key, why in sorted(state.bad.items()):
+            print(f"desired state {key} is ignored by every device: {why}")
+        print(f"{len(rows)} device(s) in {got.elapsed_s:.2f}s" + "".join(
+            f", {len(names)} {what}" for what, names in (("missing", missing), ("diverging", diverged)) if names))
+    return EXIT_FAILURE if failed or got.did_not_answer or silent or short or not got.replies or missing \
+        or diverged or unreadable else EXIT_OK
 
 
 async def fleet_status(args: argparse.Namespace) -> int:
@@ -281,10 +319,12 @@ async def fleet_cmd(args: argparse.Namespace) -> int:
     if not isinstance(body, dict):
         print("edge: --data: expected a JSON object", file=sys.stderr)
         return EXIT_USAGE
+    seed = _seed(args)
     async with _connected(args) as nc:
+        intended = await _intend(nc, args.target, args.verb, body, seed)
         got = await send_command(nc, args.target, args.verb, body, timeout=args.timeout, expect=args.expect,
-                                 seed=_seed(args))
-    return _report(args, got)
+                                 seed=seed)
+    return _report(args, got, intended)
 
 
 async def fleet_deploy_model(args: argparse.Namespace) -> int:
@@ -316,11 +356,12 @@ async def fleet_deploy_model(args: argparse.Namespace) -> int:
                               signature=sign_model(seed, sha256) if seed is not None else "",
                               mode="shadow" if args.shadow else "active")
         body = msgspec.to_builtins(command)
+        intended = await _intend(nc, args.target, "model.deploy", body, seed)
         got = await send_command(nc, args.target, "model.deploy", body, timeout=args.timeout, expect=args.expect,
                                  seed=seed)
     if not args.json:
         print(f"uploaded {args.bucket}/{obj} (sha256 {sha256})")
-    return _report(args, got)
+    return _report(args, got, intended)
 
 
 async def fleet_config_push(args: argparse.Namespace) -> int:
@@ -331,10 +372,60 @@ async def fleet_config_push(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"edge: {path}: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    seed = _seed(args)
     async with _connected(args) as nc:
+        intended = await _intend(nc, args.target, "config.apply", {"config": data}, seed)
         got = await send_command(nc, args.target, "config.apply", {"config": data}, timeout=args.timeout,
-                                 expect=args.expect, seed=_seed(args))
-    return _report(args, got)
+                                 expect=args.expect, seed=seed)
+    return _report(args, got, intended)
+
+
+async def _intend(nc: NATS, target: str, verb: str, body: dict[str, Any],
+                  seed: bytes | None) -> Intended | CommandError | None:
+    """For a group or `all`: write the command's intent as desired state first, so devices offline
+    now apply it when they come back. What was written, or why it was not (the command goes anyway)."""
+    if not states_intent(target, verb):
+        return None
+    if seed is None:
+        return CommandError("unsigned", "the desired state was not written: it must be signed (--sign-with); "
+                                        "devices offline now will not get this")
+    try:
+        return await write_intent(nc, target, verb, body, seed)
+    except (nats.errors.Error, TimeoutError) as exc:  # nats.js errors included: no JetStream, no permission
+        return CommandError("desired_state", f"the desired state was not written ({type(exc).__name__}: {exc}); "
+                                             "devices offline now will not get this")
+
+
+async def fleet_desired_ls(args: argparse.Namespace) -> int:
+    """`edge fleet desired ls`: every desired value, who signed it and when; bad ones flagged."""
+    async with _connected(args) as nc:
+        state = await read_fleet(nc)
+    if args.json:
+        print_json({"desired": [msgspec.to_builtins(d) for d in state.desired], "bad": state.bad})
+    else:
+        _print_table(["KEY", "VALUE", "SIGNED", "SIGNER"],
+                     [[d.key, _intent_text(d.value), _ago(time.time_ns() - d.timestamp), d.signer[:12] + "…"]
+                      for d in sorted(state.desired, key=lambda d: d.key)])
+        for key, why in sorted(state.bad.items()):
+            print(f"{key}: ignored by every device: {why}")
+    return EXIT_FAILURE if state.bad else EXIT_OK
+
+
+async def fleet_desired_set(args: argparse.Namespace, *, clear: bool = False) -> int:
+    """`edge fleet desired set TARGET WHAT JSON` / `clear TARGET WHAT`: one value, signed, as given."""
+    seed = _seed(args)
+    if seed is None:
+        print("edge: desired state must be signed: give --sign-with", file=sys.stderr)
+        return EXIT_USAGE
+    key = desired_key(args.target, args.what)
+    value = None if clear else decode_intent(args.what, args.value)
+    async with _connected(args) as nc:
+        await write_value(nc, key, value, seed)
+    if args.json:
+        print_json({"key": key, "value": msgspec.to_builtins(value)})
+    else:
+        print(f"{key} {'cleared: the less specific keys apply again' if clear else 'written'}")
+    return EXIT_OK
 
 
 def read_push_file(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -464,10 +555,20 @@ def _stdin_lines() -> asyncio.Queue[str | None]:
 # Output
 
 
-def _report(args: argparse.Namespace, got: Gathered) -> int:
+def _report(args: argparse.Namespace, got: Gathered, intended: Intended | CommandError | None = None) -> int:
+    if isinstance(intended, CommandError):
+        print(f"edge: {intended.message}", file=sys.stderr)
+    elif intended is not None and intended.overridden_by:
+        print(f"edge: note: {', '.join(intended.overridden_by)} (more specific) still win(s) over {intended.key} "
+              "for the devices they name; `edge fleet desired clear` them to follow it", file=sys.stderr)
     if args.json:
-        print_json(got.to_builtins())
+        data = got.to_builtins()
+        if isinstance(intended, Intended):
+            data["desired"] = msgspec.to_builtins(intended)
+        print_json(data)
     else:
+        if isinstance(intended, Intended):
+            print(f"desired state {intended.key} written: devices offline now apply it when they reconnect")
         for reply in got.replies:
             if reply.ok:
                 print(f"{reply.device}: ok {_JSON.encode(reply.result).decode()[:300]}")
@@ -481,7 +582,7 @@ def _report(args: argparse.Namespace, got: Gathered) -> int:
             print(f"did not answer: {', '.join(got.did_not_answer)}")
         oks = sum(r.ok for r in got.replies)
         print(f"{oks}/{len(got.replies)} ok in {got.elapsed_s:.2f}s")
-    return EXIT_OK if got.all_ok else EXIT_FAILURE
+    return EXIT_OK if got.all_ok and not isinstance(intended, CommandError) else EXIT_FAILURE
 
 
 def _report_status(args: argparse.Namespace, got: Gathered) -> int:
@@ -539,6 +640,46 @@ def _ls_row(status: dict[str, Any]) -> list[str]:
         str((status.get("audit") or {}).get("backlog", "?")),
         " ".join(models) or "-",
     ]
+
+
+def _fleet_row(view: DeviceView, status: dict[str, Any] | None) -> list[str]:
+    live = _ls_row(status) if status is not None else None
+    models = [f"{name}={m.active or '-'}" + (f" (shadow {m.shadow})" if m.shadow else "")
+              for name, m in sorted(view.models.items())]
+    shadow = [f"{pipeline} {share:.0%}" for pipeline, share in sorted(view.shadow_agreement.items())]
+    return [
+        view.device,
+        view.state,
+        ",".join(view.groups) or "-",
+        "-" if view.paused is None else "yes" if view.paused else "no",
+        " ".join(models) or "-",
+        " ".join(shadow) or "-",
+        "now" if view.state == "online" else _ago(view.seen_ago_s * 1e9) if view.seen_ago_s is not None else "-",
+        *(live[5:8] if live is not None else ["-", "-", "-"]),  # decisions, p99, backlog
+    ]
+
+
+def _ago(ns: float) -> str:
+    seconds = max(0.0, ns / 1e9)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago" if seconds < 172800 else f"{seconds / 86400:.0f}d ago"
+
+
+def _intent_text(value: Intent | None) -> str:
+    match value:
+        case None:
+            return "(cleared)"
+        case PausedIntent(paused=paused, reason=reason):
+            return ("paused" if paused else "not paused") + (f" ({reason[:60]})" if reason else "")
+        case ConfigIntent(config=config):
+            return f"config ({', '.join(sorted(config))[:80]})"
+        case ModelIntent(active=active, shadow=shadow):
+            return f"active {active.version if active else '-'}, shadow {shadow.version if shadow else '-'}"
+        case _:
+            return "?"
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -625,6 +766,18 @@ def cmd_fleet_config_push(args: argparse.Namespace) -> int:
     return _run(fleet_config_push(args))
 
 
+def cmd_fleet_desired_ls(args: argparse.Namespace) -> int:
+    return _run(fleet_desired_ls(args))
+
+
+def cmd_fleet_desired_set(args: argparse.Namespace) -> int:
+    return _run(fleet_desired_set(args))
+
+
+def cmd_fleet_desired_clear(args: argparse.Namespace) -> int:
+    return _run(fleet_desired_set(args, clear=True))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     return _run(device_status(args))
 
@@ -634,6 +787,11 @@ def cmd_approvals_watch(args: argparse.Namespace) -> int:
 
 
 Add = Callable[..., argparse.ArgumentParser]
+DESIRED_EPILOG = ("For group:<name> or all, pause, resume, config.apply and model.deploy/promote/rollback are "
+                  "first written (signed: --sign-with) as the fleet's desired state, which devices offline now "
+                  "apply when they reconnect; a device's own desired state (edge fleet desired set) wins over its "
+                  "groups', a group's over all's. Exit 1 when a device failed or did not answer, or the desired "
+                  "state could not be written.")
 
 
 def _upstream_args(p: argparse.ArgumentParser, *, expect: bool = True) -> None:
@@ -662,17 +820,23 @@ def register(sub: Any, add: Add) -> None:
     """Add `fleet ls|status|cmd|deploy-model|config push`, `status` and `approvals watch` to the CLI."""
     fleet = sub.add_parser("fleet", help="operate a fleet over upstream NATS").add_subparsers(
         dest="fleet_command", required=True)
-    p = add("ls", cmd_fleet_ls, "every device's status, and who did not answer", fleet)
+    ls_help = (f"every device that ever reported: who is missing (not seen for {MISSING_AFTER_HEARTBEATS} "
+               "heartbeats), who did not answer, how each differs from its desired state; exit 1 when any "
+               "device is missing, diverges or did not answer")
+    p = add("ls", cmd_fleet_ls, ls_help, fleet)
+    p.description = ls_help[0].upper() + ls_help[1:] + "."
     _upstream_args(p)
     p = add("status", cmd_fleet_status, "one device's status", fleet)
     _upstream_args(p, expect=False)
     p.add_argument("device")
     p = add("cmd", cmd_fleet_cmd, "send a command to a device, group:<name> or all", fleet)
+    p.epilog = DESIRED_EPILOG
     _upstream_args(p)
     p.add_argument("target", help="a device id, group:<name> or all")
     p.add_argument("verb", choices=sorted(VERBS))
     p.add_argument("--data", help="the command's fields as a JSON object")
     p = add("deploy-model", cmd_fleet_deploy_model, "upload a model folder and deploy it", fleet)
+    p.epilog = DESIRED_EPILOG
     _upstream_args(p)
     p.add_argument("target", help="a device id, group:<name> or all")
     p.add_argument("folder", help="a model folder (model.onnx + manifest.toml)")
@@ -683,9 +847,26 @@ def register(sub: Any, add: Add) -> None:
     config = fleet.add_parser("config", help="fleet configuration").add_subparsers(
         dest="fleet_config_command", required=True)
     p = add("push", cmd_fleet_config_push, "validate a config file, then apply it on a target", config)
+    p.epilog = DESIRED_EPILOG
     _upstream_args(p)
     p.add_argument("target", help="a device id, group:<name> or all")
     p.add_argument("file")
+    desired = fleet.add_parser("desired", help="the fleet's desired state (what devices offline apply when "
+                                               "they come back)").add_subparsers(dest="fleet_desired_command",
+                                                                                 required=True)
+    p = add("ls", cmd_fleet_desired_ls, "every desired value, who signed it and when", desired)
+    _upstream_args(p, expect=False)
+    p = add("set", cmd_fleet_desired_set, "write one desired value (a device's own wins over its groups')",
+            desired)
+    _upstream_args(p, expect=False)
+    p.add_argument("target", help="a device id, group:<name> or all")
+    p.add_argument("what", help="paused, config or model.<name>")
+    p.add_argument("value", help='the value as JSON, e.g. \'{"paused": false}\'')
+    p = add("clear", cmd_fleet_desired_clear, "clear one desired value: the less specific ones apply again",
+            desired)
+    _upstream_args(p, expect=False)
+    p.add_argument("target", help="a device id, group:<name> or all")
+    p.add_argument("what", help="paused, config or model.<name>")
 
     p = add("status", cmd_status, "ask the running device (of this config) for its status", sub)
     p.add_argument("-c", "--config", help="config file (default: the bundled example)")

@@ -24,6 +24,13 @@ to subjects no other identity may subscribe to)
               $JS.API.CONSUMER.CREATE.OBJ_B[.>]         the ordered consumer that streams the chunks
               $JS.API.CONSUMER.DELETE.OBJ_B.*           ... which clients may delete when done
               $JS.FC.OBJ_B.>                            its flow-control answers
+              desired state, read only (the stream KV_EDGE_FLEET), for the watch edge.fleet._convergence keeps:
+              $JS.API.CONSUMER.CREATE.KV_EDGE_FLEET     an ordered consumer (nats-py names none, so the
+                                                        filter cannot be confined here: a device may read
+                                                        every desired value, never write one)
+              $JS.API.CONSUMER.INFO.KV_EDGE_FLEET.*     how many current values to wait for
+              $JS.FC.KV_EDGE_FLEET.>                    its flow-control answers
+              $KV.EDGE_FLEET_STATUS.device.<id>         its own report (JetStream publish, ack to its inbox)
     subscribe _INBOX_<id>.>                             replies, acks, API answers, chunk delivery
               edge.<id>.cmd.>, edge.group.<g>.cmd.> for each group, edge.all.cmd.>
               edge.<id>.svc.status                      the nats.micro endpoint
@@ -41,6 +48,9 @@ operator <name> (the `edge fleet` command line: default inbox prefix `_INBOX`)
               purge it or delete a record, never publish `audit.>`)
               model buckets: STREAM.*.OBJ_B, STREAM.MSG.*.OBJ_B, DIRECT.GET.OBJ_B[.>],
               CONSUMER.*.OBJ_B[.>], $O.B.> (chunks and metadata), $JS.FC.OBJ_B.>
+              desired state KV_EDGE_FLEET: STREAM.CREATE|INFO, STREAM.MSG.GET, DIRECT.GET[.>],
+              CONSUMER.CREATE[.>], CONSUMER.INFO|DELETE, $JS.FC, and $KV.EDGE_FLEET.> (writes)
+              reported state KV_EDGE_FLEET_STATUS: the same but $KV.EDGE_FLEET_STATUS.> (devices write it)
     subscribe _INBOX.>, edge.*.heartbeat
 
 approver <name> / cloud <name>
@@ -65,6 +75,8 @@ import msgspec
 
 from .._errors import ConfigError, Problem
 from .._files import write_atomically
+from ._desired import BUCKET as DESIRED_BUCKET
+from ._desired import STATUS_BUCKET
 from ._signing import load_seed, new_seed, public_key_of
 
 Role = Literal["device", "operator", "approver", "cloud"]
@@ -149,6 +161,13 @@ def device_permissions(device: str, groups: Sequence[str], *, stream: str = DEFA
             f"$JS.API.CONSUMER.DELETE.{obj}.*",
             f"$JS.FC.{obj}.>",
         ]
+    desired = f"KV_{DESIRED_BUCKET}"
+    publish += [  # desired state, read only; reported state, its own key only
+        f"$JS.API.CONSUMER.CREATE.{desired}",
+        f"$JS.API.CONSUMER.INFO.{desired}.*",
+        f"$JS.FC.{desired}.>",
+        f"$KV.{STATUS_BUCKET}.device.{device}",
+    ]
     subscribe = [
         f"_INBOX_{device}.>",
         f"edge.{device}.cmd.>",
@@ -192,6 +211,20 @@ def operator_permissions(*, stream: str = DEFAULT_STREAM, buckets: Sequence[str]
             f"$O.{bucket}.>",
             f"$JS.FC.{obj}.>",
         ]
+    for bucket in (DESIRED_BUCKET, STATUS_BUCKET):  # both made by operators; they write only the desired state
+        kv = f"KV_{bucket}"
+        publish += [
+            *(f"$JS.API.STREAM.{verb}.{kv}" for verb in ("CREATE", "INFO")),
+            f"$JS.API.STREAM.MSG.GET.{kv}",
+            f"$JS.API.DIRECT.GET.{kv}",
+            f"$JS.API.DIRECT.GET.{kv}.>",
+            f"$JS.API.CONSUMER.CREATE.{kv}",
+            f"$JS.API.CONSUMER.CREATE.{kv}.>",
+            f"$JS.API.CONSUMER.INFO.{kv}.*",
+            f"$JS.API.CONSUMER.DELETE.{kv}.*",
+            f"$JS.FC.{kv}.>",
+        ]
+    publish.append(f"$KV.{DESIRED_BUCKET}.>")
     return Permissions(publish=tuple(publish), subscribe=("_INBOX.>", "edge.*.heartbeat"))
 
 

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 
 from ._archive import pushed_config, read_object_marker, sha256_hex, unpack_model_archive, write_object_marker
+from ._convergence import Convergence
+from ._desired import ConfigIntent, Desired, ModelIntent, PausedIntent, model_steps
 from ._protocol import (
     VERBS,
     WIRE_JSON,
@@ -74,6 +76,7 @@ from ._signing import CommandVerifier, is_signed, verify_artifact
 log = logging.getLogger("edge.fleet")
 
 MAX_IN_FLIGHT = 32  # commands being handled at once; more get `busy` (memory stays bounded)
+READS_EVERY_S = 60  # read-only commands (status, config.get) are audited as one record a minute, counted
 MAX_OBJECT_BYTES = 512 * 1024 * 1024
 FETCH_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
@@ -91,6 +94,10 @@ class Deployer(Protocol):
     async def promote(self, name: str, *, by: str = "") -> dict[str, Any]: ...
 
     async def rollback(self, name: str, *, by: str = "") -> dict[str, Any]: ...
+
+    def serving(self, name: str) -> tuple[str | None, str | None]:
+        """The versions of `name` serving as active and as shadow (None: none)."""
+        ...
 
 
 class Device(Protocol):
@@ -147,6 +154,9 @@ class Fleet:
         self.counts: Counter[str] = Counter()  # "ok" or the error code
         # Refusals of unauthenticated commands: one audit record a second at most, whoever floods us.
         self.refusals = RefusalTally("command_refused", host.record)
+        # Read-only commands: a dashboard polling `status` must not flood the audit log.
+        self.reads = RefusalTally("command_reads", host.record)
+        self.convergence = Convergence(host, self.apply_desired, self.status_result)
         self.replies = ReplyPolicy(host.config.nats.reply_prefixes)
         self.heartbeats = 0
         self._nc: NATS | None = None
@@ -160,6 +170,7 @@ class Fleet:
         self._saving = asyncio.Lock()  # one write of the replay state at a time
         self._attached = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None  # waits for the upstream connection, then attaches
+        self._converger: asyncio.Task[None] | None = None  # follows the desired state (edge.fleet._convergence)
         self._stop = asyncio.Event()
 
     @property
@@ -195,6 +206,8 @@ class Fleet:
         self._follower = self._tasks.create_task(self._follow_upstream(), name=f"fleet-upstream-{self.device}")
         self._tasks.create_task(self._heartbeat_forever(), name=f"fleet-heartbeat-{self.device}")
         self._tasks.create_task(self._flush_refusals_every_second(), name=f"fleet-refusals-{self.device}")
+        self._converger = self._tasks.create_task(self.convergence.run(self._stop),
+                                                  name=f"fleet-desired-{self.device}")
         return self
 
     def _announce_trust(self) -> None:
@@ -219,6 +232,8 @@ class Fleet:
     async def _close(self) -> None:
         if self._follower is not None:
             self._follower.cancel()  # it may be waiting for an upstream that never came
+        if self._converger is not None:
+            self._converger.cancel()  # likewise; a change it was making is left as a cancelled command leaves it
         await self._detach()
         if self._local_sub is not None:
             await _unsubscribe(self._local_sub)
@@ -317,13 +332,20 @@ class Fleet:
     # -- heartbeat -------------------------------------------------------------------------------
 
     async def _flush_refusals_every_second(self) -> None:
+        seconds = 0
         try:
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)  # pace: one record a second at most
                 self.refusals.flush()
+                self.convergence.refusals.flush()
+                seconds += 1
+                if seconds % READS_EVERY_S == 0:
+                    self.reads.flush()
         finally:
             self.refusals.flush()
+            self.convergence.refusals.flush()
+            self.reads.flush()
 
     async def _heartbeat_forever(self) -> None:
         while not self._stop.is_set():
@@ -405,6 +427,7 @@ class Fleet:
             if unsigned_ok and not isinstance(command, Status):
                 raise CommandError("unauthorized", "only `status` is answered on the local bus")
             result = await self._dispatch(command, by, signer)
+            read_only = isinstance(command, Status | ConfigGet)
         except CommandError as error:
             return self._failed(verb, subject, error, by=by, signer=signer, accepted=accepted)
         except Exception as exc:  # a bug must cost one command, never the subscription: log it, say so
@@ -412,7 +435,10 @@ class Fleet:
             return self._failed(verb, subject, CommandError("internal", f"{type(exc).__name__}: {exc}"),
                                 by=by, signer=signer, accepted=accepted)
         self.counts["ok"] += 1
-        self._audit(verb, subject, ok=True, by=by, signer=signer)
+        if read_only:  # counted, and recorded once a minute with who asked (never one record per poll)
+            self.reads.add(verb, f"by {by or signer or 'anyone (unsigned)'}")
+        else:
+            self._audit(verb, subject, ok=True, by=by, signer=signer)
         return Reply(ok=True, device=self.device, verb=verb, result=result)
 
     def _authenticate(self, subject: str, verb: str, body: bytes, headers: Mapping[str, str] | None, *,
@@ -458,25 +484,9 @@ class Fleet:
                 return self.status_result()
             case ConfigGet():
                 return {"config": encode_config(host.config, redact=True), "sha256": config_sha256(host.config)}
-            case ConfigApply(config=data):
+            case ConfigApply() | ConfigRollback() | ModelDeploy() | ModelPromote() | ModelRollback():
                 async with self._mutating:
-                    result = await host.apply_config(pushed_config(data, host.config), by=by)
-                    await self._sync_subscriptions()
-                return result
-            case ConfigRollback():
-                async with self._mutating:
-                    result = await host.rollback_config(by=by)
-                    await self._sync_subscriptions()
-                return result
-            case ModelDeploy():
-                async with self._mutating:
-                    return await self._deploy(command, by)
-            case ModelPromote(name=name):
-                async with self._mutating:
-                    return await host.deployments.promote(name, by=by)
-            case ModelRollback(name=name):
-                async with self._mutating:
-                    return await host.deployments.rollback(name, by=by)
+                    return await self._change(command, by)
             case Pause(reason=reason):
                 host.pause(by=by, reason=reason)
                 return {"paused": host.paused}
@@ -493,6 +503,67 @@ class Fleet:
             case _:
                 assert_never(command)
 
+    async def _change(self, command: ConfigApply | ConfigRollback | ModelDeploy | ModelPromote | ModelRollback,
+                      by: str) -> dict[str, Any]:
+        """A change of config or models; the caller holds `_mutating` (one change at a time)."""
+        host = self.host
+        match command:
+            case ConfigApply(config=data):
+                return await self._apply_config(pushed_config(data, host.config), by)
+            case ConfigRollback():
+                result = await host.rollback_config(by=by)
+                await self._sync_subscriptions()
+                return result
+            case ModelDeploy():
+                return await self._deploy(command, by)
+            case ModelPromote(name=name):
+                return await host.deployments.promote(name, by=by)
+            case ModelRollback(name=name):
+                return await host.deployments.rollback(name, by=by)
+            case _:
+                assert_never(command)
+
+    async def _apply_config(self, new: Config, by: str) -> dict[str, Any]:
+        result = await self.host.apply_config(new, by=by)
+        await self._sync_subscriptions()
+        return result
+
+    # -- desired state -----------------------------------------------------------------------------
+
+    async def apply_desired(self, desired: Desired) -> list[dict[str, Any]]:
+        """Bring the device to one desired value through the commands' own code paths.
+
+        Returns what ran, `[{"verb", "result"}, ...]`: empty when the device already runs it.
+        Raises CommandError when it cannot; what the device runs is then as the failed command
+        left it (for a config or a model: unchanged).
+        """
+        host, value, by, signer = self.host, desired.value, desired.by, desired.signer
+        match value:
+            case PausedIntent(paused=paused, reason=reason):
+                if paused == host.paused:
+                    return []
+                command: Command = Pause(reason=reason, by=by) if paused else Resume(reason=reason, by=by)
+                return [{"verb": "pause" if paused else "resume", "result": await self._dispatch(command, by, signer)}]
+            case ConfigIntent(config=data):
+                async with self._mutating:
+                    new = pushed_config(data, host.config)
+                    if config_sha256(new) == config_sha256(host.config):
+                        return []
+                    return [{"verb": "config.apply", "result": await self._apply_config(new, by)}]
+            case ModelIntent():
+                name = desired.what.removeprefix("model.")
+                async with self._mutating:
+                    active, shadow = host.deployments.serving(name)
+                    done = []
+                    for step in model_steps(name, value, active, shadow):
+                        verb = "model.deploy" if isinstance(step, ModelDeploy) else "model.rollback"
+                        done.append({"verb": verb, "result": await self._change(step, by)})
+                    return done
+            case None:
+                return []
+            case _:
+                assert_never(value)
+
     def _uploader(self) -> Uploader:
         uploader = self.host.uploader
         if uploader is None:
@@ -508,7 +579,8 @@ class Fleet:
                 "in_progress": len(self._handlers), "heartbeats": self.heartbeats,
                 "signed": bool(self.host.config.fleet.trusted_keys), "nonces": len(self.verifier),
                 "allow_unsigned": self.host.config.fleet.allow_unsigned, "refused": dict(self.refusals.totals),
-                "replies_refused": self.replies.refused,
+                "replies_refused": self.replies.refused, "reads": dict(self.reads.totals),
+                "desired": self.convergence.status(),
                 "service_id": self._service.id if self._service is not None else None}
 
     async def _on_service_status(self, request: Request) -> None:
