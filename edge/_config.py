@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -26,7 +27,7 @@ from models import ModelError, load_manifest
 
 from ._codec import validation_issue
 from ._config_keys import NOT_A_KEY, in_table, key_problems
-from ._errors import ConfigError, Problem
+from ._errors import ConfigError, Problem, quoted
 from ._files import write_atomically
 from ._rules import FIELD_TYPES, RuleSpec, check_guards, check_rules
 
@@ -40,6 +41,11 @@ _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 NUMERIC_TYPES = ("float", "int")  # the input types a model can read
 TIERS = ("model", "cloud", "rules")
+# Lower bounds for timing settings: below them a timer fires so often that it is a busy loop (a
+# heartbeat every nanosecond floods the hub, a 0 ms probe spins), which no deployment wants.
+MIN_HEARTBEAT_S = 0.1
+MIN_TIMER_MS = 10  # link probes and breaker reset, approval timeouts, model warm-up
+MAX_WARMUP_MS = 600_000
 BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "example.toml"
 # Who may command the device, settle approvals, and which key it signs with: only the config FILE
 # says so. A pushed config cannot change them, and the applied config kept in data_dir never
@@ -148,6 +154,9 @@ class ModelConfig(_Strict):
     path: Annotated[str, _doc("a folder holding the model file and manifest.toml")]
     max_batch: Annotated[int, _doc("most inputs in one model call (1..4096)")] = 64
     max_wait_us: Annotated[int, _doc("microseconds a batch waits to fill")] = 500
+    # SPEC's `models.warmup_timeout_ms`, per model (`models` is the list of model tables).
+    warmup_timeout_ms: Annotated[int, _doc("milliseconds the warm-up run may take; longer is refused "
+                                           "(warmup_timeout)")] = 5000
 
 
 class CloudConfig(_Strict):
@@ -417,6 +426,25 @@ def read_persisted_config(path: Path, file: Config) -> Config:
     return decode_config(content, source=str(path), base_dir=base, env={})
 
 
+def check_pushed_models(new: Config, running: Config) -> Iterator[Problem]:
+    """Model folders a config from outside (`config.apply`, the applied config kept in data_dir) may
+    name: the folder the running config already names for that model, or one inside data_dir's model
+    store, where `model.deploy` puts only what it verified (and keeps the signature to check again).
+    Anything else (an absolute path elsewhere, a `..` escape, a link out of the store) is a problem."""
+    store = (running.resolve(running.data_dir) / "models").resolve()
+    for i, model in enumerate(new.models):
+        before = running.model(model.name)
+        folder = new.resolve(model.path)
+        if before is not None and running.resolve(before.path) == folder:
+            continue
+        where = f"models[{i}].path"
+        if ".." in Path(model.path).parts:
+            yield Problem(where, f"{quoted(model.path)}: '..' is not allowed in a model path pushed to a device")
+        elif not folder.resolve().is_relative_to(store):
+            yield Problem(where, f"{quoted(model.path)} is outside this device's model store ({store}): a pushed "
+                                 "config may name a folder that model.deploy put there, or the model's current path")
+
+
 def connect_options(auth: Auth, base: Path) -> dict[str, Any]:
     """nats-py connect() keyword arguments for one connection's credentials (paths relative to `base`).
 
@@ -465,8 +493,8 @@ def check_config(config: Config) -> Iterator[Problem]:
     yield from _check_nats(config.nats)
     yield from _check_link(config.link)
     yield from _check_audit(config.audit)
-    if config.fleet.heartbeat_s <= 0:
-        yield Problem("fleet.heartbeat_s", "expected a positive number of seconds")
+    if not (math.isfinite(config.fleet.heartbeat_s) and config.fleet.heartbeat_s >= MIN_HEARTBEAT_S):
+        yield Problem("fleet.heartbeat_s", f"expected at least {MIN_HEARTBEAT_S} seconds")
     for i, key in enumerate(config.fleet.trusted_keys):
         if not (key.startswith("U") and len(key) == 56):
             yield Problem(f"fleet.trusted_keys[{i}]", "expected an operator's public nkey (56 characters, 'U...')")
@@ -481,6 +509,8 @@ def check_config(config: Config) -> Iterator[Problem]:
             yield Problem(f"{where}.max_batch", "expected 1..4096")
         if not 0 <= model.max_wait_us <= 1_000_000:
             yield Problem(f"{where}.max_wait_us", "expected 0..1000000 microseconds")
+        if not MIN_TIMER_MS <= model.warmup_timeout_ms <= MAX_WARMUP_MS:
+            yield Problem(f"{where}.warmup_timeout_ms", f"expected {MIN_TIMER_MS}..{MAX_WARMUP_MS} milliseconds")
         try:
             manifest = load_manifest(config.resolve(model.path))
         except ModelError as exc:
@@ -494,7 +524,7 @@ def check_config(config: Config) -> Iterator[Problem]:
         if pipeline.name in pipeline_names:
             yield Problem(f"pipelines[{i}].name", f"duplicate pipeline name {pipeline.name!r}")
         pipeline_names.add(pipeline.name)
-        yield from check_pipeline(pipeline, f"pipelines[{i}]", model_features)
+        yield from check_pipeline(pipeline, f"pipelines[{i}]", model_features, device=config.device_id)
 
 
 def _check_nats(nats: NatsConfig) -> Iterator[Problem]:
@@ -556,8 +586,8 @@ def _is_loopback(host: str) -> bool:
 
 def _check_link(link: LinkConfig) -> Iterator[Problem]:
     for key in ("probe_interval_ms", "probe_timeout_ms", "breaker_reset_ms"):
-        if getattr(link, key) <= 0:
-            yield Problem(f"link.{key}", "expected a positive number of milliseconds")
+        if getattr(link, key) < MIN_TIMER_MS:
+            yield Problem(f"link.{key}", f"expected at least {MIN_TIMER_MS} milliseconds")
     if link.breaker_failures < 1:
         yield Problem("link.breaker_failures", "expected at least 1")
     if link.probe_subject and not valid_subject(link.probe_subject, wildcards=False):
@@ -592,15 +622,43 @@ def valid_subject(subject: str, *, wildcards: bool) -> bool:
     return True
 
 
-def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, list[str]]) -> Iterator[Problem]:
+def subjects_overlap(a: str, b: str) -> bool:
+    """Whether some subject matches both patterns (`*` one token, a final `>` one or more)."""
+    left, right = a.split("."), b.split(".")
+    for i in range(max(len(left), len(right))):
+        if i == len(left) or i == len(right):
+            return False  # one ran out of tokens while the other still needs one
+        x, y = left[i], right[i]
+        if x == ">" or y == ">":
+            return True
+        if x != y and x != "*" and y != "*":
+            return False
+    return True
+
+
+def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, list[str]], *,
+                   device: str = "*") -> Iterator[Problem]:
     """Every problem with one pipeline, each with its key path under `where`."""
     if not DEVICE_ID.fullmatch(p.name):
         yield Problem(f"{where}.name", f"expected [A-Za-z0-9_-]{{1,64}}, got {p.name!r}")
     if not p.subscribe:
         yield Problem(f"{where}.subscribe", "expected at least one subject")
+    # The device's own output (decisions, rejections, approvals, heartbeats, commands): a pipeline
+    # hearing it would decide on its own decisions, in a loop.
+    own = f"edge.{device or '*'}.>"
+    try:
+        publish = p.publish.format(device=device or "*", pipeline=p.name)
+    except (KeyError, IndexError, ValueError):
+        publish = ""  # reported below
     for i, subject in enumerate(p.subscribe):
         if not valid_subject(subject, wildcards=True):
-            yield Problem(f"{where}.subscribe[{i}]", f"malformed subject {subject!r}")
+            yield Problem(f"{where}.subscribe[{i}]", f"malformed subject {quoted(subject)}")
+        elif subjects_overlap(subject, own):
+            yield Problem(f"{where}.subscribe[{i}]", f"{quoted(subject)} overlaps the device's own subjects "
+                                                     f"({own}): the pipeline would hear its own output")
+        elif publish and valid_subject(publish, wildcards=True) and subjects_overlap(subject, publish):
+            yield Problem(f"{where}.subscribe[{i}]", f"{quoted(subject)} overlaps the pipeline's publish subject "
+                                                     f"{quoted(publish)}: it would decide on its own decisions")
     if p.queue_group and not re.fullmatch(r"[A-Za-z0-9_.-]+", p.queue_group):
         yield Problem(f"{where}.queue_group", f"malformed queue group {p.queue_group!r}")
     if not p.input:
@@ -640,8 +698,8 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
     if p.cloud is not None:
         if not valid_subject(p.cloud.subject, wildcards=False):
             yield Problem(f"{where}.cloud.subject", f"malformed subject {p.cloud.subject!r}")
-        if p.cloud.timeout_ms <= 0:
-            yield Problem(f"{where}.cloud.timeout_ms", "expected a positive number of milliseconds")
+        if p.cloud.timeout_ms < 1:
+            yield Problem(f"{where}.cloud.timeout_ms", "expected at least 1 millisecond")
     if not 0.0 <= p.min_confidence <= 1.0:
         yield Problem(f"{where}.min_confidence", "expected 0..1")
     try:
@@ -677,8 +735,8 @@ def _check_actions(p: PipelineConfig, where: str) -> Iterator[Problem]:
                 yield Problem(f"{at}.rate_limit", str(exc))
         if policy.min_confidence is not None and not 0.0 <= policy.min_confidence <= 1.0:
             yield Problem(f"{at}.min_confidence", "expected 0..1")
-        if policy.approval_timeout_ms <= 0:
-            yield Problem(f"{at}.approval_timeout_ms", "expected a positive number of milliseconds")
+        if policy.approval_timeout_ms < MIN_TIMER_MS:
+            yield Problem(f"{at}.approval_timeout_ms", f"expected at least {MIN_TIMER_MS} milliseconds")
         for i, tier in enumerate(policy.tiers):
             if tier not in TIERS and tier != "guard":  # a guard decides as tier "guard"
                 yield Problem(f"{at}.tiers[{i}]", f"unknown tier {tier!r}")

@@ -4,6 +4,14 @@ The registry (`models.ModelRegistry`) serves models; this module decides which m
 serves and remembers it in `data_dir/models/state.json`, so a restarted device comes back with
 the model it was running. A candidate in shadow mode lives in a slot of its own, `<name>.shadow`,
 and every pipeline whose model is `<name>` asks it beside the active one.
+
+A model is trusted where it is loaded, not only where it was deployed: a folder in the model store
+(`data_dir/models`) is loaded only after `verify_deployed` has checked it against the object and
+signature kept beside it, on every load (deploy, restart, `config.apply`); a folder outside the
+store only when the config file names it. `state.json` lives in data_dir too, so a folder it names
+that is neither is refused: the slot keeps what it had (or stays unavailable) and `status` says why.
+Every warm-up is bounded by the model's `warmup_timeout_ms` (`warmup_timeout`), and `load` runs
+apart from `deploy`, so a fleet can warm a model up without holding its lock.
 """
 
 from __future__ import annotations
@@ -16,15 +24,17 @@ from typing import Any, Literal
 
 import msgspec
 
-from models import Model, ModelError, ModelRegistry, load_model
+from models import Model, ModelError, ModelRegistry, WarmupTimeout, load_model
 
 from ._config import NUMERIC_TYPES, Config
-from ._errors import CommandError
+from ._errors import CommandError, quoted
 from ._files import write_atomically
+from .fleet._archive import verify_deployed
 
 log = logging.getLogger("edge.deployments")
 
 Mode = Literal["active", "shadow"]
+DEFAULT_WARMUP_TIMEOUT_MS = 5000  # a model the config does not list (ModelConfig's default)
 
 
 class SlotState(msgspec.Struct, omit_defaults=True):
@@ -50,10 +60,19 @@ class Deployments:
         self._rebuild = rebuild
         self._record = record
         self._state: dict[str, SlotState] = {}
+        self._refused: dict[str, str] = {}  # model name -> why a version it should serve was refused at start
 
     @property
     def state_file(self) -> Path:
         return self.data_dir / "models" / "state.json"
+
+    @property
+    def store(self) -> Path:
+        """The model store: where deploys put model folders (with their deploy record)."""
+        return self.data_dir / "models"
+
+    def in_store(self, folder: Path) -> bool:
+        return folder.resolve().is_relative_to(self.store.resolve())
 
     def shadow_slot(self, name: str) -> str | None:
         """The slot holding `name`'s shadow candidate, if one is deployed."""
@@ -63,6 +82,56 @@ class Deployments:
     def store_dir(self, name: str, version: str) -> Path:
         """Where a deployed model's files are kept on this device."""
         return self.data_dir / "models" / name / version
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    async def load(self, name: str, folder: Path, *, warmup_timeout_ms: int | None = None) -> Model:
+        """The model in `folder`, verified (a folder in the store: its deploy record and signature),
+        loaded and warmed up within its warm-up timeout, off the event loop; nothing is served yet.
+
+        Raises CommandError: `tampered` / `unsigned` / `bad_signature` (the deploy record),
+        `warmup_timeout`, `bad_model`.
+        """
+        config = self._config()
+        if warmup_timeout_ms is None:
+            model_config = config.model(name)
+            warmup_timeout_ms = model_config.warmup_timeout_ms if model_config else DEFAULT_WARMUP_TIMEOUT_MS
+        timeout_s = warmup_timeout_ms / 1000
+        trusted = list(config.fleet.trusted_keys)
+        in_store = self.in_store(folder)
+
+        def verify_and_load() -> Model:
+            if in_store:
+                verify_deployed(folder, trusted)
+            return load_model(folder, warmup_timeout_s=timeout_s)
+
+        try:
+            return await asyncio.to_thread(verify_and_load)
+        except WarmupTimeout as exc:
+            raise CommandError("warmup_timeout", f"model {quoted(name)}: {exc}") from None
+        except ModelError as exc:
+            raise CommandError("bad_model", str(exc)) from None
+
+    async def load_configured(self) -> None:
+        """At start: every model the config lists into its slot; one that cannot load leaves its slot
+        unavailable, saying why (rules decide meanwhile)."""
+        config = self._config()
+        for m in config.models:
+            slot = self.registry.slot(m.name, max_batch=m.max_batch, max_wait_us=m.max_wait_us)
+            try:
+                model = await self.load(m.name, config.resolve(m.path), warmup_timeout_ms=m.warmup_timeout_ms)
+                await slot.install(model)
+            except CommandError as exc:
+                slot.fail(exc.message)
+            except ModelError as exc:  # it cannot replace the one serving: the slot stays as it was
+                slot.fail(str(exc))
+
+    async def _restored(self, name: str, folder: Path) -> Model:
+        """A folder `state.json` names, loaded as at deploy: from the store (verified) or the config file's."""
+        if not self.in_store(folder) and folder != Path(self._serving_folder(name)):
+            raise CommandError("tampered", f"{quoted(str(folder))} is neither in the model store nor the "
+                                           "config's folder for this model")
+        return await self.load(name, folder)
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -80,33 +149,44 @@ class Deployments:
         registry = self.registry
         for name, state in self._state.items():
             slot = registry.slot(name)
+            loaded: set[str] = set()
             for key in ("previous", "active"):
                 folder = getattr(state, key)
                 if not folder:
                     continue
                 try:
-                    model = await asyncio.to_thread(load_model, Path(folder))
-                except ModelError as exc:
-                    log.error("model %s: the %s version at %s cannot be loaded: %s", name, key, folder, exc)
+                    model = await self._restored(name, Path(folder))
+                    await slot.install(model)
+                except (CommandError, ModelError) as exc:
+                    why = str(exc)  # "code: message" for a CommandError
+                    log.error("model %s: the %s version at %s is refused: %s", name, key, quoted(folder), why)
+                    self._refused[name] = f"the {key} version at {folder} was refused at start: {why}"
+                    slot.fail(self._refused[name])
                     continue
-                await slot.install(model)
+                loaded.add(key)
+            # What serves is what loaded: the previous version (or the config's, or nothing).
+            if state.previous and "previous" not in loaded:
+                state.previous = ""
+            if state.active and "active" not in loaded:
+                state.active, state.previous = state.previous, ""
             if state.shadow:
                 try:
-                    candidate = await asyncio.to_thread(load_model, Path(state.shadow))
-                except ModelError as exc:
-                    log.error("model %s: shadow candidate at %s cannot be loaded: %s", name, state.shadow, exc)
+                    candidate = await self._restored(name, Path(state.shadow))
+                except CommandError as exc:
+                    log.error("model %s: shadow candidate at %s is refused: %s", name, quoted(state.shadow),
+                              exc.message)
                     state.shadow = ""
                     continue
                 await registry.slot(f"{name}.shadow").install(candidate)
 
     # -- commands -------------------------------------------------------------------------------------
 
-    async def deploy(self, name: str, folder: Path, mode: Mode = "active", *, by: str = "") -> dict[str, Any]:
-        """Load, verify and warm up the model in `folder`, then serve it as `mode`; nothing changes on error."""
-        try:
-            model = await asyncio.to_thread(load_model, folder)
-        except ModelError as exc:
-            raise CommandError("bad_model", str(exc)) from None
+    async def deploy(self, name: str, folder: Path, mode: Mode = "active", *, by: str = "",
+                     model: Model | None = None) -> dict[str, Any]:
+        """Serve the model in `folder` as `mode` (`model`: it, as `load` returned it; else it is loaded,
+        verified and warmed up here); nothing changes on error."""
+        if model is None:
+            model = await self.load(name, folder)
         self._check_fits(name, model)
         registry = self.registry
         state = self._state.setdefault(name, SlotState(active=self._serving_folder(name)))
@@ -114,6 +194,7 @@ class Deployments:
             old = await registry.slot(name).install(model)
             state.previous = state.active if old is not None else ""
             state.active = str(folder)
+            self._refused.pop(name, None)
         else:
             await registry.slot(f"{name}.shadow").install(model)
             state.shadow = str(folder)
@@ -174,7 +255,10 @@ class Deployments:
         return versions[0], versions[1]
 
     def status(self) -> dict[str, Any]:
-        return {name: msgspec.to_builtins(state) for name, state in self._state.items()}
+        status = {name: msgspec.to_builtins(state) for name, state in self._state.items()}
+        for name, why in self._refused.items():
+            status.setdefault(name, {})["refused"] = why
+        return status
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -196,7 +280,7 @@ class Deployments:
                 if kind not in NUMERIC_TYPES:
                     raise CommandError(
                         "model_mismatch",
-                        f"model {model.manifest.name} {model.manifest.version} needs numeric input {feature!r}, "
+                        f"model {model.manifest.name} {model.manifest.version} needs numeric input {quoted(feature)}, "
                         f"but pipeline {p.name!r} has {kind or 'no such field'}",
                     )
 

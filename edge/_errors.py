@@ -17,6 +17,21 @@ from collections.abc import Sequence
 
 import msgspec
 
+QUOTE_CHARS = 200  # outside text (a name, a path, a body) is quoted at most this long in errors and logs
+MESSAGE_CHARS = 1000  # and no error message is longer than this, whatever it quotes
+
+
+def quoted(text: object, limit: int = QUOTE_CHARS) -> str:
+    """`repr` of outside text, cut to `limit` characters with the full length said: never the whole of it."""
+    value = str(text)
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MESSAGE_CHARS else f"{message[:MESSAGE_CHARS]}... (cut)"
+
 
 class EdgeError(Exception):
     """Root of every error the runtime raises on purpose."""
@@ -59,7 +74,7 @@ class InputRejected(EdgeError):
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
-        self.detail = detail
+        self.detail = detail = _bounded(detail)
         super().__init__(f"{reason}: {detail}")
 
 
@@ -72,5 +87,5 @@ class CommandError(EdgeError):
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
-        self.message = message
+        self.message = message = _bounded(message)
         super().__init__(f"{code}: {message}")

@@ -2,7 +2,8 @@
 
 The pipeline's `input` table becomes a msgspec Struct type once, so decoding and type checking
 are one C call per message. Unknown fields are tolerated (sensors evolve); the fields the
-pipeline names are checked for type, presence and finiteness.
+pipeline names are checked for type, presence and finiteness, and an `int` is a 64-bit signed
+integer: JSON allows a 4,300-digit one, which no model, rule or audit reader should meet.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -19,7 +20,8 @@ from ._errors import InputRejected
 from ._messages import Rejected
 from ._rules import FIELD_TYPES
 
-_TYPES: dict[str, Any] = {"float": float, "int": int, "str": str, "bool": bool}
+INT64 = msgspec.Meta(ge=-(2**63), le=2**63 - 1)
+_TYPES: dict[str, Any] = {"float": float, "int": Annotated[int, INT64], "str": str, "bool": bool}
 assert tuple(_TYPES) == FIELD_TYPES  # one Python type for each field type the config allows
 SAMPLE_BYTES = 256
 

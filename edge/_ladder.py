@@ -54,9 +54,17 @@ class ModelSlotLike(Protocol):
     async def predict(self, row: Sequence[float]) -> Prediction: ...
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # a model's input is float32: a larger value cannot reach it
+
+
 def feature_row(model: Model, values: Mapping[str, Any]) -> list[float]:
     """The input values in the order the model wants its columns."""
     return [values[name] for name in model.manifest.features]
+
+
+def fits_float32(row: Sequence[float]) -> bool:
+    """Every value is a number the model's float32 input can hold (an int64 is; 1e308 is not, nor NaN)."""
+    return all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in row)
 
 
 class ModelTier:
@@ -82,11 +90,11 @@ class ModelTier:
         if model is None:
             return Fallback("model", "unavailable")
         row = feature_row(model, values)
-        if model.manifest.out_of_range(row) is not None:
+        if model.manifest.out_of_range(row) is not None or not fits_float32(row):
             return Fallback("model", "out_of_range")
         try:
             prediction = await self.slot.predict(row)
-        except ModelError:
+        except (ModelError, ArithmeticError, ValueError, TypeError):  # whatever the row, the input is answered
             return Fallback("model", "error")
         confidence = prediction.confidence
         if confidence is None or not confidence >= self.min_confidence:  # NaN is never confident enough

@@ -3,9 +3,10 @@
 Messages from the pipeline's subscriptions go into a bounded inbox; a fixed pool of worker
 coroutines takes them from there, so many decisions are in flight at once (that is what lets
 the model's micro-batcher and the audit log's group commit form batches) while memory stays
-bounded: when the inbox is full, the subscription callback waits, and NATS's own slow-consumer
-limits take over. Work that may wait long (a human approval) leaves the worker pool so it never
-stalls unrelated inputs.
+bounded: the inbox holds at most INBOX messages and INBOX_BYTES bytes (a message larger than the
+pipeline's `max_input_bytes` is rejected before it queues); when it is full, the subscription
+callback waits, and NATS's own slow-consumer limits take over. Work that may wait long (a human
+approval) leaves the worker pool so it never stalls unrelated inputs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ._config import PipelineConfig
 from ._errors import InputRejected
 from ._governance import ApprovalOutcome, Backlog, Governor, Unreachable, Verdict
 from ._inputs import InputSchema, rejection
-from ._ladder import Answer, Ladder, feature_row
+from ._ladder import Answer, Ladder, feature_row, fits_float32
 from ._messages import (
     JSON_ENCODER,
     MSGPACK_ENCODER,
@@ -52,6 +53,7 @@ log = logging.getLogger("edge.pipeline")
 
 WORKERS = 256
 INBOX = 4096
+INBOX_BYTES = 16 * 1024 * 1024  # the inbox's bytes too: 4096 messages of max_input_bytes would be 256 MiB
 LATENCY_WINDOW = 8192
 
 
@@ -77,7 +79,10 @@ class Shadow(msgspec.Struct):
         model = self.slot.model
         if model is None:
             return None
-        return await self.slot.predict(feature_row(model, values))
+        row = feature_row(model, values)
+        if not fits_float32(row):
+            return None
+        return await self.slot.predict(row)
 
     def version(self) -> str:
         return self.slot.model.manifest.version if self.slot.model is not None else ""
@@ -155,6 +160,8 @@ class Pipeline:
         self.stats = PipelineStats()
         self.state = PipelineState.NEW
         self._inbox: asyncio.Queue[Msg | None] = asyncio.Queue(INBOX)
+        self._inbox_bytes = 0  # of the messages in the inbox
+        self._inbox_room = asyncio.Event()  # set when a worker takes a message: bytes freed
         self._subs: dict[str, Subscription] = {}
         self._stack = AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None  # workers, approvals in progress, the rejection flusher
@@ -257,6 +264,17 @@ class Pipeline:
     async def _on_message(self, msg: Msg) -> None:
         # Fast path: enqueue; back-pressure when the workers are behind. Draining still accepts
         # what the server had already sent.
+        size = len(msg.data)
+        limit = self.logic.config.max_input_bytes
+        if size > limit:  # refused before it takes room in the inbox (and before any decoding)
+            reply = msg.reply if msg.reply and self.replies.allows(msg.reply) else ""
+            await self._reject(msg.subject, msg.data, InputRejected("too_large", f"{size} bytes, the limit is {limit}"),
+                               reply)
+            return
+        while self._inbox_bytes and self._inbox_bytes + size > INBOX_BYTES:
+            self._inbox_room.clear()
+            await self._inbox_room.wait()
+        self._inbox_bytes += size
         await self._inbox.put(msg)
 
     async def _worker(self) -> None:
@@ -265,6 +283,8 @@ class Pipeline:
             msg = await inbox.get()
             if msg is None:
                 return
+            self._inbox_bytes -= len(msg.data)
+            self._inbox_room.set()
             try:
                 await self.handle(msg.subject, msg.data, msg.headers, msg.reply)
             except Exception:
@@ -438,4 +458,5 @@ class Pipeline:
         return len(self._side_tasks)
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state.value, "pending_approvals": self.pending_approvals, **self.stats.snapshot()}
+        return {"state": self.state.value, "pending_approvals": self.pending_approvals,
+                "inbox": {"messages": self._inbox.qsize(), "bytes": self._inbox_bytes}, **self.stats.snapshot()}

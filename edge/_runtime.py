@@ -35,7 +35,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from models import Model, ModelError, ModelRegistry, load_model
+from models import Model, ModelRegistry
 from sync import AuditLog, SyncError, Uploader, connect_for_upload
 
 from ._approvals import ApprovalDesk
@@ -45,6 +45,7 @@ from ._config import (
     Auth,
     Config,
     PipelineConfig,
+    check_pushed_models,
     config_sha256,
     connect_options,
     parse_duration,
@@ -166,9 +167,7 @@ class Runtime:
             self.link.connection_restored()
 
         await stack.enter_async_context(self.registry)
-        for model in config.models:
-            await self.registry.load(model.name, config.resolve(model.path),
-                                     max_batch=model.max_batch, max_wait_us=model.max_wait_us)
+        await self.deployments.load_configured()  # each verified (in the store) and warmed up within its bound
         await self.deployments.restore()
 
         audit = config.audit
@@ -498,6 +497,10 @@ class Runtime:
             return file_config
         try:
             persisted = read_persisted_config(applied, file_config)
+            # data_dir is not the config file: it may name the file's model folders or the store's, nothing else.
+            outside = list(check_pushed_models(persisted, file_config))
+            if outside:
+                raise ConfigError(outside, str(applied))
         except ConfigError as exc:
             log.error("ignoring the applied config kept in %s: %s", applied, exc)
             return file_config
@@ -520,9 +523,10 @@ class Runtime:
             before = old.model(m.name)
             if before is None or new.resolve(m.path) != old.resolve(before.path):
                 try:
-                    loaded[m.name] = await asyncio.to_thread(load_model, new.resolve(m.path))
-                except ModelError as exc:
-                    raise CommandError("bad_model", f"models: {m.name}: {exc}") from None
+                    loaded[m.name] = await self.deployments.load(m.name, new.resolve(m.path),
+                                                                 warmup_timeout_ms=m.warmup_timeout_ms)
+                except CommandError as exc:  # verified if in the store, warmed up within its bound
+                    raise CommandError(exc.code, f"models: {m.name}: {exc.message}") from None
         # Past this point nothing can fail: install, swap, persist.
         for m in new.models:
             if m.name in loaded:

@@ -11,6 +11,7 @@ from ._errors import (
     ModelError,
     ModelFileMissing,
     ModelUnavailable,
+    WarmupTimeout,
 )
 from ._manifest import Manifest, load_manifest
 
@@ -53,6 +54,7 @@ __all__ = [
     "ModelFileMissing",
     "ModelUnavailable",
     "Prediction",
+    "WarmupTimeout",
     "bundled_model_path",
     "inspect_model",
     "load_manifest",

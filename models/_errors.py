@@ -6,7 +6,8 @@
     ├── ChecksumMismatch           the model file's sha256 differs from the manifest's (expected, actual)
     ├── GraphMismatch              the ONNX graph's inputs/outputs do not fit the manifest (path, detail)
     └── ModelUnavailable           a model cannot answer: it failed to open, warm up or run, or the
-                                   batcher is not running; the cause is chained (`raise ... from`)
+        │                          batcher is not running; the cause is chained (`raise ... from`)
+        └── WarmupTimeout          its warm-up run took longer than allowed (a graph that hangs)
 
 The runtime maps any of them to the `unavailable` fallback (ladder) or to exit code 2 (`edge check`).
 """
@@ -60,3 +61,12 @@ class GraphMismatch(ModelError):
 
 class ModelUnavailable(ModelError):
     """A model cannot answer right now (failed to open, warm up or run; batcher not running)."""
+
+
+class WarmupTimeout(ModelUnavailable):
+    """The warm-up run did not finish within `timeout_s` and was stopped (a Loop that never ends, say)."""
+
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        super().__init__(f"{path}: the warm-up run took longer than {timeout_s * 1000:.0f} ms and was stopped")

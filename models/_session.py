@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-from ._errors import ChecksumMismatch, GraphMismatch, ManifestError, ModelFileMissing, ModelUnavailable
+from ._errors import ChecksumMismatch, GraphMismatch, ManifestError, ModelFileMissing, ModelUnavailable, WarmupTimeout
 from ._graph import Mismatch, Port, plan
 from ._manifest import MANIFEST_NAME, Manifest, load_manifest, midpoint_row
 
@@ -41,7 +42,8 @@ class Model:
     path: Path
     fixed_batch: int | None
 
-    def __init__(self, manifest: Manifest, session: ort.InferenceSession, *, path: Path, sha256: str) -> None:
+    def __init__(self, manifest: Manifest, session: ort.InferenceSession, *, path: Path, sha256: str,
+                 warmup_timeout_s: float | None = None) -> None:
         self.manifest = manifest
         self.sha256 = sha256
         self.path = path
@@ -65,14 +67,14 @@ class Model:
             "regression": self._decode_regression,
         }
         self._decode = decoders[self._plan.kind]
-        self._warm_up()
+        self._warm_up(warmup_timeout_s)
 
     def __repr__(self) -> str:
         m = self.manifest
         kind, batch = self._plan.kind, self.fixed_batch
         return f"<Model {m.name}:{m.version} {kind} sha256={self.sha256[:12]} batch={batch}>"
 
-    def predict(self, rows: npt.ArrayLike) -> list[Prediction]:
+    def predict(self, rows: npt.ArrayLike, run_options: ort.RunOptions | None = None) -> list[Prediction]:
         """Run `rows` (float32, shape (n, len(features)), in `features` order); one Prediction per row."""
         batch = np.asarray(rows, dtype=np.float32)
         if batch.ndim != 2 or batch.shape[1] != self._width:
@@ -82,12 +84,12 @@ class Model:
             return []
         fixed = self.fixed_batch
         if fixed is None or n == fixed:
-            out = self._run(self._output_names, {self._input_name: batch})[0]
+            out = self._run(self._output_names, {self._input_name: batch}, run_options)[0]
         else:
-            out = self._run_fixed(batch, fixed)
+            out = self._run_fixed(batch, fixed, run_options)
         return self._decode(out, n)
 
-    def _run_fixed(self, batch: npt.NDArray[np.float32], fixed: int) -> Any:
+    def _run_fixed(self, batch: npt.NDArray[np.float32], fixed: int, run_options: ort.RunOptions | None) -> Any:
         """A graph with a fixed batch dimension: feed it chunks of exactly `fixed` rows, padding the last."""
         n = batch.shape[0]
         parts: list[Any] = []
@@ -97,7 +99,7 @@ class Model:
                 padded = np.zeros((fixed, self._width), dtype=np.float32)
                 padded[: chunk.shape[0]] = chunk
                 chunk = padded
-            parts.append(self._run(self._output_names, {self._input_name: chunk})[0])
+            parts.append(self._run(self._output_names, {self._input_name: chunk}, run_options)[0])
         if self._plan.kind == "zipmap":
             return [item for part in parts for item in part][:n]
         return np.concatenate(parts)[:n]
@@ -120,13 +122,37 @@ class Model:
     def _decode_regression(self, out: FloatArray, n: int) -> list[Prediction]:
         return [Prediction("", None, v) for v in out.reshape(n).tolist()]
 
-    def _warm_up(self) -> None:
-        """Run once on a plausible row: pays one-off allocation costs and proves the outputs fit."""
+    def _warm_up(self, timeout_s: float | None) -> None:
+        """Run once on a plausible row: pays one-off allocation costs and proves the outputs fit.
+
+        Within `timeout_s` (None: unbounded): a timer sets onnxruntime's terminate flag, which every
+        node and every Loop iteration checks, so a graph that would run forever stops and is refused
+        (WarmupTimeout). A single node that runs long without checking the flag is not interrupted.
+        """
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a stopped run is reported by WarmupTimeout, not on stderr
+        file = self.path / self.manifest.file
+        timer = threading.Timer(timeout_s, _terminate, (options,)) if timeout_s is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            self._warm_up_runs(options, file)
+        except ModelUnavailable as exc:
+            if options.terminate and timeout_s is not None:
+                raise WarmupTimeout(file, timeout_s) from exc
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _warm_up_runs(self, options: ort.RunOptions, file: Path) -> None:
         row = np.asarray([midpoint_row(self.manifest)], dtype=np.float32)
         fed = self._pad(row)
-        file = self.path / self.manifest.file
         try:
-            out = self._run(self._output_names, {self._input_name: fed})[0]
+            out = self._run(self._output_names, {self._input_name: fed}, options)[0]
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             raise ModelUnavailable(f"{file}: warm-up run failed: {exc}") from exc
         rows, classes, kind = fed.shape[0], len(self._labels), self._plan.kind
@@ -144,7 +170,7 @@ class Model:
                     f"score output has shape {shape} for {rows} rows, expected [{rows}, {classes}] ({classes} labels)",
                 )
         try:
-            self.predict(row)
+            self.predict(row, options)
         except Exception as exc:
             raise ModelUnavailable(f"{file}: warm-up prediction failed: {exc}") from exc
 
@@ -171,6 +197,10 @@ class Model:
         padded = np.zeros((self.fixed_batch, self._width), dtype=np.float32)
         padded[: rows.shape[0]] = rows
         return padded
+
+
+def _terminate(options: ort.RunOptions) -> None:
+    options.terminate = True
 
 
 def _ports(args: Sequence[Any]) -> list[Port]:
@@ -211,11 +241,12 @@ def _folder(path: Path) -> Path:
     return path.parent if path.suffix in (".toml", ".onnx") and not path.is_dir() else path
 
 
-def load_model(folder: Path) -> Model:
-    """Load the model in `folder` (or named by its manifest.toml): check sha256 and graph, warm up.
+def load_model(folder: Path, *, warmup_timeout_s: float | None = None) -> Model:
+    """Load the model in `folder` (or named by its manifest.toml): check sha256 and graph, warm up
+    (within `warmup_timeout_s` when given).
 
     Blocking; run it in a thread. Raises ManifestError, ModelFileMissing, ChecksumMismatch,
-    GraphMismatch or ModelUnavailable.
+    GraphMismatch or ModelUnavailable (WarmupTimeout when the warm-up was stopped).
     """
     manifest = load_manifest(folder)
     folder = _folder(folder)
@@ -225,7 +256,7 @@ def load_model(folder: Path) -> Model:
     actual = hashlib.sha256(data).hexdigest()
     if actual != manifest.sha256:
         raise ChecksumMismatch(file, manifest.sha256, actual)
-    return Model(manifest, _open_session(data, file), path=folder, sha256=actual)
+    return Model(manifest, _open_session(data, file), path=folder, sha256=actual, warmup_timeout_s=warmup_timeout_s)
 
 
 def inspect_model(path: Path) -> dict[str, object]:

@@ -188,8 +188,11 @@ class _NoDeployments:
     def serving(self, name: str) -> tuple[str | None, str | None]:
         return None, None
 
+    async def load(self, name: str, folder: Path) -> Any:
+        raise CommandError("unknown_model", f"no model {name!r}")
+
     async def deploy(self, name: str, folder: Path, mode: Literal["active", "shadow"] = "active", *,
-                     by: str = "") -> dict[str, Any]:
+                     by: str = "", model: Any = None) -> dict[str, Any]:
         raise CommandError("unknown_model", f"no model {name!r}")
 
     async def promote(self, name: str, *, by: str = "") -> dict[str, Any]:

@@ -26,7 +26,7 @@ import msgspec
 import msgspec.inspect
 
 from .._codec import MSGPACK, validation_issue
-from .._errors import CommandError
+from .._errors import CommandError, quoted
 
 if TYPE_CHECKING:
     pass
@@ -159,22 +159,22 @@ def decode_command(verb: str, body: bytes, content_type: str = "") -> Command:
 
 
 def unknown_verb(verb: str) -> CommandError:
-    return CommandError("unknown_verb", f"unknown verb {verb!r}; expected one of {', '.join(sorted(VERBS))}")
+    return CommandError("unknown_verb", f"unknown verb {quoted(verb)}; expected one of {', '.join(sorted(VERBS))}")
 
 
 def _explain(verb: str, kind: type[_Command], text: str) -> str:
     issue = validation_issue(text)
     fields = [f"{f.name}{'' if f.required else '?'}" for f in msgspec.structs.fields(kind)]
     if issue.unknown:
-        return f"{verb}: unknown field {issue.unknown!r} (expected fields: {', '.join(fields) or 'none'})"
+        return f"{verb}: unknown field {quoted(issue.unknown)} (expected fields: {', '.join(fields) or 'none'})"
     if issue.missing:
-        return f"{verb}: field {issue.missing!r} is required"
+        return f"{verb}: field {quoted(issue.missing)} is required"
     if not issue.path:
         return f"{verb}: the body must be an object with fields {', '.join(fields) or '(none)'}: {issue.message}"
     if issue.path == "verb":
         return f"{verb}: field 'verb' must be {verb!r} (the subject's verb) when given"
     path = issue.path
-    detail = f"{verb}: field {path!r}: {issue.message}"
+    detail = f"{verb}: field {quoted(path)}: {issue.message}"
     info = msgspec.inspect.type_info(kind)
     assert isinstance(info, msgspec.inspect.StructType)
     for spec in info.fields:

@@ -5,23 +5,28 @@ runtime itself. The one exception to signed commands is `edge.<device>.cmd.statu
 bus (when it is not the upstream one): a read-only probe for `edge status` on the gateway itself.
 
 `model.deploy` checks the sha256 of the fetched object's bytes against the command's before
-anything is unpacked; with trusted keys, `signature` is checked before anything is fetched. Any
-failure leaves the serving model untouched.
+anything is unpacked; with trusted keys, `signature` is checked before anything is fetched. The
+object is read chunk by chunk and refused as soon as it exceeds the size its info declares (which
+is checked against MAX_OBJECT_BYTES first). Fetching, unpacking, verifying and warming up happen
+before the fleet's lock is taken, so a slow or hanging model holds up no other command; only the
+swap itself is serialised. Any failure leaves the serving model untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import enum
-import io
+import hashlib
 import logging
 import shutil
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, assert_never
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, assert_never
 
 import nats.errors
 import nats.js.errors
@@ -34,7 +39,7 @@ from sync import Uploader
 
 from .._codec import MSGPACK
 from .._config import Config, config_sha256, encode_config
-from .._errors import CommandError
+from .._errors import CommandError, quoted
 from .._files import write_atomically
 from .._messages import Heartbeat
 from .._natsutil import client_of, server_barrier, stop_service_quietly
@@ -42,11 +47,15 @@ from .._replies import RefusalTally, ReplyPolicy
 from .._version import version
 
 if TYPE_CHECKING:
+    from nats.js.api import ObjectInfo
+    from nats.js.client import JetStreamContext
     from nats.micro.request import Request
     from nats.micro.service import Service
 
+    from models import Model
 
-from ._archive import pushed_config, read_object_marker, sha256_hex, unpack_model_archive, write_object_marker
+
+from ._archive import MAX_ARCHIVE_BYTES, pushed_config, read_object_marker, unpack_model_archive, write_signature
 from ._convergence import Convergence
 from ._desired import ConfigIntent, Desired, ModelIntent, PausedIntent, model_steps
 from ._protocol import (
@@ -77,7 +86,8 @@ log = logging.getLogger("edge.fleet")
 
 MAX_IN_FLIGHT = 32  # commands being handled at once; more get `busy` (memory stays bounded)
 READS_EVERY_S = 60  # read-only commands (status, config.get) are audited as one record a minute, counted
-MAX_OBJECT_BYTES = 512 * 1024 * 1024
+MAX_OBJECT_BYTES = MAX_ARCHIVE_BYTES  # a model object's declared size, checked before a byte is fetched
+FETCH_PENDING_BYTES = 32 * 1024 * 1024  # chunks the client may buffer while we read them
 FETCH_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 
@@ -88,8 +98,12 @@ class Deployer(Protocol):
 
     def store_dir(self, name: str, version: str) -> Path: ...
 
+    async def load(self, name: str, folder: Path) -> Model:
+        """Verify, load and warm up (bounded) the model in `folder`; nothing is served yet."""
+        ...
+
     async def deploy(self, name: str, folder: Path, mode: Literal["active", "shadow"] = "active", *,
-                     by: str = "") -> dict[str, Any]: ...
+                     by: str = "", model: Model | None = None) -> dict[str, Any]: ...
 
     async def promote(self, name: str, *, by: str = "") -> dict[str, Any]: ...
 
@@ -484,7 +498,11 @@ class Fleet:
                 return self.status_result()
             case ConfigGet():
                 return {"config": encode_config(host.config, redact=True), "sha256": config_sha256(host.config)}
-            case ConfigApply() | ConfigRollback() | ModelDeploy() | ModelPromote() | ModelRollback():
+            case ModelDeploy():
+                prepared = await self._prepare_deploy(command)  # fetched and warmed up without the lock
+                async with self._mutating:
+                    return await self._deploy(command, by, prepared)
+            case ConfigApply() | ConfigRollback() | ModelPromote() | ModelRollback():
                 async with self._mutating:
                     return await self._change(command, by)
             case Pause(reason=reason):
@@ -588,12 +606,28 @@ class Fleet:
 
     # -- model.deploy ----------------------------------------------------------------------------
 
-    async def _deploy(self, command: ModelDeploy, by: str) -> dict[str, Any]:
+    async def _deploy(self, command: ModelDeploy, by: str, prepared: _Prepared | None = None) -> dict[str, Any]:
+        """Serve the model `_prepare_deploy` made ready (prepared here if not yet); the caller holds
+        `_mutating`."""
+        if prepared is None:
+            prepared = await self._prepare_deploy(command)
+        try:
+            return await self.host.deployments.deploy(command.name, prepared.folder, command.mode, by=by,
+                                                      model=prepared.model)
+        except CommandError:
+            if prepared.created:
+                await asyncio.to_thread(shutil.rmtree, prepared.folder, True)
+            raise
+
+    async def _prepare_deploy(self, command: ModelDeploy) -> _Prepared:
+        """All a deploy does before it changes what is served: check the signature, fetch (bounded),
+        check the sha256, unpack (bounded) with the deploy record, check the manifest, then verify,
+        load and warm up (bounded by warmup_timeout_ms). Takes no lock."""
         host = self.host
         name = command.name
         known = {m.name for m in host.config.models} | {p.model for p in host.config.pipelines if p.model}
         if name not in known:
-            raise CommandError("unknown_model", f"model.deploy: this device has no model {name!r} "
+            raise CommandError("unknown_model", f"model.deploy: this device has no model {quoted(name)} "
                                                 f"(known: {', '.join(sorted(known)) or 'none'})")
         trusted = host.config.fleet.trusted_keys
         if trusted:
@@ -603,25 +637,26 @@ class Fleet:
         if folder.exists():
             kept = await asyncio.to_thread(read_object_marker, folder)
             if kept != command.sha256:
-                raise CommandError("version_exists", f"model.deploy: {name} version {command.version} is already on "
-                                                     "this device with other content; deploy it under a new version")
+                raise CommandError("version_exists", f"model.deploy: {quoted(name)} version {quoted(command.version)} "
+                                                     "is already on this device with other content; deploy it under "
+                                                     "a new version")
+            if trusted:  # this deploy's signature, verified above, is the one checked from now on
+                await asyncio.to_thread(write_signature, folder, command.signature)
         else:
-            data = await self._fetch(command)
-            actual = await asyncio.to_thread(sha256_hex, data)
+            data, actual = await self._fetch(command)
             if actual != command.sha256:
-                raise CommandError("checksum_mismatch", f"model.deploy: {command.bucket}/{command.object} has "
-                                                        f"sha256 {actual}, the command says {command.sha256}")
-            await asyncio.to_thread(unpack_model_archive, data, folder)
+                raise CommandError("checksum_mismatch", f"model.deploy: {quoted(f'{command.bucket}/{command.object}')} "
+                                                        f"has sha256 {actual}, the command says {command.sha256}")
+            await asyncio.to_thread(unpack_model_archive, data, folder, sha256=actual, signature=command.signature)
             created = True
         try:
             await self._check_manifest(command, folder)
-            if created:
-                await asyncio.to_thread(write_object_marker, folder, command.sha256)
-            return await host.deployments.deploy(name, folder, command.mode, by=by)
+            model = await host.deployments.load(name, folder)
         except CommandError:
             if created:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
             raise
+        return _Prepared(folder, created, model)
 
     async def _check_manifest(self, command: ModelDeploy, folder: Path) -> None:
         try:
@@ -629,40 +664,88 @@ class Fleet:
         except ModelError as exc:
             raise CommandError("bad_model", f"model.deploy: {exc}") from None
         if (manifest.name, manifest.version) != (command.name, command.version):
-            raise CommandError("manifest_mismatch", f"model.deploy: the archive holds {manifest.name} version "
-                                                    f"{manifest.version}, the command says {command.name} "
-                                                    f"version {command.version}")
+            raise CommandError("manifest_mismatch", f"model.deploy: the archive holds {quoted(manifest.name)} "
+                                                    f"version {quoted(manifest.version)}, the command says "
+                                                    f"{quoted(command.name)} version {quoted(command.version)}")
 
-    async def _fetch(self, command: ModelDeploy) -> memoryview:
+    async def _fetch(self, command: ModelDeploy) -> tuple[memoryview, str]:
+        """The object's bytes and their sha256 hex; CommandError when it cannot be had within the bounds."""
         nc = self._nc or self.host.upstream
         if nc is None or not nc.is_connected:
             raise CommandError("unreachable", "model.deploy: the upstream connection is down")
-        where = f"{command.bucket}/{command.object}"
-        buffer = io.BytesIO()
+        where = quoted(f"{command.bucket}/{command.object}")
         try:
             async with asyncio.timeout(FETCH_TIMEOUT_S):
-                store = await nc.jetstream().object_store(command.bucket)
+                js = nc.jetstream()
+                store = await js.object_store(command.bucket)
                 info = await store.get_info(command.object)
-                if (info.size or 0) > MAX_OBJECT_BYTES:
-                    raise CommandError("too_large", f"model.deploy: {where} is {info.size} bytes "
-                                                    f"(at most {MAX_OBJECT_BYTES})")
-                # Into a buffer: nats-py's in-memory result grows by concatenation, quadratic for big models.
-                await store.get(command.object, writeinto=buffer)
+                return await _read_object(js, command.bucket, info, where)
         except nats.js.errors.BucketNotFoundError:
-            raise CommandError("not_found", f"model.deploy: no object store bucket {command.bucket!r}") from None
+            raise CommandError("not_found", f"model.deploy: no object store bucket {quoted(command.bucket)}") from None
         except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
-            raise CommandError("not_found", f"model.deploy: no object {command.object!r} in {command.bucket!r}"
-                               ) from None
-        except nats.js.errors.DigestMismatchError:
-            raise CommandError("checksum_mismatch", f"model.deploy: {where} does not match the digest the object "
-                                                    "store recorded (corrupted in storage)") from None
+            raise CommandError("not_found", f"model.deploy: no object {quoted(command.object)} in "
+                                            f"{quoted(command.bucket)}") from None
         except TimeoutError:
             raise CommandError("fetch_failed", f"model.deploy: fetching {where} took over {FETCH_TIMEOUT_S}s"
                                ) from None
         except nats.errors.Error as exc:
-            raise CommandError("fetch_failed", f"model.deploy: fetching {where}: {type(exc).__name__}: {exc}"
-                               ) from None
-        return buffer.getbuffer()
+            raise CommandError("fetch_failed", f"model.deploy: fetching {where}: {type(exc).__name__}: "
+                                               f"{quoted(exc)}") from None
+
+
+class _Prepared(NamedTuple):
+    """A deploy ready to be swapped in: the folder in the store (`created` by this deploy) and the model."""
+
+    folder: Path
+    created: bool
+    model: Model
+
+
+async def _read_object(js: JetStreamContext, bucket: str, info: ObjectInfo, where: str) -> tuple[memoryview, str]:
+    """An object's bytes, read chunk by chunk from its stream and refused as soon as they exceed the
+    size or chunk count its info declares (nats-py's `ObjectStore.get` reads for as long as the
+    stream has more, so a bucket writer could stream without end before any check).
+
+    Links are not followed (a deploy names the object itself). Returns (bytes, sha256 hex).
+    """
+    options = info.options
+    if options is not None and options.link is not None:
+        raise CommandError("bad_archive", f"model.deploy: {where} is a link to another object; deploy that object")
+    size, chunks = info.size or 0, info.chunks or 0
+    if size > MAX_OBJECT_BYTES:
+        raise CommandError("too_large", f"model.deploy: {where} is {size} bytes (at most {MAX_OBJECT_BYTES})")
+    if not info.nuid or size == 0 or not 0 < chunks <= size:
+        raise CommandError("bad_archive", f"model.deploy: {where} declares {size} bytes in {chunks} chunks")
+    buffer = bytearray(size)
+    digest = hashlib.sha256()
+    got = count = 0
+    sub = await js.subscribe(f"$O.{bucket}.C.{info.nuid}", ordered_consumer=True,
+                             pending_bytes_limit=FETCH_PENDING_BYTES)
+    try:
+        async for msg in sub.messages:
+            data = msg.data
+            count += 1
+            if got + len(data) > size or count > chunks:
+                raise CommandError("too_large", f"model.deploy: {where} streams more than the {size} bytes in "
+                                                f"{chunks} chunks its info declares")
+            buffer[got:got + len(data)] = data
+            got += len(data)
+            digest.update(data)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await _unsubscribe(sub)
+    if got != size:
+        raise CommandError("fetch_failed", f"model.deploy: {where} ended after {got} of its {size} bytes")
+    declared = (info.digest or "").partition("=")[2]
+    try:
+        recorded = base64.urlsafe_b64decode(declared)
+    except (binascii.Error, ValueError):
+        recorded = b""
+    if recorded != digest.digest():
+        raise CommandError("checksum_mismatch", f"model.deploy: {where} does not match the digest the object "
+                                                "store recorded (corrupted in storage)")
+    return memoryview(buffer), digest.hexdigest()
 
 
 async def _unsubscribe(sub: Subscription) -> None:
