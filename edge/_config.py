@@ -130,6 +130,14 @@ class AuditConfig(_Strict):
     create_stream: Annotated[bool, _doc("create the stream when it is missing")] = False
     keep_synced: Annotated[str, _doc('how long synced records are kept for re-sending ("7d", "12h")')] = "7d"
     sync_window: Annotated[int, _doc("publishes in flight to JetStream at once")] = 256
+    sign_every: Annotated[int, _doc(
+        "sign every Nth record upstream with the device key (and always the last of a burst)")] = 64
+    stream_max_msg_size: Annotated[str | int, _doc(
+        'a stream this device creates: the largest record it accepts ("1MiB")')] = "1MiB"
+    stream_max_bytes: Annotated[str | int, _doc(
+        'a stream this device creates: its size limit; past it new records are refused, kept locally ("1GiB")')
+    ] = "1GiB"
+    stream_replicas: Annotated[int, _doc("a stream this device creates: its replicas on a clustered hub (1..5)")] = 1
 
 
 class FleetConfig(_Strict):
@@ -609,6 +617,16 @@ def _check_audit(audit: AuditConfig) -> Iterator[Problem]:
         yield Problem("audit.stream", f"expected a JetStream stream name ([A-Za-z0-9_-]), got {audit.stream!r}")
     if not 1 <= audit.sync_window <= 65536:
         yield Problem("audit.sync_window", "expected 1..65536")
+    if not 1 <= audit.sign_every <= 1_000_000:
+        yield Problem("audit.sign_every", "expected 1..1000000")
+    for key in ("stream_max_msg_size", "stream_max_bytes"):
+        try:
+            if parse_size(getattr(audit, key)) < 1024:
+                yield Problem(f"audit.{key}", "expected at least 1KiB")
+        except ValueError as exc:
+            yield Problem(f"audit.{key}", str(exc))
+    if not 1 <= audit.stream_replicas <= 5:
+        yield Problem("audit.stream_replicas", "expected 1..5")
 
 
 def valid_subject(subject: str, *, wildcards: bool) -> bool:

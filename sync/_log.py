@@ -41,6 +41,15 @@ transaction, appends a `gap` record `{from_seq, to_seq, reason}` naming the rang
 `on_full="block"` makes `append` raise AuditFull (and `full` is true) until the uploader's
 progress lets synced records be deleted. The newest record is never deleted, so the chain can
 always continue after a restart.
+
+What `drop_oldest` deletes: every synced record goes first; then the oldest unsynced records,
+except those of `protected_kinds` (command, config and model records by default: who changed
+the device is the last thing to lose) while anything else can go. Each contiguous run it
+deletes gets a gap record naming the run and the two hashes around it (see `_record`), so the
+chain is still checked across it; a gap record that is itself deleted is written again (merged
+with an adjacent run). At most `_MAX_GAPS_PER_DROP` runs go per drop; when the only progress
+left would be rewriting gap records (a log of protected records only), the oldest records go
+whatever their kind, as one run.
 """
 
 from __future__ import annotations
@@ -63,7 +72,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from ._errors import AuditFull, AuditUnavailable, ChainBroken, SyncError
-from ._record import GAP_KIND, GENESIS, AuditRecord, Chain, GapBody, check_device, encode_record, gap_range
+from ._record import GAP_KIND, GENESIS, AuditRecord, Chain, GapBody, check_device, encode_record, gap_body
 
 log = logging.getLogger("sync.audit")
 
@@ -93,6 +102,10 @@ _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _BUSY_TIMEOUT_MS = 2000
 _RETENTION_TARGET = 0.9  # delete down to this fraction of max_bytes so retention does not run every commit
+_MAX_GAPS_PER_DROP = 8  # gap records one drop may write (runs of deleted records between protected ones)
+PROTECTED_KINDS = ("command", "config", "model")
+"""Record kinds `drop_oldest` deletes last: who changed the device, and how."""
+_NOTE_PREFIX = "note."
 
 
 _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "off": "OFF"}
@@ -120,6 +133,14 @@ class LogSummary(msgspec.Struct, frozen=True):
 
 
 _Queued = tuple[AuditRecord, "asyncio.Future[int] | None"]
+
+
+class _DropPlan(msgspec.Struct, frozen=True):
+    """What one drop deletes (inclusive seq ranges) and the gap records it writes for them."""
+
+    delete: list[tuple[int, int]]
+    gaps: list[GapBody]
+    records: int  # records deleted that are not gap records (progress beyond rewriting gaps)
 
 
 def _row(record: AuditRecord) -> tuple[int, int, str, bytes, str, str]:
@@ -165,6 +186,7 @@ class AuditLog:
         max_bytes: int = 1 << 30,
         on_full: OnFull = "drop_oldest",
         keep_synced_s: float = 7 * 86400,
+        protected_kinds: Iterable[str] = PROTECTED_KINDS,
     ) -> None:
         if fsync not in ("always", "batch", "off"):
             raise ValueError(f"fsync must be 'always', 'batch' or 'off', not {fsync!r}")
@@ -177,6 +199,7 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.on_full: OnFull = on_full
         self.keep_synced_s = keep_synced_s
+        self.protected_kinds = tuple(sorted(set(protected_kinds)))
         self.state = LogState.NEW
         self.last_error: str | None = None
 
@@ -213,7 +236,8 @@ class AuditLog:
         self._w_last_hash = GENESIS
         self._synced_written = 0
         self._synced_written_at = 0.0
-        self._drop: tuple[int, int, int] | None = None  # (delete_from, delete_to, gap_from)
+        self._drop: _DropPlan | None = None
+        self._notes: dict[str, str] = {}  # small persisted values (the uploader's conflict), read at open
         self._next_housekeeping = 0.0
         self._next_retention = 0.0
         # Committed records the uploader will want next, so it need not read them back from disk.
@@ -422,8 +446,8 @@ class AuditLog:
         except sqlite3.Error as exc:
             raise AuditUnavailable("cannot read the audit log", exc) from exc
 
-    async def read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
-        """Like `read`, as (seq, kind, wire JSON), for the uploader: from the in-memory tail of
+    async def read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, str, bytes]]:
+        """Like `read`, as (seq, kind, hash, wire JSON), for the uploader: from the in-memory tail of
         recent commits when it holds `from_seq` (the steady state), else from disk on the reader thread."""
         with self._tail_lock:
             first = self._tail[0].seq if self._tail else 0
@@ -433,15 +457,16 @@ class AuditLog:
             else:
                 records = []
         if records:
-            return [(r.seq, r.kind, encode_record(r)) for r in records]
+            return [(r.seq, r.kind, r.hash, encode_record(r)) for r in records]
         reader = self._reader
         if reader is None:
             raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
         return await asyncio.wrap_future(reader.submit(self._read_wire_in_thread, from_seq, limit))
 
-    def _read_wire_in_thread(self, from_seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+    def _read_wire_in_thread(self, from_seq: int, limit: int) -> list[tuple[int, str, str, bytes]]:
         device = self.device
-        return [(row[0], row[2], encode_record(_record(device, row))) for row in self._read_in_thread(from_seq, limit)]
+        return [(row[0], row[2], row[5], encode_record(_record(device, row)))
+                for row in self._read_in_thread(from_seq, limit)]
 
     def _close_reader(self) -> None:
         if self._reader_conn is not None:
@@ -547,9 +572,11 @@ class AuditLog:
             self._deleted_through = int(_meta(conn, "deleted_through") or 0)
             tail = conn.execute(f"{_SELECT} ORDER BY seq DESC LIMIT {_TAIL_CHECK}").fetchall()
             oldest = conn.execute("SELECT MIN(seq) FROM records").fetchone()[0]
+            notes = conn.execute("SELECT key, value FROM meta WHERE key LIKE ?", (_NOTE_PREFIX + "%",)).fetchall()
             self._used_bytes = self._measure(conn)
         except sqlite3.Error as exc:
             raise AuditUnavailable(f"cannot open audit log {str(self.path)!r}", exc) from exc
+        self._notes = {str(key)[len(_NOTE_PREFIX):]: str(value) for key, value in notes}
         records = [_record(self.device, row) for row in reversed(tail)]
         self._check_tail(records)
         if records:
@@ -564,6 +591,12 @@ class AuditLog:
         self._next_housekeeping = time.monotonic()
 
     def _check_tail(self, records: list[AuditRecord]) -> None:
+        # The newest run of consecutive seqs: a drop that kept protected records can leave holes
+        # further back (verify_chain checks those, across their gap records).
+        start = len(records) - 1
+        while start > 0 and records[start - 1].seq + 1 == records[start].seq:
+            start -= 1
+        records = records[start:]
         if not records:
             return
         chain = Chain(self.device, records[0].seq, records[0].prev)
@@ -623,8 +656,8 @@ class AuditLog:
                         # With a drop planned, the gap record must come after everything queued.
                         batch, self._queue = self._queue, []
                     if drop is not None:
-                        gap = GapBody(from_seq=drop[2], to_seq=drop[1], reason="store_full")
-                        batch.append((self._chain.make(GAP_KIND, gap, time.time_ns()), None))
+                        now_ns = time.time_ns()
+                        batch.extend((self._chain.make(GAP_KIND, gap, now_ns), None) for gap in drop.gaps)
                 synced = self._synced_target
             if calls:
                 self._run_calls(conn, calls)
@@ -644,19 +677,20 @@ class AuditLog:
         calls: list[tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]],
     ) -> None:
         for fn, done in calls:
+            if not done.set_running_or_notify_cancel():
+                continue  # the caller stopped waiting (cancelled): nothing to run, nobody to tell
             try:
                 done.set_result(fn(conn))
             except BaseException as exc:  # handed to the awaiting caller, not swallowed
                 done.set_exception(exc)
 
     def _commit(
-        self, conn: sqlite3.Connection, batch: list[_Queued], synced: int, drop: tuple[int, int, int] | None
+        self, conn: sqlite3.Connection, batch: list[_Queued], synced: int, drop: _DropPlan | None
     ) -> bool:
         try:
             conn.execute("BEGIN IMMEDIATE")
             if drop is not None:
-                conn.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (drop[0], drop[1]))
-                conn.execute(_SET_META, ("deleted_through", str(drop[1])))
+                conn.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", drop.delete)
             if batch:
                 conn.executemany(_INSERT, [_row(record) for record, _ in batch])
             if synced != self._synced_written:
@@ -675,11 +709,12 @@ class AuditLog:
             self._synced_written_at = time.monotonic()
         if drop is not None:
             self._drop = None
-            self._deleted_through = drop[1]
-            self._oldest = drop[1] + 1
+            self._oldest = self._min_seq(conn)
+            dropped_to = max(hi for _, hi in drop.delete)
             with self._tail_lock:
-                while self._tail and self._tail[0].seq <= drop[1]:
-                    self._tail.popleft()  # deleted records must not be served from memory either
+                # Deleted records must not be served from memory either; what stays is contiguous.
+                while self._tail and self._tail[0].seq <= dropped_to:
+                    self._tail.popleft()
         if batch:
             with self._tail_lock:
                 self._tail.extend(record for record, _ in batch)
@@ -750,7 +785,7 @@ class AuditLog:
 
     # ------------------------------------------------------------------ retention (writer thread)
 
-    def _housekeeping_due(self, batch: list[_Queued], drop: tuple[int, int, int] | None) -> bool:
+    def _housekeeping_due(self, batch: list[_Queued], drop: _DropPlan | None) -> bool:
         # Measuring the file takes three PRAGMAs: after every commit that was a tenth of the
         # writer's time. Between measures the size is estimated from what was written; the exact
         # measure runs when the estimate nears max_bytes, after a drop, or every _RETENTION_CHECK_S.
@@ -779,6 +814,13 @@ class AuditLog:
             if used <= self.max_bytes:
                 self._full = False
                 return
+            # Still over: every synced record goes before an unsynced one does (so a gap never
+            # names a record the stream holds).
+            if self._delete_synced(conn, over=True, all_synced=True):
+                self._used_bytes = used = self._measure(conn)
+                if used <= self.max_bytes:
+                    self._full = False
+                    return
             if self.on_full == "block":
                 self._full = True
                 return
@@ -801,14 +843,14 @@ class AuditLog:
         row = conn.execute("SELECT ts FROM records WHERE seq = ?", (oldest,)).fetchone()
         return row is not None and int(row[0]) < time.time_ns() - int(self.keep_synced_s * 1e9)
 
-    def _delete_synced(self, conn: sqlite3.Connection, *, over: bool) -> None:
+    def _delete_synced(self, conn: sqlite3.Connection, *, over: bool, all_synced: bool = False) -> bool:
         with self._cond:
             synced = self._synced_target
         # Never delete the newest record: it carries the chain's head across a restart.
         limit = min(synced, self._w_last_seq - 1)
         oldest = self._oldest
         if limit < oldest or oldest == 0:
-            return
+            return False
         cutoff_ns = time.time_ns() - int(self.keep_synced_s * 1e9)
         row = conn.execute(
             "SELECT seq FROM records WHERE seq BETWEEN ? AND ? AND ts >= ? ORDER BY seq LIMIT 1",
@@ -822,8 +864,10 @@ class AuditLog:
             excess = used - _RETENTION_TARGET * self.max_bytes
             need = max(1, math.ceil(excess / max(1.0, used / count)))
             delete_to = max(expired_to, min(limit, oldest + need - 1))
+        if all_synced:
+            delete_to = limit
         if delete_to < oldest:
-            return
+            return False
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("DELETE FROM records WHERE seq <= ?", (delete_to,))
         conn.execute(_SET_META, ("deleted_through", str(delete_to)))
@@ -833,27 +877,103 @@ class AuditLog:
         self._commits += 1
         self._synced_written = synced
         self._deleted_through = delete_to
-        self._oldest = delete_to + 1
+        self._oldest = self._min_seq(conn)
+        return True
+
+    @staticmethod
+    def _min_seq(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT MIN(seq) FROM records").fetchone()[0] or 0)
 
     def _plan_drop(self, conn: sqlite3.Connection, used: int) -> None:
-        oldest = self._oldest
-        newest_droppable = self._w_last_seq - 1
-        if oldest == 0 or newest_droppable < oldest:
+        with self._cond:
+            synced = self._synced_target
+        start = max(self._oldest, synced + 1)
+        newest_droppable = self._w_last_seq - 1  # the newest record carries the chain's head: never
+        if self._oldest == 0 or newest_droppable < start:
             return
-        count = max(1, self._w_last_seq - oldest + 1)
+        count = max(1, self._w_last_seq - self._oldest + 1)
         excess = used - _RETENTION_TARGET * self.max_bytes
         need = max(1, math.ceil(excess / max(1.0, used / count)))
-        to_seq = min(newest_droppable, oldest + need - 1)
-        # A gap record inside the dropped range names older losses: the new one must cover them too.
-        gap_from = oldest
-        rows = conn.execute(f"{_SELECT} WHERE seq BETWEEN ? AND ? AND kind = ?", (oldest, to_seq, GAP_KIND)).fetchall()
-        for row in rows:
-            span = gap_range(_record(self.device, row))
-            if span is not None:
-                gap_from = min(gap_from, span[0])
-        log.warning("audit log full: dropping unsynced records %d..%d", oldest, to_seq)
+        select = "SELECT seq, kind, body, prev, hash FROM records WHERE seq BETWEEN ? AND ?"
+        protected = self.protected_kinds
+        marks = ", ".join("?" * len(protected))
+        where = f" AND kind NOT IN ({marks})" if protected else ""
+        rows = conn.execute(f"{select}{where} ORDER BY seq LIMIT ?", (start, newest_droppable, *protected, need)
+                            ).fetchall()
+        plan = _plan_gaps(self.device, rows, max_runs=_MAX_GAPS_PER_DROP)
+        if plan is None or plan.records == 0:
+            # Nothing but protected records (and gap records) left to take: the oldest go, whatever their kind.
+            rows = conn.execute(f"{select} ORDER BY seq LIMIT ?", (start, newest_droppable, need)).fetchall()
+            plan = _plan_gaps(self.device, rows, max_runs=1)
+            if plan is None:
+                return
+        spans = ", ".join(f"{lo}..{hi}" for lo, hi in plan.delete)
+        log.warning("audit log full: dropping unsynced records %s", spans)
         with self._cond:
-            self._drop = (oldest, to_seq, gap_from)
+            self._drop = plan
+
+    # ------------------------------------------------------------------ small persisted notes
+
+    def note(self, key: str) -> str | None:
+        """A value kept with `set_note` (read when the log was opened, updated by set_note)."""
+        return self._notes.get(key)
+
+    async def set_note(self, key: str, value: str | None) -> None:
+        """Keep (or, with None, forget) a small value in the log file, committed before this returns."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (_NOTE_PREFIX + key,))
+            else:
+                conn.execute(_SET_META, (_NOTE_PREFIX + key, value))
+
+        await self._run_in_writer(write)
+        if value is None:
+            self._notes.pop(key, None)
+        else:
+            self._notes[key] = value
+
+
+def _plan_gaps(device: str, rows: list[tuple[Any, ...]], *, max_runs: int) -> _DropPlan | None:
+    """Group rows to delete (seq, kind, body, prev, hash; in seq order) into runs and their gaps.
+
+    A run is a range of consecutive seqs; its gap names the run and the hashes around it. A gap
+    record among the rows named older losses: its body is written again, merged with a run it
+    touches, so nothing it explained goes unexplained.
+    """
+    runs: list[list[Any]] = []  # [from_seq, to_seq, after_hash, last_hash]
+    carried: list[GapBody] = []
+    records = 0
+    for seq, kind, body, prev, digest in rows:
+        if runs and runs[-1][1] + 1 == seq:
+            runs[-1][1], runs[-1][3] = seq, digest
+        elif len(runs) < max_runs:
+            runs.append([seq, seq, prev, digest])
+        else:
+            break
+        if kind == GAP_KIND:
+            record = AuditRecord(device=device, seq=seq, ts=0, kind=kind, body=msgspec.Raw(bytes(body)), prev=prev,
+                                 hash=digest)
+            old = gap_body(record)
+            if old is not None:
+                carried.append(old)
+        else:
+            records += 1
+    if not runs:
+        return None
+    spans = [GapBody(from_seq=lo, to_seq=hi, reason="store_full", after_hash=after, last_hash=last)
+             for lo, hi, after, last in runs]
+    gaps: list[GapBody] = []
+    for gap in sorted([*carried, *spans], key=lambda g: (g.from_seq, g.to_seq)):
+        if gaps and gaps[-1].to_seq + 1 == gap.from_seq and gaps[-1].last_hash == gap.after_hash:
+            # Adjacent and linked (the later range follows the earlier one's last hash): one gap.
+            gaps[-1] = msgspec.structs.replace(gaps[-1], to_seq=max(gap.to_seq, gaps[-1].to_seq),
+                                               last_hash=gap.last_hash)
+        elif gaps and gaps[-1].from_seq <= gap.from_seq and gap.to_seq <= gaps[-1].to_seq:
+            continue  # inside one already written
+        else:
+            gaps.append(gap)
+    return _DropPlan(delete=[(lo, hi) for lo, hi, _, _ in runs], gaps=gaps, records=records)
 
 
 # ---------------------------------------------------------------------- reading a file without the writer

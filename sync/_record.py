@@ -4,8 +4,13 @@ A record's hash is the sha256 (hex) of its *canonical encoding*: the JSON object
 `{"body","device","kind","prev","seq","ts"}` with keys sorted and no whitespace, where `body` is
 the body's own canonical JSON (keys sorted, no whitespace) inserted byte for byte. The first
 record of a device (seq 1) has `prev` = 64 zeros (`GENESIS`); every later record's `prev` is the
-previous record's hash. A `gap` record (body `{from_seq, to_seq, reason}`) names a range of
-records that were deleted before they could be synced; the chain is allowed to skip that range.
+previous record's hash. A `gap` record (body `{from_seq, to_seq, reason, after_hash, last_hash}`)
+names a range of records that were deleted before they could be synced, and the two hashes the
+range sat between: `after_hash` is the hash of the record before `from_seq` (the `prev` of the
+first record deleted), `last_hash` the hash of `to_seq` (the `prev` of the record after the range).
+A verifier therefore still checks the chain *across* the gap: the kept record before the range
+must have `after_hash`, the kept record after it must name `last_hash` as its `prev`. A gap that
+does not name both, or names hashes the kept records do not have, explains nothing.
 
 On the wire (the stream, `edge audit export`) a record is the JSON object
 `{"device","seq","ts","kind","body","prev","hash"}`; decoders ignore fields they do not know.
@@ -43,11 +48,17 @@ class AuditRecord(msgspec.Struct, frozen=True):
 
 
 class GapBody(msgspec.Struct, frozen=True):
-    """The body of a `gap` record: records `from_seq..to_seq` (inclusive) were deleted unsynced."""
+    """The body of a `gap` record: records `from_seq..to_seq` (inclusive) were deleted unsynced.
+
+    `after_hash` is the hash of record `from_seq - 1` (GENESIS when from_seq is 1), `last_hash`
+    the hash of record `to_seq`: the chain continues across the gap through them.
+    """
 
     from_seq: int
     to_seq: int
     reason: str
+    after_hash: str = ""
+    last_hash: str = ""
 
 
 class _Canonical(msgspec.Struct, frozen=True):
@@ -119,8 +130,8 @@ def decode_record(data: bytes | bytearray | memoryview) -> AuditRecord:
         raise SyncError(f"not an audit record: {exc}") from exc
 
 
-def gap_range(record: AuditRecord) -> tuple[int, int] | None:
-    """The `(from_seq, to_seq)` a gap record names, or None if it is not a well-formed gap record."""
+def gap_body(record: AuditRecord) -> GapBody | None:
+    """The body of a well-formed gap record (a range before itself), or None."""
     if record.kind != GAP_KIND:
         return None
     try:
@@ -129,7 +140,21 @@ def gap_range(record: AuditRecord) -> tuple[int, int] | None:
         return None
     if gap.from_seq < 1 or gap.to_seq < gap.from_seq or gap.to_seq >= record.seq:
         return None
-    return gap.from_seq, gap.to_seq
+    return gap
+
+
+def gap_range(record: AuditRecord) -> tuple[int, int] | None:
+    """The `(from_seq, to_seq)` a gap record names, or None if it is not a well-formed gap record."""
+    gap = gap_body(record)
+    return None if gap is None else (gap.from_seq, gap.to_seq)
+
+
+def gap_hashes_ok(gap: GapBody) -> bool:
+    """Whether a gap names both hashes it sits between (64 hex digits each)."""
+    return bool(_HEX64.fullmatch(gap.after_hash) and _HEX64.fullmatch(gap.last_hash))
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Chain:

@@ -53,6 +53,44 @@ after the stream's last; records it no longer keeps are reported in `status()["u
 When the stream holds a seq *beyond* the local log, or a different record under the same seq,
 the local log was reset or replaced: the uploader refuses to publish and says so in `last_error`.
 
+Bound to the device: signatures, expectations, conflicts
+---------------------------------------------------------
+Anyone who may publish `audit.<device>` could put messages there: a record under the device's
+next Msg-Id (JetStream would then drop the real one as a duplicate, and its ack would read like
+success), or anything at all. The uploader therefore trusts nothing on its subject it cannot
+tie to itself:
+
+- Signatures. With a signer (the device key), records whose seq is a multiple of `sign_every`
+  and the last record of every burst (a read that reaches the log's newest record) carry
+  `Edge-Signer` and `Edge-Signature` (`edge-audit-v1` over device, seq, hash). A stream the device
+  has caught up on ends on a signed record, and a signed record vouches, through the hash chain,
+  for every record before it: `verify_upstream(key=...)` checks that.
+- Expectations. A publish made while nothing is in flight carries
+  `Nats-Expected-Last-Subject-Sequence`: the stream seq of the last message on the subject as the
+  uploader knows it (from the resume read, or from its own last ack), and nothing else is sent
+  until its ack is in, so a refusal can never leave a later record stored before it. "wrong last
+  sequence: N" means something landed on the subject since: the session ends, and the next resume
+  read (which must reach stream seq N; a lagging replica is asked again) says whether it was the
+  device's own record (a publish whose ack was lost) or not.
+- Duplicates. A duplicate ack for a record this uploader never published before (its seq is above
+  everything sent in earlier sessions) means someone else holds the Msg-Id: never booked as
+  synced. (A standalone server checks the expectation before the duplicate window, a clustered
+  one after it: either way the attempt is caught.) The one duplicate that cannot be told apart is
+  a Msg-Id taken while this very record was in flight on a connection that then died; the
+  stream still shows it (an unsigned or unlinked record), and `verify_upstream` names it.
+- The resume read accepts the last message on the subject only if it is this device's record:
+  same device, a valid hash, and either the same hash as the local record of that seq or, for a
+  record no longer kept, a valid signature by the device key.
+
+Anything else is an *audit conflict*: the uploader stops (state `audit_conflict`), names the
+foreign message's stream seq in `status()["conflict"]` and `last_error`, appends an
+`audit_conflict` record, and keeps the conflict in the log file so a restart does not forget it;
+nothing is booked as synced past it. An operator resolves it with `resend(from_seq)` (the
+`audit.resend` command): the foreign message stays in the stream as evidence and is accepted as
+the subject's last message, and the device publishes its own records again from `from_seq` (at
+most synced_seq + 1) after it. A record whose Msg-Id the foreign message holds is retried until
+the stream's duplicate window (2 min) has passed, then stored.
+
 Assumptions: the stream keeps messages by limits (not interest/work-queue retention), any
 `max_age` is longer than the device's longest offline period plus `keep_synced`, and one
 uploader at a time publishes for a device.
@@ -66,6 +104,7 @@ import contextlib
 import enum
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -78,18 +117,30 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import StorageType
+from nats.js.api import DiscardPolicy, StorageType
 
-from ._errors import StreamMissing, SyncError
+from ._errors import AuditConflict, StreamMissing, SyncError
 from ._log import AuditLog
-from ._record import decode_record, hash_ok
+from ._record import AuditRecord, decode_record, hash_ok
+from ._signing import H_SIGNATURE, H_SIGNER, AuditSigner, audit_signature_ok
 
 log = logging.getLogger("sync.uploader")
 
 _STREAM_NAME_IN_USE = 10058  # JetStream err_code: stream name already in use (created concurrently)
+_WRONG_LAST_SEQUENCE = 10071  # JetStream err_code: Nats-Expected-Last-Subject-Sequence did not hold
+_LAST_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_CONFLICT_NOTE = "uploader.conflict"
+_ACCEPTED_NOTE = "uploader.accepted_foreign"
+_REPLAY_NOTE = "uploader.replay_from"
+_STALE_READ_S = 2.0  # how long a resume read waits for a lagging replica to reach a known stream seq
 _DUPLICATE_WINDOW_S = 120.0
 _READ_CHUNK = 512
 _MAX_REPORTED = 100  # holes / lost ranges kept for status()
+STREAM_MAX_MSG_SIZE = 1 << 20
+"""The largest message a stream the uploader creates accepts (a record is usually well under 2 KiB)."""
+STREAM_MAX_BYTES = 1 << 30
+"""The byte limit of a stream the uploader creates (past it, new records are refused and kept locally)."""
 
 
 async def connect_for_upload(servers: str | list[str], *, connect_timeout: float = 2.0,
@@ -115,12 +166,13 @@ _YIELD_EVERY = 16  # publishes between two yields to the event loop
 
 
 class UploaderState(enum.Enum):
-    """Where an Uploader is: NEW → CONNECTING → SYNCING ⇄ BACKOFF → CLOSED."""
+    """Where an Uploader is: NEW → CONNECTING → SYNCING ⇄ BACKOFF → CLOSED; AUDIT_CONFLICT until resolved."""
 
     NEW = "new"
     CONNECTING = "connecting"
     SYNCING = "syncing"
     BACKOFF = "backoff"
+    AUDIT_CONFLICT = "audit_conflict"
     CLOSED = "closed"
 
 
@@ -145,6 +197,8 @@ class _InFlight(msgspec.Struct):
     seq: int
     sent_at: float
     resend: bool
+    fresh: bool  # never published before this session: a duplicate ack means someone else holds its Msg-Id
+    expected: int | None  # the Nats-Expected-Last-Subject-Sequence it carried
     done: bool = False
     ack: _PubAck | None = None
     problem: str = ""
@@ -152,6 +206,23 @@ class _InFlight(msgspec.Struct):
 
 class _Rejected(SyncError):
     """The stream refused a record (error ack); retried on the next connection."""
+
+
+class _Moved(SyncError):
+    """Something landed on the subject since the uploader last knew it: re-read, then go on or stop."""
+
+
+class _Conflict(msgspec.Struct):
+    """What the status and the log file keep of an unresolved conflict."""
+
+    subject: str
+    stream_seq: int
+    seq: int | None
+    detail: str
+    sent_through: int = 0  # the highest seq published before it: a replay's duplicates up to it are ours
+
+
+_conflict_decoder = msgspec.json.Decoder(_Conflict)
 
 
 class Uploader:
@@ -177,9 +248,16 @@ class Uploader:
         retry_max_s: float = 5.0,
         ack_timeout_s: float = 5.0,
         connect_timeout_s: float = 10.0,
+        signer: AuditSigner | None = None,
+        sign_every: int = 64,
+        stream_max_msg_size: int = STREAM_MAX_MSG_SIZE,
+        stream_max_bytes: int = STREAM_MAX_BYTES,
+        stream_replicas: int = 1,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if sign_every < 1:
+            raise ValueError("sign_every must be at least 1")
         self.log = log
         self.stream = stream
         self.subject = f"audit.{log.device}"
@@ -190,6 +268,12 @@ class Uploader:
         self.retry_max_s = max(retry_s, retry_max_s)
         self.ack_timeout_s = ack_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.signer = signer
+        self.sign_every = sign_every
+        # The limits of a stream this uploader creates (one it finds is the operator's business).
+        self.stream_max_msg_size = stream_max_msg_size
+        self.stream_max_bytes = stream_max_bytes
+        self.stream_replicas = stream_replicas
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -214,6 +298,17 @@ class Uploader:
         self._resend_epoch = 0
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
+        self._signed = 0
+        self._conflict: _Conflict | None = None
+        self._accepted: list[int] = []  # stream seqs of foreign messages an operator accepted (newest last)
+        self._replay_from = 0  # after a resolution: publish from here whatever the stream's last record says
+        self._resolved = asyncio.Event()
+        self._resolution: int | None = None  # from_seq of a resolution waiting for the task
+        self._sent_high = 0  # the highest seq published (not as a resend) before the current session
+        self._session_high = 0  # ... and during it
+        self._subject_last: int | None = None  # stream seq of the subject's last message, when known exactly
+        self._expect_at_least = 0  # a "wrong last sequence" named this: the next resume read must reach it
+        self._dup_probe: tuple[int, int] | None = None  # (seq, stream seq) of a first publish answered "duplicate"
 
     # ------------------------------------------------------------------ life cycle
 
@@ -221,7 +316,17 @@ class Uploader:
         if self.state is not UploaderState.NEW:
             raise SyncError(f"an Uploader can be started once (state {self.state.value})")
         self._remove_listener = self.log.add_listener(self.wake)
-        self.state = UploaderState.CONNECTING
+        self._sent_high = self.log.synced_seq
+        self._accepted = [int(s) for s in (self.log.note(_ACCEPTED_NOTE) or "").split(",") if s.isdigit()]
+        self._replay_from = int(self.log.note(_REPLAY_NOTE) or 0)
+        kept = self.log.note(_CONFLICT_NOTE)
+        if kept:
+            try:
+                self._conflict = _conflict_decoder.decode(kept)
+                self._sent_high = max(self._sent_high, self._conflict.sent_through)
+            except msgspec.DecodeError:
+                log.error("audit upload: ignoring an unreadable kept conflict")
+        self.state = UploaderState.CONNECTING if self._conflict is None else UploaderState.AUDIT_CONFLICT
         tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._task = tasks.create_task(self._run(), name=f"audit-uploader-{self.log.device}")
         return self
@@ -263,7 +368,8 @@ class Uploader:
         self._kick.set()
         self._progress.set()
         deadline = time.monotonic() + timeout
-        while self.log.backlog > 0 and self.state is not UploaderState.CLOSED:
+        while self.log.backlog > 0 and self.state is not UploaderState.CLOSED and (
+                self._conflict is None or self._resolution is not None):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -280,7 +386,16 @@ class Uploader:
         order, unavoidably). Within the stream's duplicate window (2 min) the server drops them as
         duplicates; records the stream still holds are stored a second time once past the window,
         so pick the range `verify_upstream` reports missing. Returns how many seqs are queued.
+
+        In state `audit_conflict` this is the resolution instead (see the module docstring): the
+        foreign message is accepted as the subject's last, and every record from `from_seq` (at
+        most synced_seq + 1) to the newest is published again after it; `to_seq` is not used.
         """
+        if self._conflict is not None:
+            start = max(1, self.log.oldest_seq, min(from_seq, self.log.synced_seq + 1))
+            self._resolution = start
+            self._resolved.set()
+            return max(0, self.log.last_seq - start + 1)
         end = self.log.synced_seq if to_seq is None else min(to_seq, self.log.synced_seq)
         start = max(from_seq, self.log.oldest_seq, 1)
         if end < start:
@@ -316,6 +431,10 @@ class Uploader:
             "holes": [list(r) for r in self._holes],
             "upstream_lost": [list(r) for r in self._upstream_lost],
             "resend": list(self._resend) if self._resend is not None else None,
+            "device_key": self.signer.public_key if self.signer is not None else None,
+            "signed": self._signed,
+            "conflict": msgspec.to_builtins(self._conflict) if self._conflict is not None else None,
+            "accepted_foreign": list(self._accepted),
             "last_error": self.last_error,
         }
 
@@ -324,6 +443,8 @@ class Uploader:
     async def _run(self) -> None:
         delay = self.retry_s
         while True:
+            if self._conflict is not None:
+                await self._wait_for_resolution()
             self._kick.clear()
             self.state = UploaderState.CONNECTING
             acked_before = self._acked
@@ -336,12 +457,21 @@ class Uploader:
                 self._nc = nc
                 try:
                     await self._session(nc)
+                except AuditConflict as exc:
+                    await self._enter_conflict(exc)
+                except _Moved as exc:
+                    self._report(exc)
+                    self._kick.set()  # not a failure: read the subject again at once
                 except Exception as exc:  # the session ends on any error; reported, then reconnect
                     self._report(exc)
                 finally:
                     self._nc = None
                     self._in_flight = 0
+                    self._sent_high = max(self._sent_high, self._session_high)
                     await self._close_connection(nc)
+                    await self._forget_replay()
+            if self._conflict is not None:
+                continue
             if self._acked > acked_before:
                 delay = self.retry_s
             self.state = UploaderState.BACKOFF
@@ -351,6 +481,56 @@ class Uploader:
                     await self._kick.wait()
             delay = min(self.retry_max_s, delay * 2)
             self._reconnects += 1
+
+    async def _enter_conflict(self, exc: AuditConflict) -> None:
+        self._sent_high = max(self._sent_high, self._session_high)
+        self._conflict = _Conflict(subject=exc.subject, stream_seq=exc.stream_seq, seq=exc.seq, detail=exc.detail,
+                                   sent_through=self._sent_high)
+        self.last_error = str(exc)
+        log.error("audit upload stopped: %s; resolve with audit.resend (see `edge audit`)", exc)
+        body = {"subject": exc.subject, "stream_seq": exc.stream_seq, "seq": exc.seq, "detail": exc.detail[:300]}
+        try:
+            # Kept in the log file first, so a restart cannot forget it, then said (state) and recorded.
+            await self.log.set_note(_CONFLICT_NOTE, msgspec.json.encode(self._conflict).decode())
+            self.log.append("audit_conflict", body)
+        except SyncError as write_exc:
+            log.warning("audit upload: the conflict could not be recorded in the log: %s", write_exc)
+        self.state = UploaderState.AUDIT_CONFLICT
+        self._synced_changed.set()
+
+    async def _wait_for_resolution(self) -> None:
+        """Stay stopped until `resend()` resolves the conflict; then accept it and replay from there."""
+        conflict = self._conflict
+        assert conflict is not None
+        self.state = UploaderState.AUDIT_CONFLICT
+        self.last_error = f"audit_conflict on {conflict.subject} at stream seq {conflict.stream_seq}: {conflict.detail}"
+        self._synced_changed.set()
+        while self._resolution is None:
+            self._resolved.clear()
+            await self._resolved.wait()
+        start, self._resolution = self._resolution, None
+        self._accepted = [*self._accepted, conflict.stream_seq][-_MAX_REPORTED:]
+        self._replay_from = start
+        self.log.rewind_synced(start - 1)
+        try:
+            await self.log.set_note(_ACCEPTED_NOTE, ",".join(map(str, self._accepted)))
+            await self.log.set_note(_REPLAY_NOTE, str(start))
+            await self.log.set_note(_CONFLICT_NOTE, None)
+            self.log.append("audit_resolved", {"subject": conflict.subject, "stream_seq": conflict.stream_seq,
+                                               "replay_from": start})
+        except SyncError as exc:
+            log.warning("audit upload: the resolution could not be recorded in the log: %s", exc)
+        log.warning("audit upload: conflict at stream seq %d accepted; publishing again from seq %d",
+                    conflict.stream_seq, start)
+        self._conflict = None
+        self.last_error = None
+
+    async def _forget_replay(self) -> None:
+        if self._replay_from == 0 and self.log.note(_REPLAY_NOTE) is not None:
+            try:
+                await self.log.set_note(_REPLAY_NOTE, None)
+            except SyncError as exc:
+                log.warning("audit upload: %s", exc)
 
     def _report(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -371,6 +551,8 @@ class Uploader:
 
     async def _session(self, nc: Client) -> None:
         js = nc.jetstream()
+        self._session_high = self._sent_high
+        self._subject_last = None
         await self._ensure_stream(js)
         next_seq = await self._resume(js)
         self.state = UploaderState.SYNCING
@@ -389,6 +571,8 @@ class Uploader:
             try:
                 # Direct gets let a device read its own last record (see _resume); nobody may
                 # delete or purge records (deleting the stream itself is a hub permission).
+                # Bounded: a record larger than max_msg_size, or one past max_bytes, is refused (and
+                # reported, kept locally), never stored by evicting older records (discard "new").
                 await js.add_stream(
                     name=self.stream,
                     subjects=["audit.>"],
@@ -397,6 +581,10 @@ class Uploader:
                     allow_direct=True,
                     deny_delete=True,
                     deny_purge=True,
+                    max_msg_size=self.stream_max_msg_size,
+                    max_bytes=self.stream_max_bytes,
+                    discard=DiscardPolicy.NEW,
+                    num_replicas=self.stream_replicas,
                 )
                 log.info("audit upload: created stream %s", self.stream)
             except nats.js.errors.BadRequestError as exc:
@@ -412,34 +600,92 @@ class Uploader:
                 f"record on {self.subject!r} with one; enable them with `nats stream edit {self.stream} "
                 "--allow-direct`")
 
+    async def _read_last(self, js: JetStreamContext) -> tuple[int, bytes, dict[str, str]] | None:
+        """(stream seq, data, headers) of the last message on our subject, None if there is none.
+
+        When a "wrong last sequence" named a stream seq, a replica that has not reached it yet is
+        asked again (on a replicated stream any replica answers direct gets).
+        """
+        deadline = time.monotonic() + _STALE_READ_S
+        while True:
+            try:
+                # A direct get of the last message on our own subject: $JS.API.DIRECT.GET.<stream>.<subject>.
+                raw = await js.get_last_msg(self.stream, self.subject, direct=True)
+            except nats.js.errors.NotFoundError:
+                found = None  # 404: nothing on this subject yet
+            except nats.errors.NoRespondersError:
+                # Nothing answers direct gets: the stream went away since _ensure_stream, or it no
+                # longer allows them. The next connection's stream check tells which.
+                raise SyncError(f"no answer to a direct get of the last record on {self.subject!r} in "
+                                f"{self.stream!r}: the stream is gone or no longer allows direct gets") from None
+            else:
+                headers = {k: str(v) for k, v in (raw.headers or {}).items()}
+                found = (int(raw.seq or 0), bytes(raw.data or b""), headers)
+            seen = found[0] if found is not None else 0
+            if seen >= self._expect_at_least:
+                self._expect_at_least = 0
+                return found
+            if time.monotonic() > deadline:
+                raise SyncError(f"the stream's answer for {self.subject} is at stream seq {seen}, behind the "
+                                f"{self._expect_at_least} it reported: a replica is lagging; retrying")
+            await asyncio.sleep(0.05)  # pace: a lagging replica catches up
+
+    async def _foreign(self, record: AuditRecord | None, headers: dict[str, str]) -> str:
+        """Why the last message on our subject is not this device's record ("" when it is)."""
+        if record is None:
+            return "a message that is not an audit record"
+        if record.device != self.log.device:
+            return f"a record of device {record.device[:64]!r}"
+        if not hash_ok(record):
+            return f"a record (seq {record.seq}) whose hash does not match its contents"
+        if record.seq > self.log.last_seq:
+            return (f"a record with seq {record.seq}, beyond the local log's end ({self.log.last_seq}): one this "
+                    "device never wrote, or the local log was reset or replaced")
+        local = await self.log.read(record.seq, 1)
+        if local and local[0].seq == record.seq:
+            if local[0].hash != record.hash:
+                return (f"a different record under seq {record.seq} than the local log's (a foreign record, or the "
+                        "local log was reset or replaced)")
+            return ""
+        if self.signer is None:
+            return ""  # no longer kept and nothing to check it with: taken as the stream says
+        if audit_signature_ok(self.signer.public_key, record.device, record.seq, record.hash,
+                              headers.get(H_SIGNATURE, "")):
+            return ""
+        return f"a record with seq {record.seq} that is no longer kept locally and not signed by this device's key"
+
     async def _resume(self, js: JetStreamContext) -> int:
         """Ask the stream what it holds for this device; return the first seq to publish."""
-        try:
-            # A direct get of the last message on our own subject: $JS.API.DIRECT.GET.<stream>.<subject>.
-            raw = await js.get_last_msg(self.stream, self.subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            upstream = 0  # 404: nothing on this subject yet
-        except nats.errors.NoRespondersError:
-            # Nothing answers direct gets: the stream went away since _ensure_stream, or it no
-            # longer allows them. The next connection's stream check tells which.
-            raise SyncError(f"no answer to a direct get of the last record on {self.subject!r} in "
-                            f"{self.stream!r}: the stream is gone or no longer allows direct gets") from None
+        probe, self._dup_probe = self._dup_probe, None
+        last = await self._read_last(js)
+        if last is None:
+            upstream = 0
+            self._subject_last = 0
         else:
-            record = decode_record(raw.data or b"")
-            if record.device != self.log.device or not hash_ok(record):
-                raise SyncError(f"the last message on {self.subject} is not a valid record of this device")
+            stream_seq, data, headers = last
+            try:
+                record: AuditRecord | None = decode_record(data)
+            except SyncError:
+                record = None
+            why = await self._foreign(record, headers)
+            self._subject_last = stream_seq
+            if why and stream_seq not in self._accepted:
+                raise AuditConflict(self.subject, stream_seq, record.seq if record is not None else None,
+                                    f"the last message on the subject is {why}")
+            if why or record is None:
+                # The foreign message an operator accepted: our records go on after it.
+                start = self._replay_from or self.log.synced_seq + 1
+                self.log.rewind_synced(start - 1)
+                return start
             upstream = record.seq
-            if upstream > self.log.last_seq:
-                raise SyncError(
-                    f"{self.stream} holds seq {upstream} for {self.log.device} but the local log ends at "
-                    f"{self.log.last_seq}: the local log was reset or replaced; not publishing"
-                )
-            local = await self.log.read(upstream, 1)
-            if local and local[0].seq == upstream and local[0].hash != record.hash:
-                raise SyncError(
-                    f"{self.stream} holds a different record under seq {upstream} than the local log: "
-                    "the local log was reset or replaced; not publishing"
-                )
+        if probe is not None and upstream < probe[0]:
+            raise AuditConflict(self.subject, probe[1], probe[0],
+                                f"the stream already held a message under Msg-Id {self.log.device}:{probe[0]}, "
+                                f"which this device had never published (its own records end at seq {upstream})")
+        if self._replay_from:
+            # After a resolution the stream's last record may be ours while one before it is not.
+            self.log.rewind_synced(self._replay_from - 1)
+            return self._replay_from
         synced = self.log.synced_seq
         if upstream >= synced:
             # The stream is the truth: what it holds was published, whatever we had noted.
@@ -496,8 +742,10 @@ class Uploader:
         resend_next = 0
         resend_epoch = -1
         token = 0
-        headers = {"Nats-Expected-Stream": self.stream, "Nats-Msg-Id": "", "Edge-Kind": ""}
+        base = {"Nats-Expected-Stream": self.stream}
         device = self.log.device
+        signer = self.signer
+        idle = True  # nothing sent since the pump last had nothing to do: the next publish opens a burst
         try:
             while True:
                 self._progress.clear()
@@ -509,10 +757,15 @@ class Uploader:
                 if rejected and not in_flight:
                     seq, reason = rejected[0]
                     raise _Rejected(f"{self.stream} rejected seq {seq}: {reason}")
-                room = self.window - len(in_flight)
-                rows: list[tuple[int, str, bytes]] = []
+                # A publish that carries an expectation goes alone: nothing is sent after it until its
+                # ack says the subject was as we knew it (see the module docstring).
+                gated = bool(in_flight) and in_flight[-1].expected is not None
+                expected = self._subject_last if idle and not in_flight else None
+                room = 1 if expected is not None else self.window - len(in_flight)
+                rows: list[tuple[int, str, str, bytes]] = []
                 resend = False
-                if room > 0 and not rejected:
+                newest = self.log.last_seq
+                if room > 0 and not rejected and not gated:
                     if self._resend is not None:
                         if resend_epoch != self._resend_epoch:
                             # A new repair, or this connection's first look at one: start at the
@@ -525,11 +778,12 @@ class Uploader:
                             rows = [r for r in await self.log.read_wire(resend_next, limit) if r[0] <= end]
                             resend_next = rows[-1][0] + 1 if rows else end + 1
                             resend = True
-                    elif next_seq <= self.log.last_seq:
+                            newest = end
+                    elif next_seq <= newest:
                         rows = await self.log.read_wire(next_seq, min(room, _READ_CHUNK))
                         if rows:
                             next_seq = rows[-1][0] + 1
-                for i, (seq, kind, payload) in enumerate(rows):
+                for i, (seq, kind, digest, payload) in enumerate(rows):
                     if self.max_bytes_per_s:
                         await self._throttle(len(payload))
                     elif i and i % _YIELD_EVERY == 0:
@@ -537,15 +791,29 @@ class Uploader:
                         # decisions waiting behind it (the runtime's loop is ours too).
                         await asyncio.sleep(0)
                     token += 1
-                    entry = _InFlight(seq=seq, sent_at=time.monotonic(), resend=resend)
+                    fresh = not resend and seq > self._sent_high
+                    entry = _InFlight(seq=seq, sent_at=time.monotonic(), resend=resend, fresh=fresh,
+                                      expected=expected if i == 0 else None)
                     waiting[str(token)] = entry
                     in_flight.append(entry)
-                    headers["Nats-Msg-Id"] = f"{device}:{seq}"
-                    headers["Edge-Kind"] = kind
+                    headers = {**base, "Nats-Msg-Id": f"{device}:{seq}", "Edge-Kind": kind}
+                    if entry.expected is not None:
+                        headers[_EXPECTED_LAST] = str(entry.expected)
+                    if signer is not None and (seq % self.sign_every == 0 or seq >= newest):
+                        # Every sign_every-th record, and the newest of a burst: a caught-up stream
+                        # ends on a signed record.
+                        headers[H_SIGNER] = signer.public_key
+                        headers[H_SIGNATURE] = signer.sign(device, seq, digest)
+                        self._signed += 1
                     await nc.publish(self.subject, payload, reply=f"{inbox}.{token}", headers=headers)
                     self._published += 1
+                    if not resend:
+                        self._session_high = max(self._session_high, seq)
                 if rows:
+                    idle = False
                     continue
+                if not in_flight and not gated:
+                    idle = True
                 tick = 0.25 if in_flight else 1.0
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(tick):
@@ -571,49 +839,90 @@ class Uploader:
     def _settle(self, in_flight: collections.deque[_InFlight], rejected: list[tuple[int, str]]) -> None:
         """Take the acks that arrived, in send order; advance synced_seq over the contiguous prefix."""
         synced_to = 0
-        while in_flight and in_flight[0].done:
-            entry = in_flight.popleft()
-            if entry.problem == _NO_RESPONDERS:
-                # Nothing answered on the subject: the stream was deleted, or JetStream is shutting
-                # down or not up yet. The next connection's stream check tells which.
-                raise SyncError(f"no JetStream responder for {self.subject} (seq {entry.seq})")
-            ack = entry.ack
-            if ack is None or ack.error is not None:
-                # The server refused this record. Keep settling: if a later one gets in, this one
-                # is a hole in the stream.
-                if ack is not None and ack.error is not None:
-                    reason = f"{ack.error.description} (err_code {ack.error.err_code})"
-                else:
-                    reason = entry.problem
-                log.error("audit upload: %s refused seq %d: %s", self.stream, entry.seq, reason)
-                rejected.append((entry.seq, reason))
-                continue
-            self._acked += 1
-            if ack.duplicate:
-                self._duplicates += 1
-            elif ack.seq <= self._last_stream_seq or ack.stream != self.stream:
-                self._anomalies += 1
-                raise SyncError(
-                    f"unexpected ack for seq {entry.seq}: stored in {ack.stream!r} at {ack.seq} "
-                    f"after {self._last_stream_seq}"
-                )
+        try:
+            while in_flight and in_flight[0].done:
+                entry = in_flight[0]
+                if not self._take(entry, rejected):
+                    in_flight.popleft()
+                    continue
+                in_flight.popleft()
+                if not entry.resend:
+                    synced_to = entry.seq
+        finally:
+            # What was taken before a conflict or a move is booked; nothing after it.
+            if synced_to:
+                self.log.mark_synced(synced_to)
+                self._synced_changed.set()
+
+    def _take(self, entry: _InFlight, rejected: list[tuple[int, str]]) -> bool:
+        """Check one ack; True if the record is in the stream and counts (raises to end the session)."""
+        if entry.problem == _NO_RESPONDERS:
+            # Nothing answered on the subject: the stream was deleted, or JetStream is shutting
+            # down or not up yet. The next connection's stream check tells which.
+            raise SyncError(f"no JetStream responder for {self.subject} (seq {entry.seq})")
+        ack = entry.ack
+        if ack is not None and ack.error is not None and ack.error.err_code == _WRONG_LAST_SEQUENCE:
+            found = _LAST_SEQUENCE.search(ack.error.description)
+            self._expect_at_least = int(found.group(1)) if found else (entry.expected or 0) + 1
+            self._subject_last = None
+            raise _Moved(f"something landed on {self.subject} at stream seq {self._expect_at_least} before seq "
+                         f"{entry.seq}; reading the subject again")
+        if ack is None or ack.error is not None:
+            # The server refused this record. Keep settling: if a later one gets in, this one
+            # is a hole in the stream.
+            if ack is not None and ack.error is not None:
+                reason = f"{ack.error.description} (err_code {ack.error.err_code})"
             else:
-                self._last_stream_seq = ack.seq
-            if entry.resend:
-                if self._resend is not None:
-                    self._resend = None if entry.seq >= self._resend[1] else (entry.seq + 1, self._resend[1])
-                continue
-            if rejected:
-                # A later record got in after a refused one: the refused ones can no longer go in order.
-                for seq, reason in rejected:
-                    self._note(self._holes, (seq, seq))
-                    self.last_error = f"{self.stream} rejected seq {seq} and later records got in: {reason}"
-                    log.error("audit upload: %s", self.last_error)
-                rejected.clear()
-            synced_to = entry.seq
-        if synced_to:
-            self.log.mark_synced(synced_to)
-            self._synced_changed.set()
+                reason = entry.problem
+            log.error("audit upload: %s refused seq %d: %s", self.stream, entry.seq, reason)
+            rejected.append((entry.seq, reason))
+            self._subject_last = None  # a later record may or may not have landed: the next burst re-reads
+            return False
+        if ack.duplicate and not entry.resend and ack.seq in self._accepted:
+            self._subject_last = None
+            raise SyncError(f"Msg-Id {self.log.device}:{entry.seq} is held by the accepted foreign message at "
+                            f"stream seq {ack.seq} until the stream's duplicate window has passed; retrying")
+        if ack.duplicate:
+            if entry.fresh and entry.expected is not None:
+                # The first publish after a resume read: the read may have come from a lagging
+                # replica (the record is ours, stored by a session whose ack was lost), or someone
+                # took the Msg-Id. The next read, from at least that stream seq, tells which.
+                self._dup_probe = (entry.seq, ack.seq)
+                self._expect_at_least = ack.seq
+                self._subject_last = None
+                raise _Moved(f"seq {entry.seq} is already in the stream at stream seq {ack.seq}; reading the "
+                             "subject again")
+            if entry.fresh:
+                raise AuditConflict(self.subject, ack.seq, entry.seq,
+                                    f"the stream already held a message under Msg-Id {self.log.device}:{entry.seq}, "
+                                    "which this device had never published (published by someone else first)")
+            self._acked += 1
+            self._duplicates += 1
+            self._subject_last = max(self._subject_last or 0, ack.seq)  # our earlier copy; a header checks the rest
+        elif ack.seq <= self._last_stream_seq or ack.stream != self.stream:
+            self._anomalies += 1
+            raise SyncError(
+                f"unexpected ack for seq {entry.seq}: stored in {ack.stream!r} at {ack.seq} "
+                f"after {self._last_stream_seq}"
+            )
+        else:
+            self._acked += 1
+            self._last_stream_seq = ack.seq
+            self._subject_last = ack.seq
+        if self._replay_from and entry.seq >= self._replay_from and not entry.resend:
+            self._replay_from = 0  # the replay after a resolution reached the stream (the note stays harmless)
+        if entry.resend:
+            if self._resend is not None:
+                self._resend = None if entry.seq >= self._resend[1] else (entry.seq + 1, self._resend[1])
+            return True
+        if rejected:
+            # A later record got in after a refused one: the refused ones can no longer go in order.
+            for seq, reason in rejected:
+                self._note(self._holes, (seq, seq))
+                self.last_error = f"{self.stream} rejected seq {seq} and later records got in: {reason}"
+                log.error("audit upload: %s", self.last_error)
+            rejected.clear()
+        return True
 
     async def _throttle(self, size: int) -> None:
         rate = float(self.max_bytes_per_s or 0)

@@ -227,6 +227,36 @@ async def test_drop_oldest_writes_a_gap_record_naming_what_was_lost(tmp_path: Pa
     assert report.first_seq == records[0].seq > 1
 
 
+async def test_drop_oldest_keeps_command_config_and_model_records_while_anything_else_can_go(
+    tmp_path: Path,
+) -> None:
+    """Who changed the device outlives the flood: every command, config and model record stays, the
+    decisions around them go, and each dropped run has a gap record linked on both sides."""
+    path = tmp_path / "audit.db"
+    protected: list[int] = []
+    async with AuditLog(path, "gw-1", max_bytes=64 * 1024, on_full="drop_oldest") as log:
+        for round_ in range(12):
+            await asyncio.gather(*[log.append("decision", BODY) for _ in range(40)])
+            kind = ("command", "config", "model")[round_ % 3]
+            protected.append(await log.append(kind, {"round": round_}))
+        await wait_until(lambda: log.used_bytes <= 64 * 1024, within=10, what="retention under max_bytes")
+        assert log.oldest_seq <= protected[0]
+    records = {r.seq: r for r in iter_records(path)}
+    assert set(protected) <= set(records)  # not one of them dropped
+    assert min(records) == protected[0]  # ... while the decisions before and between them went
+    gaps = [msgspec.json.decode(bytes(r.body)) for r in records.values() if r.kind == GAP_KIND]
+    assert len(gaps) >= 2 and all(len(g["after_hash"]) == len(g["last_hash"]) == 64 for g in gaps)
+    for gap in gaps:
+        after = records.get(gap["to_seq"] + 1)
+        if after is not None:
+            assert after.prev == gap["last_hash"]  # the record after the run follows the hash the gap names
+        before = records.get(gap["from_seq"] - 1)
+        if before is not None:
+            assert before.hash == gap["after_hash"]
+    report = verify_chain(path)
+    assert report.ok, report.problem
+
+
 async def test_block_raises_audit_full_and_loses_nothing(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     async with AuditLog(path, "gw-1", max_bytes=64 * 1024, on_full="block") as log:

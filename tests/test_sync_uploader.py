@@ -216,7 +216,7 @@ async def test_a_refused_record_is_reported_never_skipped_silently(tmp_path: Pat
     assert await stream_seqs(nats_server) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 5]
 
 
-async def test_refuses_to_publish_when_the_stream_is_ahead_of_the_local_log(
+async def test_stops_with_audit_conflict_when_the_stream_is_ahead_of_the_local_log(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     async with admin(nats_server) as nc:
@@ -228,7 +228,9 @@ async def test_refuses_to_publish_when_the_stream_is_ahead_of_the_local_log(
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await log.append("decision", BODY)
         async with uploading(log, nats_server) as uploader:
-            await wait_until(lambda: "reset or replaced" in str(uploader.last_error), within=10, what="refusal")
+            # Said, not a silent wedge: a conflict an operator resolves (`audit.resend`).
+            await wait_until(lambda: uploader.state is UploaderState.AUDIT_CONFLICT, within=10, what="conflict")
+            assert "reset or replaced" in str(uploader.last_error)
             assert uploader.status()["published"] == 0 and log.synced_seq == 0
 
 

@@ -205,8 +205,9 @@ async def _verify_upstream(args: argparse.Namespace) -> int:
     server = args.server
     stream = args.stream
     device = args.device
+    key = args.key
     options: dict[str, Any] = {}
-    if not server or not device:
+    if not server or not device or args.config:
         config = _load(args)
         if not server:  # the device's own upstream, with the device's credentials
             server = config.nats.upstream or local_url(config)
@@ -214,9 +215,18 @@ async def _verify_upstream(args: argparse.Namespace) -> int:
             options = connect_options(auth, Path(config.base_dir or "."))
         device = device or config.device_id
         stream = stream or config.audit.stream
-    nc = await nats.connect(server, connect_timeout=5, allow_reconnect=False, **options)
+        if not key and args.config:
+            key = _device_key_of(config)
+    # The runtime accepts a comma-separated list of upstream URLs (a cluster): so does this.
+    servers = [url.strip() for url in server.split(",") if url.strip()]
+
+    async def quiet(exc: Exception) -> None:  # one unreachable server of the list is no traceback
+        logging.getLogger("edge.cli").debug("upstream: %s", exc)
+
+    nc = await nats.connect(servers, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=1,
+                            error_cb=quiet, **options)
     try:
-        reports = await verify_upstream(nc.jetstream(), stream or "EDGE_AUDIT", device)
+        reports = await verify_upstream(nc.jetstream(), stream or "EDGE_AUDIT", device, key=key or None)
     finally:
         await nc.close()
     ok = bool(reports) and all(r.ok for r in reports.values())
@@ -227,7 +237,36 @@ async def _verify_upstream(args: argparse.Namespace) -> int:
             print(f"no records of {device} in stream {stream}")
         for report in reports.values():
             print(report.summary())
+        if reports and not key:
+            print("signatures were checked only against the key each names: give the device's key with --key "
+                  "(its `status` shows device_key) to check they are the device's")
     return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _public_key(text: str) -> str:
+    from sync import is_public_key
+
+    if not is_public_key(text):
+        raise argparse.ArgumentTypeError(f"expected the device's public nkey ('U...', as `status` shows it as "
+                                         f"device_key), got {text[:60]!r}")
+    return text
+
+
+def _device_key_of(config: Config) -> str:
+    """The public key of the device key this config names, when this machine can read it ("" if not).
+
+    A convenience on the device itself: the key the device signs with is what `--key` should be,
+    and an operator checking from elsewhere gives the key recorded when the device was set up."""
+    from sync import AuditSigner
+
+    from ..fleet import load_seed
+
+    configured = config.fleet.device_key
+    path = config.resolve(configured) if configured else config.resolve(config.data_dir) / "device.nk"
+    try:
+        return AuditSigner(load_seed(path)).public_key
+    except EXPECTED_ERRORS:
+        return ""
 
 
 # -- demo and bench: their own option parsers ----------------------------------------------------
@@ -321,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="upstream NATS URL (default: from the config)")
     p.add_argument("--stream", help="stream name (default: from the config)")
     p.add_argument("--device", help="device id (default: from the config)")
+    p.add_argument("--key", type=_public_key, help="the device's public key (U...): every signature must verify "
+                   "with it and the newest record must be signed (default: the device key of -c, if readable here)")
     return parser
 
 

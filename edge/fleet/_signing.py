@@ -41,6 +41,17 @@ from typing import Any
 
 import msgspec
 
+# The pure primitives (domain-separated bytes, sign, verify) live in `sync`, which signs audit
+# records and never imports `edge`: one implementation, re-exported here for the fleet.
+# (`X as X`: re-exported, for the modules of edge.fleet that take them from here.)
+from sync import H_SIGNATURE as H_SIGNATURE
+from sync import H_SIGNER as H_SIGNER
+from sync import audit_bytes as audit_bytes
+from sync import public_key_of as public_key_of
+from sync import sign as sign
+from sync import signed_bytes as signed_bytes
+from sync import verify_signature as verify_signature
+
 from .._errors import CommandError
 
 log = logging.getLogger("edge.fleet")
@@ -48,20 +59,12 @@ log = logging.getLogger("edge.fleet")
 SIGNATURE_WINDOW_NS = 5 * 60 * 1_000_000_000
 MAX_NONCES = 65_536
 
-H_SIGNER, H_SIGNATURE, H_TIMESTAMP, H_NONCE = "Edge-Signer", "Edge-Signature", "Edge-Timestamp", "Edge-Nonce"
+H_TIMESTAMP, H_NONCE = "Edge-Timestamp", "Edge-Nonce"
 SIGNATURE_HEADERS = (H_SIGNER, H_SIGNATURE, H_TIMESTAMP, H_NONCE)
 
-DOMAIN = b"\xff"  # never the first byte of UTF-8 text
 TAG_COMMAND = "edge-command-v1"
 TAG_MODEL = "edge-model-v1"
 TAG_APPROVAL = "edge-approval-v1"
-TAG_AUDIT = "edge-audit-v1"
-
-
-def signed_bytes(tag: str, *items: str | bytes) -> bytes:
-    """The bytes a signature covers: 0xFF, the tag, then the items, each but the last followed by "\\n"."""
-    parts = [item.encode() if isinstance(item, str) else item for item in items]
-    return DOMAIN + tag.encode() + b"\n" + b"\n".join(parts)
 
 
 def command_bytes(subject: str, timestamp: str, nonce: str, body: bytes) -> bytes:
@@ -74,10 +77,6 @@ def approval_bytes(decision_id: str, timestamp: str, nonce: str, body: bytes) ->
 
 def model_bytes(sha256_hex: str) -> bytes:
     return signed_bytes(TAG_MODEL, sha256_hex)
-
-
-def audit_bytes(device: str, seq: int, record_hash: str) -> bytes:
-    return signed_bytes(TAG_AUDIT, device, str(seq), record_hash)
 
 
 def load_seed(path: Path) -> bytes:
@@ -104,19 +103,6 @@ def new_seed() -> bytes:
     import nkeys  # type: ignore[import-untyped]  # only where signatures are used
 
     return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
-
-
-def public_key_of(seed: bytes) -> str:
-    import nkeys
-
-    return str(nkeys.from_seed(seed).public_key.decode())
-
-
-def sign(seed: bytes, data: bytes) -> str:
-    """Base64 Ed25519 signature of `data` with an nkey seed (use the `*_bytes` helpers for `data`)."""
-    import nkeys
-
-    return base64.b64encode(nkeys.from_seed(seed).sign(data)).decode()
 
 
 def _signature_headers(seed: bytes, covered: Callable[[str, str], bytes], timestamp_ns: int | None,
@@ -146,43 +132,6 @@ def sign_approval(seed: bytes, decision_id: str, body: bytes, *, timestamp_ns: i
 def sign_model(seed: bytes, sha256_hex: str) -> str:
     """The `signature` of a `model.deploy` for an archive with this sha256."""
     return sign(seed, model_bytes(sha256_hex))
-
-
-_VERIFY_KEYS: dict[str, Any] = {}
-
-
-def verify_signature(public_key: str, data: bytes, signature: bytes) -> bool:
-    """Whether `signature` is `public_key`'s Ed25519 signature of `data` (False for a malformed key)."""
-    # nkeys can only verify with a seed in hand; verification with a public key goes to PyNaCl
-    # (nkeys' own dependency) after decoding the key as nkeys encodes it.
-    import nacl.exceptions
-    import nacl.signing
-
-    key = _VERIFY_KEYS.get(public_key)
-    if key is None:
-        raw = _decode_public_key(public_key)
-        if raw is None:
-            return False
-        key = _VERIFY_KEYS.setdefault(public_key, nacl.signing.VerifyKey(raw))
-    try:
-        key.verify(data, signature)
-    except nacl.exceptions.BadSignatureError:
-        return False
-    return True
-
-
-def _decode_public_key(public_key: str) -> bytes | None:
-    import nkeys
-
-    try:
-        raw = base64.b32decode(public_key + "=" * (-len(public_key) % 8))
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != 35 or raw[0] != nkeys.PREFIX_BYTE_USER:
-        return None
-    if int.from_bytes(raw[-2:], "little") != nkeys.crc16(bytearray(raw[:-2])):
-        return None
-    return raw[1:-2]
 
 
 def is_signed(headers: Mapping[str, str] | None) -> bool:
