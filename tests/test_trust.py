@@ -70,8 +70,11 @@ def server_url(nc: NATS) -> str:
 
 
 async def records(runtime: Runtime, kind: str) -> list[dict[str, Any]]:
-    assert runtime.audit is not None
-    return [msgspec.json.decode(r.body) for r in await runtime.audit.read(1, 100_000) if r.kind == kind]
+    """The audit records of `kind`, once everything appended so far is committed."""
+    audit = runtime.audit
+    assert audit is not None
+    await wait_until(lambda: audit.pending == 0, within=5, what="the audit log committed")
+    return [msgspec.json.decode(r.body) for r in await audit.read(1, 100_000) if r.kind == kind]
 
 
 # -- commands ------------------------------------------------------------------------------------
