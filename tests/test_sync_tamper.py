@@ -19,6 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy
 
 from edge import NatsServer
 from edge.fleet import new_seed
@@ -87,6 +88,10 @@ async def test_records_are_signed_every_nth_and_at_the_end_of_each_burst(
     try:
         js = nc.jetstream()
         info = await js.stream_info("EDGE_AUDIT")
+        # The stream the uploader made: records cannot be deleted or purged, and it is bounded.
+        config = info.config
+        assert config.deny_delete and config.deny_purge and config.allow_direct
+        assert (config.max_msg_size, config.max_bytes, config.discard) == (1 << 20, 1 << 30, DiscardPolicy.NEW)
         signed, expectations = [], {}
         for n in range(1, info.state.last_seq + 1):
             msg = await js.get_msg("EDGE_AUDIT", n)
