@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -380,30 +381,54 @@ def test_signatures_are_not_nats_login_signatures() -> None:
         CommandVerifier().verify_command("edge.x.cmd.pause", b"{}", headers, [OPERATOR])
 
 
-async def test_audit_of_refusals_survives_a_flood(bus: NATS, tmp_path: Path) -> None:
-    """5,000 unsigned commands: the device stays up, answers each, and writes a handful of records."""
-    config = make_config(tmp_path, server_url(bus), **rules_only(trusted_keys=[OPERATOR]))
+async def test_floods_of_unsigned_commands_and_forged_answers_leave_a_few_records(bus: NATS, tmp_path: Path) -> None:
+    """10,000 unsigned commands and 10,000 forged approval answers: the device answers every command,
+    settles the approval by its signed answer only, stays responsive, and writes fewer than 30 records."""
+    config = approval_config(tmp_path, server_url(bus))
+    flood = 10_000
     async with Runtime(config) as runtime:
-        assert runtime.fleet is not None
+        assert runtime.fleet is not None and runtime.audit is not None
         await runtime.fleet.wait_attached()
+        await wait_until(lambda: runtime.link.state.value == "online", within=10, what="the link online")
+        before = runtime.audit.last_seq
         inbox = bus.new_inbox()
         answers: list[Msg] = []
         done = asyncio.Event()
 
         async def on_answer(msg: Msg) -> None:
             answers.append(msg)
-            if len(answers) >= 5000:
+            if len(answers) >= flood:
                 done.set()
 
         await bus.subscribe(inbox, cb=on_answer)
-        for _ in range(5000):
+
+        async def forge_then_answer(msg: Msg) -> None:
+            assert msg.reply
+            decision_id = msgspec.json.decode(msg.data)["decision_id"]
+            for i in range(flood):
+                await bus.publish(msg.reply, msgspec.json.encode({"approved": True, "by": f"forger-{i}"}))
+            body = msgspec.json.encode({"approved": False, "by": "Ana"})
+            await bus.publish(msg.reply, body, headers=sign_approval(APPROVER_SEED, decision_id, body))
+
+        await bus.subscribe(APPROVALS, cb=forge_then_answer)
+        decisions = await Collector().start(bus, DECISIONS)
+        await bus.publish("sensors.p1.pump", encode(CRITICAL))
+        for _ in range(flood):
             await bus.publish(f"edge.{DEVICE}.cmd.pause", b"{}", reply=inbox)
-        await asyncio.wait_for(done.wait(), 20)
-        codes = {msgspec.json.decode(m.data)["error"]["code"] for m in answers}
-        assert codes <= {"unauthorized", "busy"} and "unauthorized" in codes
-        await wait_until(lambda: runtime.fleet is not None and not runtime.fleet.refusals.pending, within=3,
-                         what="the refusals flushed")
+        await asyncio.wait_for(done.wait(), 30)
+        [decision] = await decisions.wait_for(1, within=10)
+        assert decision["governance"]["status"] == "denied" and decision["governance"]["by"] == APPROVER
+        codes = Counter(msgspec.json.decode(m.data)["error"]["code"] for m in answers)
+        assert set(codes) <= {"unauthorized", "busy"} and codes["unauthorized"] > 0
+        # Still responsive: a status round trip and an input's decision.
+        assert (await send_command(bus, DEVICE, "status", timeout=2)).all_ok
+        assert msgspec.json.decode((await bus.request("sensors.p1.pump", encode(NORMAL), timeout=2)).data)
+        await wait_until(lambda: not runtime.fleet.refusals.pending and not runtime.approvals.refusals.pending,
+                         within=3, what="the refusals flushed")
         refused = await records(runtime, "command_refused")
-        assert sum(sum(r["counts"].values()) for r in refused) == 5000
-        assert len(refused) <= 30
+        forged = await records(runtime, "approval_refused")
+        assert sum(sum(r["counts"].values()) for r in refused) == flood
+        assert sum(sum(r["counts"].values()) for r in forged) == flood
+        written = runtime.audit.last_seq - before
+        assert written < 30, f"{written} audit records for {2 * flood} hostile messages"
         assert not runtime.paused
