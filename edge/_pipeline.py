@@ -129,6 +129,7 @@ class PipelineStats:
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
             "shadow": {
                 "compared": self.shadow_total,
+                "agreed": self.shadow_agree,  # exact, so a staged rollout can measure agreement over a window
                 "agreement": round(self.shadow_agree / self.shadow_total, 4) if self.shadow_total else None,
             },
         }
@@ -458,5 +459,6 @@ class Pipeline:
         return len(self._side_tasks)
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state.value, "pending_approvals": self.pending_approvals,
+        return {"state": self.state.value, "model": self.logic.config.model,
+                "pending_approvals": self.pending_approvals,
                 "inbox": {"messages": self._inbox.qsize(), "bytes": self._inbox_bytes}, **self.stats.snapshot()}

@@ -183,7 +183,9 @@ def test_model_steps_close_the_gap_only() -> None:
     [step] = model_steps("pump", ModelIntent(active=V2), "1", None)
     assert isinstance(step, ModelDeploy) and (step.version, step.mode, step.signature) == ("2", "active", "c2ln")
     steps = model_steps("pump", ModelIntent(active=V3, shadow=None), "2", "3")  # a promote missed while offline
-    assert [type(s) for s in steps] == [ModelDeploy, ModelRollback]  # deploy 3 active, then drop the shadow
+    assert [type(s) for s in steps] == [ModelPromote]  # the loaded candidate swapped in, not loaded again
+    steps = model_steps("pump", ModelIntent(active=V3, shadow=V2), "2", "3")  # 3 active and 2 as the new shadow
+    assert [(type(s), getattr(s, "mode", "")) for s in steps] == [(ModelDeploy, "active"), (ModelDeploy, "shadow")]
     steps = model_steps("pump", ModelIntent(active=None, shadow=V3), "1", None)
     assert [(s.version, s.mode) for s in steps if isinstance(s, ModelDeploy)] == [("3", "shadow")]
 

@@ -125,7 +125,7 @@ RUNTIME = [m for m in MODULES if in_package(m, "edge") and not any(
     and m not in ("edge.__main__", "edge.chaos", "edge.cloudsim")]  # the command's entry and two tool aliases
 FLEET = [m for m in MODULES if in_package(m, "edge.fleet")]
 FLEET_PURE = ["edge.fleet._protocol", "edge.fleet._signing", "edge.fleet._archive", "edge.fleet._provision",
-              "edge.fleet._desired"]
+              "edge.fleet._desired", "edge.fleet._rollout"]
 RUNTIME_PROPER = {"edge._runtime", "edge._pipeline", "edge._approvals", "edge._deployments", "edge._ladder",
                   "edge._nats_server", "edge.fleet._service"}
 PURE_DECISIONS = ["edge._rules", "edge._ladder", "edge._governance", "edge._link", "edge._inputs", "edge._codec"]
@@ -192,7 +192,8 @@ def test_tests_import_public_names_from_the_door() -> None:
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("argv", [["fleet", "ls", "--help"], ["audit", "tail", "--help"], ["check", "BUNDLED"]])
+@pytest.mark.parametrize("argv", [["fleet", "ls", "--help"], ["fleet", "rollout", "status", "--help"],
+                                  ["audit", "tail", "--help"], ["check", "BUNDLED"]])
 def test_operator_commands_do_not_load_onnxruntime(argv: list[str]) -> None:
     """In a fresh interpreter, as an operator's laptop would run them."""
     code = (

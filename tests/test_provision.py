@@ -26,6 +26,7 @@ from edge import ConfigError, LinkState, NatsServer, Runtime, nats_server_binary
 from edge.cli import main
 from edge.cli._fleet_state import fleet_buckets, read_fleet, write_intent
 from edge.cli._operator import send_command
+from edge.cli._rollout import rollout_bucket
 from edge.fleet import Fleet, load_seed, public_key_of
 from edge.fleet._provision import (
     FRAGMENT,
@@ -95,7 +96,8 @@ def test_a_device_reads_the_desired_state_and_writes_only_its_own_report() -> No
     assert kv_api == ["$JS.API.CONSUMER.CREATE.KV_EDGE_FLEET", "$JS.API.CONSUMER.INFO.KV_EDGE_FLEET.*",
                       "$JS.FC.KV_EDGE_FLEET.>"]
     operator = operator_permissions(stream=STREAM, buckets=["models"])
-    assert [s for s in operator.publish if s.startswith("$KV.")] == ["$KV.EDGE_FLEET.>"]
+    assert [s for s in operator.publish if s.startswith("$KV.")] == ["$KV.EDGE_FLEET.>", "$KV.EDGE_ROLLOUTS.>"]
+    assert not [s for s in perms.publish if "EDGE_ROLLOUTS" in s]  # rollouts are the operators' alone
     assert not [s for s in operator.publish if "KV_EDGE_FLEET" in s and any(v in s for v in ("PURGE", "UPDATE",
                                                                                               "STREAM.DELETE"))]
 
@@ -463,6 +465,10 @@ async def test_desired_state_is_written_by_operators_and_read_by_devices(hub: Hu
           for bucket in ("EDGE_FLEET", "EDGE_FLEET_STATUS")),
         "$JS.API.STREAM.MSG.DELETE.KV_EDGE_FLEET", "$JS.API.CONSUMER.CREATE.KV_EDGE_FLEET_STATUS")
     await other.publish_refused("$KV.EDGE_FLEET_STATUS.device.gw-a")  # no device speaks for another
+    kv = await rollout_bucket(operator.nc)  # an operator keeps rollouts; devices cannot even read them
+    await kv.put("r1", b"{}")
+    await device.publish_refused("$KV.EDGE_ROLLOUTS.r1", "$JS.API.STREAM.INFO.KV_EDGE_ROLLOUTS",
+                                 "$JS.API.DIRECT.GET.KV_EDGE_ROLLOUTS.$KV.EDGE_ROLLOUTS.r1")
     await operator.publish_refused(  # operators read reports, never write them; nobody purges intent
         "$KV.EDGE_FLEET_STATUS.device.gw-a", "$JS.API.STREAM.PURGE.KV_EDGE_FLEET",
         "$JS.API.STREAM.DELETE.KV_EDGE_FLEET", "$JS.API.STREAM.MSG.DELETE.KV_EDGE_FLEET")

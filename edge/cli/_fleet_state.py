@@ -165,6 +165,19 @@ async def _stored(kv: KeyValue, keys: str = ">") -> list[tuple[str, bytes, int]]
 async def read_fleet(nc: NATS) -> FleetState:
     """Both buckets (created when missing, so devices can start reporting)."""
     desired_kv, status_kv = await fleet_buckets(nc)
+    reports = await read_reports(status_kv)
+    desired: list[Desired] = []
+    bad: dict[str, str] = {}
+    for key, data in await _entries(desired_kv):
+        try:
+            desired.append(read_value(key, data))
+        except CommandError as error:
+            bad[key] = f"{error.code}: {error.message[:200]}"
+    return FleetState(reports=reports, desired=desired, bad=bad)
+
+
+async def read_reports(status_kv: KeyValue) -> dict[str, tuple[DeviceReport, int]]:
+    """Each device's last report in EDGE_FLEET_STATUS, and when the hub stored it (unix ns)."""
     reports: dict[str, tuple[DeviceReport, int]] = {}
     for key, data, stored in await _stored(status_kv, "device.>"):
         try:
@@ -174,11 +187,4 @@ async def read_fleet(nc: NATS) -> FleetState:
         if key != f"device.{report.device}":
             continue  # a report is believed only under its own device's key (hub permissions say who writes it)
         reports[report.device] = (report, stored or report.last_seen)
-    desired: list[Desired] = []
-    bad: dict[str, str] = {}
-    for key, data in await _entries(desired_kv):
-        try:
-            desired.append(read_value(key, data))
-        except CommandError as error:
-            bad[key] = f"{error.code}: {error.message[:200]}"
-    return FleetState(reports=reports, desired=desired, bad=bad)
+    return reports

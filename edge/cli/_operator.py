@@ -251,6 +251,28 @@ async def publish_model(nc: NATS, folder: Path, *, bucket: str, name: str, versi
     return obj, sha256
 
 
+def check_model_folder(folder: Path, name: str | None, version: str | None) -> tuple[str, str, str]:
+    """(name, version, problem) of the model in `folder` as a deploy would send it: the manifest's
+    name and version unless given (and then they must match), and what is wrong ("" when nothing):
+    no manifest, or a model file whose sha256 is not the manifest's. Blocking."""
+    try:
+        manifest = load_manifest(folder)
+    except ModelError as exc:
+        return name or "", version or "", str(exc)
+    name, version = name or manifest.name, version or manifest.version
+    if (name, version) != (manifest.name, manifest.version):
+        return name, version, (f"{folder}: the manifest says {manifest.name} version {manifest.version}, not {name} "
+                               f"version {version}")
+    model_file = folder / manifest.file
+    try:
+        actual = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    except OSError as exc:
+        return name, version, f"{model_file}: {exc.strerror or exc}"
+    if actual != manifest.sha256:
+        return name, version, f"{model_file}: sha256 is {actual}, the manifest says {manifest.sha256}"
+    return name, version, ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands (async; the cmd_* wrappers below run them)
 
@@ -330,24 +352,9 @@ async def fleet_cmd(args: argparse.Namespace) -> int:
 async def fleet_deploy_model(args: argparse.Namespace) -> int:
     """`edge fleet deploy-model TARGET FOLDER`: pack, upload, sign, send model.deploy, report per device."""
     folder = Path(args.folder)
-    try:
-        manifest = load_manifest(folder)
-    except ModelError as exc:
-        print(f"edge: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    name, version = args.name or manifest.name, args.version or manifest.version
-    if (name, version) != (manifest.name, manifest.version):
-        print(f"edge: {folder}: the manifest says {manifest.name} version {manifest.version}, not {name} "
-              f"version {version}", file=sys.stderr)
-        return EXIT_USAGE
-    model_file = folder / manifest.file
-    try:
-        actual = hashlib.sha256(await asyncio.to_thread(model_file.read_bytes)).hexdigest()
-    except OSError as exc:
-        print(f"edge: {model_file}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if actual != manifest.sha256:
-        print(f"edge: {model_file}: sha256 is {actual}, the manifest says {manifest.sha256}", file=sys.stderr)
+    name, version, problem = await asyncio.to_thread(check_model_folder, folder, args.name, args.version)
+    if problem:
+        print(f"edge: {problem}", file=sys.stderr)
         return EXIT_USAGE
     seed = _seed(args)
     async with _connected(args) as nc:
@@ -867,6 +874,9 @@ def register(sub: Any, add: Add) -> None:
     _upstream_args(p, expect=False)
     p.add_argument("target", help="a device id, group:<name> or all")
     p.add_argument("what", help="paused, config or model.<name>")
+    from ._rollout import register_rollout  # here: _rollout builds on this module
+
+    register_rollout(fleet, add)
 
     p = add("status", cmd_status, "ask the running device (of this config) for its status", sub)
     p.add_argument("-c", "--config", help="config file (default: the bundled example)")

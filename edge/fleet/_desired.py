@@ -345,9 +345,14 @@ def next_intent(command: Command, current: Intent | None) -> tuple[str, Intent] 
 
 
 def model_steps(name: str, intent: ModelIntent, active: str | None,
-                shadow: str | None) -> list[ModelDeploy | ModelRollback]:
-    """The model commands that take a device serving `active` (and `shadow`) to `intent`."""
-    steps: list[ModelDeploy | ModelRollback] = []
+                shadow: str | None) -> list[ModelDeploy | ModelPromote | ModelRollback]:
+    """The model commands that take a device serving `active` (and `shadow`) to `intent`.
+
+    The shadow candidate becoming active with no new shadow (a promote, by command or by a staged
+    rollout) is a promote: the loaded candidate is swapped in, not loaded a second time."""
+    steps: list[ModelDeploy | ModelPromote | ModelRollback] = []
+    if intent.active is not None and intent.active.version == shadow != active and intent.shadow is None:
+        return [ModelPromote(name=name, by=intent.by)]
     if intent.active is not None and intent.active.version != active:
         steps.append(_deploy(name, intent.active, "active"))
     if intent.shadow is not None:

@@ -51,6 +51,8 @@ operator <name> (the `edge fleet` command line: default inbox prefix `_INBOX`)
               desired state KV_EDGE_FLEET: STREAM.CREATE|INFO, STREAM.MSG.GET, DIRECT.GET[.>],
               CONSUMER.CREATE[.>], CONSUMER.INFO|DELETE, $JS.FC, and $KV.EDGE_FLEET.> (writes)
               reported state KV_EDGE_FLEET_STATUS: the same but $KV.EDGE_FLEET_STATUS.> (devices write it)
+              staged rollouts KV_EDGE_ROLLOUTS: the same as desired state, $KV.EDGE_ROLLOUTS.> (devices
+              have no access: a rollout runs in the operator's command line)
     subscribe _INBOX.>, edge.*.heartbeat
 
 approver <name> / cloud <name>
@@ -77,6 +79,7 @@ from .._errors import ConfigError, Problem
 from .._files import write_atomically
 from ._desired import BUCKET as DESIRED_BUCKET
 from ._desired import STATUS_BUCKET
+from ._rollout import BUCKET as ROLLOUT_BUCKET
 from ._signing import load_seed, new_seed, public_key_of
 
 Role = Literal["device", "operator", "approver", "cloud"]
@@ -211,7 +214,7 @@ def operator_permissions(*, stream: str = DEFAULT_STREAM, buckets: Sequence[str]
             f"$O.{bucket}.>",
             f"$JS.FC.{obj}.>",
         ]
-    for bucket in (DESIRED_BUCKET, STATUS_BUCKET):  # both made by operators; they write only the desired state
+    for bucket in (DESIRED_BUCKET, STATUS_BUCKET, ROLLOUT_BUCKET):  # made by operators (devices write reports)
         kv = f"KV_{bucket}"
         publish += [
             *(f"$JS.API.STREAM.{verb}.{kv}" for verb in ("CREATE", "INFO")),
@@ -224,7 +227,7 @@ def operator_permissions(*, stream: str = DEFAULT_STREAM, buckets: Sequence[str]
             f"$JS.API.CONSUMER.DELETE.{kv}.*",
             f"$JS.FC.{kv}.>",
         ]
-    publish.append(f"$KV.{DESIRED_BUCKET}.>")
+    publish += [f"$KV.{DESIRED_BUCKET}.>", f"$KV.{ROLLOUT_BUCKET}.>"]
     return Permissions(publish=tuple(publish), subscribe=("_INBOX.>", "edge.*.heartbeat"))
 
 

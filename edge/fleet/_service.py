@@ -574,7 +574,7 @@ class Fleet:
                     active, shadow = host.deployments.serving(name)
                     done = []
                     for step in model_steps(name, value, active, shadow):
-                        verb = "model.deploy" if isinstance(step, ModelDeploy) else "model.rollback"
+                        verb = str(step.__struct_config__.tag)  # model.deploy, model.promote, model.rollback
                         done.append({"verb": verb, "result": await self._change(step, by)})
                     return done
             case None:
