@@ -726,3 +726,25 @@ async def test_separate_upstream_heartbeats_groups_and_local_status(nats_servers
 async def _ping(nc: NATS) -> list[Msg]:
     msgs, _ = await gather(nc, "$SRV.PING.edge", b"", timeout=0.5)
     return msgs
+
+
+async def test_two_deploys_of_one_version_at_once_both_succeed(nats_servers: ServerFactory, tmp_path: Path) -> None:
+    """A group deploy writes the desired state and sends the command: a device may get both at once.
+    The second preparation waits for the first and finds its folder, never a half-made one."""
+    server = await nats_servers("hub")
+    nc = await connect(server.url)
+    config = make_config(tmp_path, server.url, device="gw-d", fleet={"trusted_keys": [OPERATOR]})
+    folder = model_version(tmp_path, "2")
+    async with Runtime(config) as runtime:
+        assert runtime.fleet is not None
+        await runtime.fleet.wait_attached()
+        obj, sha = await publish_model(nc, folder, bucket="models", name="pump-anomaly", version="2")
+        body = msgspec.to_builtins(ModelDeploy(name="pump-anomaly", version="2", bucket="models", object=obj,
+                                               sha256=sha, signature=sign_model(SEED, sha)))
+        first, second = await asyncio.gather(
+            send_command(nc, "gw-d", "model.deploy", body, seed=SEED, timeout=30),
+            send_command(nc, "gw-d", "model.deploy", body, seed=SEED, timeout=30))
+        assert first.all_ok and second.all_ok, (first, second)
+        reply = await nc.request("sensors.p1.pump", msgspec.json.encode(NORMAL), timeout=5)
+        assert msgspec.json.decode(reply.data)["model"]["version"] == "2"
+    await nc.close()

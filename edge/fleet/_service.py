@@ -181,6 +181,7 @@ class Fleet:
         self._tasks: asyncio.TaskGroup | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._mutating = asyncio.Lock()  # one change of config or models at a time
+        self._preparing: dict[tuple[str, str], asyncio.Lock] = {}  # (name, version) being fetched and loaded
         self._saving = asyncio.Lock()  # one write of the replay state at a time
         self._attached = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None  # waits for the upstream connection, then attaches
@@ -632,6 +633,14 @@ class Fleet:
         trusted = host.config.fleet.trusted_keys
         if trusted:
             verify_artifact(command.sha256, command.signature, trusted)  # before fetching anything
+        # One preparation of a version at a time: a command and the desired state that says the same
+        # thing may arrive together; the second then finds the folder the first made, not a race.
+        async with self._preparing.setdefault((name, command.version), asyncio.Lock()):
+            return await self._prepare_version(command)
+
+    async def _prepare_version(self, command: ModelDeploy) -> _Prepared:
+        host, name = self.host, command.name
+        trusted = host.config.fleet.trusted_keys
         folder = host.deployments.store_dir(name, command.version)
         created = False
         if folder.exists():
