@@ -42,7 +42,9 @@ transaction, appends a `gap` record `{from_seq, to_seq, reason}` naming the rang
 progress lets synced records be deleted. The newest record is never deleted, so the chain can
 always continue after a restart.
 
-What `drop_oldest` deletes: every synced record goes first; then the oldest unsynced records,
+What `drop_oldest` deletes: every synced record goes first; then the oldest unsynced records
+the uploader has not yet read to publish (`note_sent`: a published record may be in the stream
+before its ack arrives, and a gap must never name a record the stream holds),
 except those of `protected_kinds` (command, config and model records by default: who changed
 the device is the last thing to lose) while anything else can go. Each contiguous run it
 deletes gets a gap record naming the run and the two hashes around it (see `_record`), so the
@@ -235,6 +237,9 @@ class AuditLog:
         self._w_last_seq = 0
         self._w_last_hash = GENESIS
         self._synced_written = 0
+        # The newest seq the uploader has read to publish (loop writes, writer thread reads; one int).
+        # A record published may be in the stream before its ack says so: drop_oldest never takes it.
+        self._sent_through = 0
         self._synced_written_at = 0.0
         self._drop: _DropPlan | None = None
         self._notes: dict[str, str] = {}  # small persisted values (the uploader's conflict), read at open
@@ -887,7 +892,7 @@ class AuditLog:
     def _plan_drop(self, conn: sqlite3.Connection, used: int) -> None:
         with self._cond:
             synced = self._synced_target
-        start = max(self._oldest, synced + 1)
+        start = max(self._oldest, synced + 1, self._sent_through + 1)
         newest_droppable = self._w_last_seq - 1  # the newest record carries the chain's head: never
         if self._oldest == 0 or newest_droppable < start:
             return
@@ -911,6 +916,12 @@ class AuditLog:
         log.warning("audit log full: dropping unsynced records %s", spans)
         with self._cond:
             self._drop = plan
+
+    def note_sent(self, seq: int) -> None:
+        """The uploader is publishing records up to `seq`: they may reach the stream before their
+        acks do, so `drop_oldest` must not delete them (nor name them in a gap)."""
+        if seq > self._sent_through:
+            self._sent_through = seq
 
     # ------------------------------------------------------------------ small persisted notes
 
