@@ -34,10 +34,6 @@ report and the operator's reading of it.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import secrets
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -57,7 +53,7 @@ from ._protocol import (
     _Name,
     _Sha256,
 )
-from ._signing import command_bytes, public_key_of, sign, verify_signature
+from ._signing import TAG_COMMAND, seal, unseal
 
 BUCKET = "EDGE_FLEET"  # desired state: operators write, devices read
 STATUS_BUCKET = "EDGE_FLEET_STATUS"  # reported state: each device writes its own `device.<id>`
@@ -109,17 +105,6 @@ _INTENT_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 }
 
 
-class Envelope(msgspec.Struct, frozen=True):
-    """A desired value as stored: the intent's JSON bytes as signed, and the signature's fields."""
-
-    value: msgspec.Raw
-    signer: str = ""
-    timestamp: str = ""  # unix ns, decimal
-    nonce: str = ""
-    signature: str = ""  # base64 Ed25519 over command_bytes(key, timestamp, nonce, value)
-
-
-_ENVELOPE = msgspec.json.Decoder(Envelope)
 _JSON = msgspec.json.Encoder()
 
 
@@ -221,14 +206,10 @@ def _outranks(a: Desired, b: Desired, groups: Sequence[str]) -> bool:
 
 def encode_value(seed: bytes, key: str, value: Intent | None, *, timestamp_ns: int | None = None,
                  nonce: str | None = None) -> bytes:
-    """The envelope that stores `value` (None: clear this key's level) under `key`, signed with `seed`."""
+    """The envelope that stores `value` (None: clear this key's level) under `key`, signed with `seed`
+    (`edge-command-v1` over the key: a desired value says what a command would)."""
     parse_key(key)
-    body = _JSON.encode(value)
-    timestamp = str(time.time_ns() if timestamp_ns is None else timestamp_ns)
-    nonce = nonce or secrets.token_urlsafe(18)
-    signature = sign(seed, command_bytes(key, timestamp, nonce, body))
-    return _JSON.encode(Envelope(value=msgspec.Raw(body), signer=public_key_of(seed), timestamp=timestamp,
-                                 nonce=nonce, signature=signature))
+    return seal(seed, TAG_COMMAND, key, _JSON.encode(value), timestamp_ns=timestamp_ns, nonce=nonce)
 
 
 def read_value(key: str, data: bytes, trusted: Sequence[str] | None = None) -> Desired:
@@ -238,27 +219,7 @@ def read_value(key: str, data: bytes, trusted: Sequence[str] | None = None) -> D
     The signature is checked before the value is decoded.
     """
     scope, target, what = parse_key(key)
-    if len(data) > MAX_VALUE_BYTES:
-        raise CommandError("too_large", f"{key}: {len(data)} bytes (at most {MAX_VALUE_BYTES})")
-    try:
-        envelope = _ENVELOPE.decode(data)
-    except msgspec.DecodeError as exc:
-        raise CommandError("bad_value", f"{key}: not a signed desired value: {str(exc)[:200]}") from None
-    if not (envelope.signer and envelope.signature and envelope.timestamp and envelope.nonce):
-        raise CommandError("unsigned", f"{key}: the value is not signed")
-    if trusted is not None and envelope.signer not in trusted:
-        raise CommandError("unauthorized", f"{key}: signer {envelope.signer[:60]} is not one of this device's "
-                                           "trusted keys")
-    if not envelope.timestamp.isdigit() or len(envelope.timestamp) > 20 or not 8 <= len(envelope.nonce) <= 128:
-        raise CommandError("bad_signature", f"{key}: timestamp must be unix ns and nonce 8..128 characters")
-    try:
-        raw_signature = base64.b64decode(envelope.signature, validate=True)
-    except (binascii.Error, ValueError):
-        raise CommandError("bad_signature", f"{key}: the signature is not base64") from None
-    covered = command_bytes(key, envelope.timestamp, envelope.nonce, bytes(envelope.value))
-    if not verify_signature(envelope.signer, covered, raw_signature):
-        raise CommandError("bad_signature", f"{key}: the signature does not verify with {envelope.signer[:60]} "
-                                            "over this key and value")
+    envelope = unseal(TAG_COMMAND, key, data, label=key, max_bytes=MAX_VALUE_BYTES, trusted=trusted)
     try:
         value = decode_intent(what, bytes(envelope.value))
     except CommandError as error:

@@ -35,8 +35,6 @@ restart or a new shadow, counts from zero).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import secrets
 import time
@@ -46,8 +44,8 @@ from typing import Any, Literal
 import msgspec
 
 from .._errors import CommandError
-from ._desired import DeviceReport, Envelope, ModelIntent, ModelVersion
-from ._signing import public_key_of, sign, signed_bytes, verify_signature
+from ._desired import DeviceReport, ModelIntent, ModelVersion
+from ._signing import seal, unseal
 
 BUCKET = "EDGE_ROLLOUTS"
 TAG_ROLLOUT = "edge-rollout-v1"
@@ -131,7 +129,6 @@ class Rollout(msgspec.Struct, kw_only=True):
 
 
 _RECORD = msgspec.json.Decoder(Rollout)
-_ENVELOPE = msgspec.json.Decoder(Envelope)
 _JSON = msgspec.json.Encoder()
 
 
@@ -153,32 +150,13 @@ def check_id(rollout_id: str) -> str:
 
 def encode_record(seed: bytes, rollout: Rollout) -> bytes:
     """The envelope that stores `rollout` under its id, signed with `seed`."""
-    body = _JSON.encode(rollout)
-    timestamp, nonce = str(time.time_ns()), secrets.token_urlsafe(18)
-    signature = sign(seed, signed_bytes(TAG_ROLLOUT, rollout.id, timestamp, nonce, body))
-    return _JSON.encode(Envelope(value=msgspec.Raw(body), signer=public_key_of(seed), timestamp=timestamp,
-                                 nonce=nonce, signature=signature))
+    return seal(seed, TAG_ROLLOUT, rollout.id, _JSON.encode(rollout))
 
 
 def read_record(key: str, data: bytes) -> tuple[Rollout, str]:
     """The rollout stored under `key` and who signed it; CommandError (`too_large`, `bad_value`,
     `unsigned`, `bad_signature`) when it is not one, checked before the record is decoded."""
-    if len(data) > MAX_RECORD_BYTES:
-        raise CommandError("too_large", f"rollout {key[:100]}: {len(data)} bytes (at most {MAX_RECORD_BYTES})")
-    try:
-        envelope = _ENVELOPE.decode(data)
-    except msgspec.DecodeError as exc:
-        raise CommandError("bad_value", f"rollout {key[:100]}: not a signed record: {str(exc)[:200]}") from None
-    if not (envelope.signer and envelope.signature and envelope.timestamp and envelope.nonce):
-        raise CommandError("unsigned", f"rollout {key[:100]}: the record is not signed")
-    try:
-        raw_signature = base64.b64decode(envelope.signature, validate=True)
-    except (binascii.Error, ValueError):
-        raise CommandError("bad_signature", f"rollout {key[:100]}: the signature is not base64") from None
-    covered = signed_bytes(TAG_ROLLOUT, key, envelope.timestamp, envelope.nonce, bytes(envelope.value))
-    if not verify_signature(envelope.signer, covered, raw_signature):
-        raise CommandError("bad_signature", f"rollout {key[:100]}: the signature does not verify with "
-                                            f"{envelope.signer[:60]} over this key and record")
+    envelope = unseal(TAG_ROLLOUT, key, data, label=f"rollout {key[:100]}", max_bytes=MAX_RECORD_BYTES)
     try:
         rollout = _RECORD.decode(bytes(envelope.value))
     except msgspec.DecodeError as exc:

@@ -259,3 +259,58 @@ def verify_artifact(sha256: str, signature: str, trusted: Sequence[str]) -> str:
             return key
     raise CommandError("bad_signature", f"model.deploy: the signature over sha256 {sha256} does not verify with "
                                         f"any of the {len(trusted)} trusted key(s)")
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """A value kept where anyone with write access could change it (a KV entry), with the signature
+    that says who wrote it: the value's JSON bytes exactly as signed, and the signature's fields."""
+
+    value: msgspec.Raw
+    signer: str = ""
+    timestamp: str = ""  # unix ns, decimal
+    nonce: str = ""
+    signature: str = ""  # base64 Ed25519 over signed_bytes(tag, where, timestamp, nonce, value)
+
+
+_ENVELOPE_JSON = msgspec.json.Encoder()
+_ENVELOPE = msgspec.json.Decoder(Envelope)
+
+
+def seal(seed: bytes, tag: str, where: str, body: bytes, *, timestamp_ns: int | None = None,
+         nonce: str | None = None) -> bytes:
+    """`body` in an envelope signed with `seed` over `tag`, `where` (the key it is stored under, so
+    it cannot be moved), a timestamp and a nonce."""
+    timestamp = str(time.time_ns() if timestamp_ns is None else timestamp_ns)
+    nonce = nonce or secrets.token_urlsafe(18)
+    signature = sign(seed, signed_bytes(tag, where, timestamp, nonce, body))
+    return _ENVELOPE_JSON.encode(Envelope(value=msgspec.Raw(body), signer=public_key_of(seed), timestamp=timestamp,
+                                          nonce=nonce, signature=signature))
+
+
+def unseal(tag: str, where: str, data: bytes, *, label: str, max_bytes: int,
+           trusted: Sequence[str] | None = None) -> Envelope:
+    """The envelope in `data` once its signature over `tag` and `where` verifies (by one of `trusted`,
+    when given), checked before its value is decoded. CommandError codes: too_large, bad_value,
+    unsigned, unauthorized, bad_signature; messages start with `label`."""
+    if len(data) > max_bytes:
+        raise CommandError("too_large", f"{label}: {len(data)} bytes (at most {max_bytes})")
+    try:
+        envelope = _ENVELOPE.decode(data)
+    except msgspec.DecodeError as exc:
+        raise CommandError("bad_value", f"{label}: not a signed value: {str(exc)[:200]}") from None
+    if not (envelope.signer and envelope.signature and envelope.timestamp and envelope.nonce):
+        raise CommandError("unsigned", f"{label}: the value is not signed")
+    if trusted is not None and envelope.signer not in trusted:
+        raise CommandError("unauthorized", f"{label}: signer {envelope.signer[:60]} is not one of this device's "
+                                           "trusted keys")
+    if not envelope.timestamp.isdigit() or len(envelope.timestamp) > 20 or not 8 <= len(envelope.nonce) <= 128:
+        raise CommandError("bad_signature", f"{label}: timestamp must be unix ns and nonce 8..128 characters")
+    try:
+        raw_signature = base64.b64decode(envelope.signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise CommandError("bad_signature", f"{label}: the signature is not base64") from None
+    covered = signed_bytes(tag, where, envelope.timestamp, envelope.nonce, bytes(envelope.value))
+    if not verify_signature(envelope.signer, covered, raw_signature):
+        raise CommandError("bad_signature", f"{label}: the signature does not verify with {envelope.signer[:60]} "
+                                            "over this key and value")
+    return envelope
