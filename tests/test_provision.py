@@ -27,7 +27,7 @@ from edge.cli import main
 from edge.cli._fleet_state import fleet_buckets, read_fleet, write_intent
 from edge.cli._operator import send_command
 from edge.cli._rollout import rollout_bucket
-from edge.fleet import Fleet, load_seed, public_key_of
+from edge.fleet import Fleet, load_seed, public_key_of, sign_approval
 from edge.fleet._provision import (
     FRAGMENT,
     Identity,
@@ -482,15 +482,28 @@ async def test_the_runtime_works_as_its_device_identity(hub: Hub, tmp_path: Path
                                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)  # the runtime's connections log what the server reports at debug
     local = await nats_servers("local", jetstream=False)
-    operator, cloud = await hub.connect("ops"), await hub.connect("infer")
+    operator, cloud, approver = await hub.connect("ops"), await hub.connect("infer"), await hub.connect("alice")
     await create_audit_stream(operator)
     await answer_with(cloud, "cloud.infer.>", b'{"label": "normal", "confidence": 0.97}', queue="cloud")
+    approver_seed = load_seed(hub.seed_file("alice"))
+
+    async def approve_signed(msg: Msg) -> None:
+        # The approver answers as a person would, signing with its key (edge-approval-v1).
+        body = b'{"approved": true, "by": "alice", "reason": "checked on site"}'
+        decision_id = json.loads(msg.data)["decision_id"]
+        await approver.nc.publish(msg.reply, body, headers=sign_approval(approver_seed, decision_id, body))
+
+    await approver.nc.subscribe("edge.*.approval.>", cb=approve_signed)
+    await server_barrier(approver.nc)
     heartbeats = await operator.listen("edge.*.heartbeat")
     config = make_config(
         tmp_path, local.url, upstream_url=hub.server.url, device="gw-a", groups=["g1"],
         nats={"upstream_auth": {"nkey_seed": str(hub.seed_file("gw-a"))}},
-        fleet={"trusted_keys": [hub.public_key("ops")]},
-        pipeline={"ladder": ["cloud", "model", "rules"], "cloud": {"subject": "cloud.infer.pump", "timeout_ms": 1000}},
+        fleet={"trusted_keys": [hub.public_key("ops")], "approver_keys": [hub.public_key("alice")]},
+        pipeline={"ladder": ["cloud", "model", "rules"], "cloud": {"subject": "cloud.infer.pump", "timeout_ms": 1000},
+                  "guards": [{"when": "temp_c > 119", "action": "shutdown", "label": "interlock"}],
+                  "actions": {"shutdown": {"approval": "required", "approval_timeout_ms": 5000, "instead": "hold"},
+                              "hold": {}}},
     )
     sensors = await nats.connect(local.url)
     try:
@@ -504,6 +517,13 @@ async def test_the_runtime_works_as_its_device_identity(hub: Hub, tmp_path: Path
             assert Counter(d["tier"] for d in decided) == {"cloud": 20}
             # ... and the link probe (a request on the cloud subject, every 100 ms) never failed.
             assert runtime.link.state is LinkState.ONLINE and runtime.link.last_failure is None
+
+            # A signed approval over the hub: the interlock asks, the provisioned approver answers.
+            await sensors.publish("sensors.p1.pump", json.dumps({**NORMAL, "temp_c": 120.0}).encode())
+            shutdown = (await decisions.wait_for(21))[-1]
+            assert shutdown["tier"] == "guard" and shutdown["action"] == "shutdown"
+            assert shutdown["governance"]["status"] == "approved"
+            assert shutdown["governance"]["by"] == hub.public_key("alice")
 
             # Commands: signed to the device, by group (devices found by $SRV discovery and heartbeats).
             seed = load_seed(hub.seed_file("ops"))
@@ -523,4 +543,4 @@ async def test_the_runtime_works_as_its_device_identity(hub: Hub, tmp_path: Path
     finally:
         await sensors.close()
     violations = [r.getMessage() for r in caplog.records if "permissions violation" in r.getMessage().lower()]
-    assert violations == [] and not operator.violations and not cloud.violations
+    assert violations == [] and not operator.violations and not cloud.violations and not approver.violations
