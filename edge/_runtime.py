@@ -7,6 +7,7 @@
     ├── ModelRegistry         verified models behind micro-batchers
     ├── AuditLog + Uploader   the write-ahead, hash-chained log and its JetStream replication
     ├── CloudLink             the cloud's reachability, fed by connection events and a probe
+    ├── LoopLagMonitor        how late the event loop runs (max and p99 per second, in `status`)
     ├── Pipelines             one per config pipeline
     └── Fleet                 command handlers, heartbeat, $SRV registration
 
@@ -60,6 +61,7 @@ from ._files import write_atomically
 from ._governance import Governor
 from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RulesTier, Tier
 from ._link import CircuitBreaker, CloudLink, LinkState
+from ._looplag import LoopLagMonitor
 from ._messages import Heartbeat
 from ._nats_server import NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
@@ -116,6 +118,7 @@ class Runtime:
                                       record=self.record, approver_keys=config.fleet.approver_keys,
                                       allow_unsigned=config.fleet.allow_unsigned)
         self.replies = ReplyPolicy(config.nats.reply_prefixes)  # shared by the pipelines
+        self.loop_lag = LoopLagMonitor()
         self._stack = AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -198,6 +201,8 @@ class Runtime:
             self._spawn(self._connect_upstream_until_up(), "upstream-connect")
         if self.server is not None:
             self._spawn(self._supervise_server(self.server), "embedded-supervisor")
+        # From here on decisions may flow: a stall of the loop delays them (start-up's own is not counted).
+        await stack.enter_async_context(self.loop_lag)
         # Pipelines last: by the time input flows, everything a decision needs is up.
         stack.push_async_callback(self._record_stop)
         for pipeline_config in config.pipelines:
@@ -646,6 +651,7 @@ class Runtime:
             "deployments": self.deployments.status(),
             "audit": audit,
             "sync": self.uploader.status() if self.uploader is not None else None,
+            "loop_lag": self.loop_lag.snapshot(),
         }
 
 

@@ -18,7 +18,7 @@ from edge.tools.bench import SECTIONS, BenchOptions, BenchResult, format_table, 
 
 # Figures that are counts of bad things, or deltas, and so may rightly be zero or negative.
 MAY_BE_ZERO = {"lost", "waited_on_dead_cloud", "unreachable", "runtime_sync_backlog", "server_us", "driver_us",
-               "send_lag_p99_ms"}
+               "send_lag_p99_ms", "lag_p99_ms"}
 MAY_BE_NEGATIVE = {"rss_growth_mib", "rss_growth_per_100k_mib"}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from edge import EdgeError
@@ -94,6 +96,22 @@ class Saturation(msgspec.Struct, kw_only=True):
     cpu: CpuUse
 
 
+class LoopLag(msgspec.Struct, kw_only=True):
+    """The runtime's event-loop lag over one run (`status()["loop_lag"]`, woken every 50 ms).
+
+    Over every wake-up from the pipelines' start to the run's end (the runtime is made for the run
+    and lives less than the monitor's 60 s window), so start-up's own work is not in it.
+    """
+
+    lag_max_ms: float
+    lag_p99_ms: float
+
+    @classmethod
+    def from_status(cls, status: dict[str, Any]) -> LoopLag:
+        lag = status["loop_lag"]
+        return cls(lag_max_ms=lag["window_max_ms"] or 0.0, lag_p99_ms=lag["window_p99_ms"] or 0.0)
+
+
 class SaturationPair(msgspec.Struct, kw_only=True):
     """Section 1: bare baseline and runtime at saturation (median of `runs`)."""
 
@@ -105,6 +123,7 @@ class SaturationPair(msgspec.Struct, kw_only=True):
     runtime_tiers: dict[str, int]
     runtime_fallbacks: dict[str, int]
     runtime_sync_backlog: int  # audit records not yet upstream when the last output arrived
+    runtime_loop_lag: LoopLag  # of the median runtime run
     # The same runtime with its upstream out of reach: the audit log is as durable, but syncing to
     # JetStream (on this same 2-core machine, in the same event loop) is deferred. What the
     # runtime itself costs, apart from the upstream's work that a real deployment does elsewhere.
@@ -133,6 +152,7 @@ class LatencyRun(msgspec.Struct, kw_only=True):
     # what is not in it was spent before handle() (socket, inbox, workers) or on the way to the sink.
     runtime_internal_p50_ms: float
     runtime_internal_p99_ms: float
+    runtime_loop_lag: LoopLag
 
 
 class AuditFigures(msgspec.Struct, kw_only=True):

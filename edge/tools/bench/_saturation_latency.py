@@ -8,7 +8,7 @@ from typing import Any
 from ._bare import latency_bare, saturate_bare
 from ._constants import PIPELINE
 from ._driver import Driver
-from ._results import LatencyRun, Saturation, SaturationPair, Sizes
+from ._results import LatencyRun, LoopLag, Saturation, SaturationPair, Sizes
 from ._runtime_side import latency_runtime, saturate_runtime
 
 
@@ -23,11 +23,13 @@ async def bench_saturation(work: Path, driver: Driver, sizes: Sizes, seed: int) 
         deferred.append(await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup, seed, sync=False))
     b, r, d = _median_run(bare), _median_run(runtime), _median_run(deferred)
     pump = status[-1]["pipelines"][PIPELINE]
+    median_status = status[runtime.index(r)]
     return SaturationPair(
         bare=b, runtime=r, ratio=round(r.decisions_per_s / b.decisions_per_s, 3),
         bare_runs=[s.decisions_per_s for s in bare], runtime_runs=[s.decisions_per_s for s in runtime],
         runtime_tiers=dict(pump["by_tier"]), runtime_fallbacks=dict(pump["fallbacks"]),
         runtime_sync_backlog=int(status[-1]["sync"]["backlog"]),
+        runtime_loop_lag=LoopLag.from_status(median_status),
         deferred=d, deferred_ratio=round(d.decisions_per_s / b.decisions_per_s, 3),
         deferred_runs=[x.decisions_per_s for x in deferred],
     )
@@ -42,7 +44,9 @@ async def bench_latency(work: Path, driver: Driver, sizes: Sizes, seed: int, run
     for rate, why in ((round(runtime_rate * 0.5), "50% of runtime saturation"), (1000.0, "fixed")):
         count = max(100, int(rate * sizes.latency_s))
         bare = await latency_bare(work, driver, rate, count, seed)
-        runtime, internal = await latency_runtime(work, driver, rate, count, seed)
+        runtime, status = await latency_runtime(work, driver, rate, count, seed)
+        internal = status["pipelines"][PIPELINE]["latency_ms"]
         runs.append(LatencyRun(rate_hz=rate, why=why, bare=bare, runtime=runtime,
-                               runtime_internal_p50_ms=internal["p50"], runtime_internal_p99_ms=internal["p99"]))
+                               runtime_internal_p50_ms=internal["p50"], runtime_internal_p99_ms=internal["p99"],
+                               runtime_loop_lag=LoopLag.from_status(status)))
     return runs

@@ -33,6 +33,8 @@ def format_table(r: BenchResult) -> str:
             f"   {'CPU us/decision: nats-server':34}{s.bare.cpu.server_us:>12.1f}{s.runtime.cpu.server_us:>12.1f}",
             f"   {'cores busy (of ' + str(m.nproc) + ')':34}{s.bare.cpu.cores_busy:>12.2f}"
             f"{s.runtime.cpu.cores_busy:>12.2f}",
+            f"   runtime event-loop lag: max {s.runtime_loop_lag.lag_max_ms:.2f} ms, "
+            f"p99 {s.runtime_loop_lag.lag_p99_ms:.2f} ms (median run; woken every 50 ms)",
             f"   runtime tiers {s.runtime_tiers}  fallbacks {s.runtime_fallbacks}  "
             f"sync backlog at end {s.runtime_sync_backlog:,}",
             f"   runtime, sync deferred (upstream out of reach; audit as durable): {_n(s.deferred.decisions_per_s)}"
@@ -49,6 +51,8 @@ def format_table(r: BenchResult) -> str:
                 lines.append(f"   {label:30}{_lat_row(lat)}")
             lines.append(f"   {'  runtime, inside handle()':30}{run.runtime_internal_p50_ms:>9.2f}"
                          f"{run.runtime_internal_p99_ms:>9.2f}   ({run.why})")
+            lines.append(f"   {'  runtime, event-loop lag':30}{'':>9}{run.runtime_loop_lag.lag_p99_ms:>9.2f}"
+                         f"{'':>9}{run.runtime_loop_lag.lag_max_ms:>9.2f}")
         lines.append("")
     if r.audit is not None:
         a = r.audit
