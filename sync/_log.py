@@ -43,8 +43,8 @@ progress lets synced records be deleted. The newest record is never deleted, so 
 always continue after a restart.
 
 What `drop_oldest` deletes: every synced record goes first; then the oldest unsynced records
-the uploader has not yet read to publish (`note_sent`: a published record may be in the stream
-before its ack arrives, and a gap must never name a record the stream holds),
+the uploader has not yet read to publish (`read_wire` reserves what it reads: a published record
+may be in the stream before its ack arrives, and a gap must never name a record the stream holds),
 except those of `protected_kinds` (command, config and model records by default: who changed
 the device is the last thing to lose) while anything else can go. Each contiguous run it
 deletes gets a gap record naming the run and the two hashes around it (see `_record`), so the
@@ -237,9 +237,11 @@ class AuditLog:
         self._w_last_seq = 0
         self._w_last_hash = GENESIS
         self._synced_written = 0
-        # The newest seq the uploader has read to publish (loop writes, writer thread reads; one int).
-        # A record published may be in the stream before its ack says so: drop_oldest never takes it.
+        # The newest seq the uploader has read (or is reading) to publish, guarded by _cond: a record
+        # published may be in the stream before its ack says so, and drop_oldest never takes it.
         self._sent_through = 0
+        self._drops_taken = 0  # drops the writer has begun (under _cond) ...
+        self._drops_done = 0  # ... and finished, committed or not
         self._synced_written_at = 0.0
         self._drop: _DropPlan | None = None
         self._notes: dict[str, str] = {}  # small persisted values (the uploader's conflict), read at open
@@ -453,7 +455,21 @@ class AuditLog:
 
     async def read_wire(self, from_seq: int, limit: int) -> list[tuple[int, str, str, bytes]]:
         """Like `read`, as (seq, kind, hash, wire JSON), for the uploader: from the in-memory tail of
-        recent commits when it holds `from_seq` (the steady state), else from disk on the reader thread."""
+        recent commits when it holds `from_seq` (the steady state), else from disk on the reader thread.
+
+        What it returns is about to be published, and may reach the stream before its ack does: the
+        range is reserved from `drop_oldest` first (a drop planned before the reservation is dropped
+        itself if it overlaps it), and a drop already committing is let finish before the read, so
+        a gap record never names a record the stream may hold.
+        """
+        while True:
+            with self._cond:
+                # Only what exists: reserving seqs not yet written would keep them from any later drop.
+                self._sent_through = max(self._sent_through, min(from_seq + limit - 1, self._w_last_seq))
+                settled = self._drops_taken == self._drops_done
+            if settled:
+                break
+            await asyncio.sleep(0.001)  # poll: a drop taken before the reservation is committing
         with self._tail_lock:
             first = self._tail[0].seq if self._tail else 0
             if first and first <= from_seq <= self._tail[-1].seq:
@@ -462,11 +478,15 @@ class AuditLog:
             else:
                 records = []
         if records:
-            return [(r.seq, r.kind, r.hash, encode_record(r)) for r in records]
-        reader = self._reader
-        if reader is None:
-            raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
-        return await asyncio.wrap_future(reader.submit(self._read_wire_in_thread, from_seq, limit))
+            rows = [(r.seq, r.kind, r.hash, encode_record(r)) for r in records]
+        else:
+            reader = self._reader
+            if reader is None:
+                raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
+            rows = await asyncio.wrap_future(reader.submit(self._read_wire_in_thread, from_seq, limit))
+        if rows:
+            self.note_sent(rows[-1][0])  # committed while we read: reserved as well
+        return rows
 
     def _read_wire_in_thread(self, from_seq: int, limit: int) -> list[tuple[int, str, str, bytes]]:
         device = self.device
@@ -653,6 +673,11 @@ class AuditLog:
                     self._cond.wait(wait)
                 batch: list[_Queued] = []
                 drop = None if self._stopping else self._drop
+                if drop is not None and min(lo for lo, _ in drop.delete) <= self._sent_through:
+                    # Planned before the uploader reserved some of it: plan again after this commit.
+                    self._drop = drop = None
+                if drop is not None:
+                    self._drops_taken += 1
                 if not calls:
                     if drop is None and len(self._queue) > _MAX_BATCH:
                         # Bound a transaction's size; the rest goes in the next one at once.
@@ -671,7 +696,11 @@ class AuditLog:
             if not batch and drop is None and synced == self._synced_written:
                 self._housekeeping(conn)
                 continue
-            if self._commit(conn, batch, synced, drop):
+            committed = self._commit(conn, batch, synced, drop)
+            if drop is not None:
+                with self._cond:
+                    self._drops_done += 1
+            if committed:
                 self._backoff = 0.0
                 if not self._stopping and self._housekeeping_due(batch, drop):
                     self._housekeeping(conn)
@@ -918,10 +947,10 @@ class AuditLog:
             self._drop = plan
 
     def note_sent(self, seq: int) -> None:
-        """The uploader is publishing records up to `seq`: they may reach the stream before their
-        acks do, so `drop_oldest` must not delete them (nor name them in a gap)."""
-        if seq > self._sent_through:
-            self._sent_through = seq
+        """Records up to `seq` are being published (`read_wire` does this itself): they may reach
+        the stream before their acks do, so `drop_oldest` must not delete them (nor name them in a gap)."""
+        with self._cond:
+            self._sent_through = max(self._sent_through, seq)
 
     # ------------------------------------------------------------------ small persisted notes
 

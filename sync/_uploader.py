@@ -777,15 +777,12 @@ class Uploader:
                             limit = min(room, _READ_CHUNK, end - resend_next + 1)
                             rows = [r for r in await self.log.read_wire(resend_next, limit) if r[0] <= end]
                             resend_next = rows[-1][0] + 1 if rows else end + 1
-                            if rows:
-                                self.log.note_sent(rows[-1][0])
                             resend = True
                             newest = end
                     elif next_seq <= newest:
                         rows = await self.log.read_wire(next_seq, min(room, _READ_CHUNK))
                         if rows:
                             next_seq = rows[-1][0] + 1
-                            self.log.note_sent(rows[-1][0])
                 for i, (seq, kind, digest, payload) in enumerate(rows):
                     if self.max_bytes_per_s:
                         await self._throttle(len(payload))
