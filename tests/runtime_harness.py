@@ -16,7 +16,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edge import Config, config_to_toml, decode_config, server_barrier
+from edge import BUNDLED_CONFIG, Config, config_to_toml, decode_config, server_barrier
 from edge.fleet import new_seed, public_key_of
 from models import bundled_model_path
 from tests.polling import wait_until
@@ -71,6 +71,23 @@ def config_data(tmp_path: Path, local_url: str, *, upstream_url: str = "", devic
 
 def make_config(tmp_path: Path, local_url: str, **kwargs: Any) -> Config:
     return decode_config(config_data(tmp_path, local_url, **kwargs), base_dir=tmp_path, env={})
+
+
+def bundled_config_text(edits: dict[str, str] | None = None) -> str:
+    """The bundled example config with the bundled model's absolute path, each `edits` old -> new
+    applied (each must occur: an edit that misses would leave the test testing nothing)."""
+    text = BUNDLED_CONFIG.read_text().replace("../../models/bundled/pump-anomaly/1", str(bundled_model_path()))
+    for old, new in (edits or {}).items():
+        assert old in text, f"{old!r} is not in the bundled config"
+        text = text.replace(old, new)
+    return text
+
+
+def bundled_config_with(tmp_path: Path, edits: dict[str, str], name: str = "bad.toml") -> Path:
+    """`bundled_config_text(edits)` written to a file."""
+    path = tmp_path / name
+    path.write_text(bundled_config_text(edits))
+    return path
 
 
 def write_config(tmp_path: Path, data: dict[str, Any], name: str = "edge.toml") -> Path:

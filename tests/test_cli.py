@@ -16,7 +16,7 @@ from edge.cli import main
 from models import bundled_model_path
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
-from tests.runtime_harness import ANOMALY, NORMAL, connect, encode, make_config
+from tests.runtime_harness import ANOMALY, NORMAL, bundled_config_with, connect, encode, make_config
 
 
 def test_check_accepts_the_bundled_config(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,11 +25,8 @@ def test_check_accepts_the_bundled_config(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_check_names_the_file_and_every_key_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = BUNDLED_CONFIG.read_text().replace("rms > 4.5 and kurtosis > 5", "rms > 4.5 and kurtosiz > 5")
-    text = text.replace('ladder = ["model", "cloud", "rules"]', 'ladder = ["rules", "model"]')
-    text = text.replace("../../models/bundled/pump-anomaly/1", str(bundled_model_path()))
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text)
+    bad = bundled_config_with(tmp_path, {"rms > 4.5 and kurtosis > 5": "rms > 4.5 and kurtosiz > 5",
+                                         'ladder = ["model", "cloud", "rules"]': 'ladder = ["rules", "model"]'})
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err

@@ -23,7 +23,7 @@ from edge.fleet import pushed_config
 from models import bundled_model_path
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
-from tests.runtime_harness import NORMAL, config_data, connect, encode, make_config
+from tests.runtime_harness import NORMAL, bundled_config_with, config_data, connect, encode, make_config
 
 INTERLOCK = {"when": "temp_c > 119", "action": "shutdown", "label": "interlock"}
 CLOUD_SUBJECT = "cloud.infer.pump"
@@ -93,12 +93,7 @@ def test_an_action_may_be_allowed_to_the_guard_tier(tmp_path: Path) -> None:
 
 
 def test_edge_check_names_a_bad_guard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = BUNDLED_CONFIG.read_text()
-    assert '{ when = "temp_c > 119"' in text
-    text = text.replace('{ when = "temp_c > 119"', '{ when = "temp_f > 246"')
-    text = text.replace("../../models/bundled/pump-anomaly/1", str(bundled_model_path()))
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text)
+    bad = bundled_config_with(tmp_path, {'{ when = "temp_c > 119"': '{ when = "temp_f > 246"'})
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err
@@ -106,10 +101,7 @@ def test_edge_check_names_a_bad_guard(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_edge_check_refuses_a_default_guard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = BUNDLED_CONFIG.read_text().replace('{ when = "temp_c > 119"', "{ default = true")
-    text = text.replace("../../models/bundled/pump-anomaly/1", str(bundled_model_path()))
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text)
+    bad = bundled_config_with(tmp_path, {'{ when = "temp_c > 119"': "{ default = true"})
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "pipelines[0].guards[0].default" in err and "guards have no default" in err

@@ -45,6 +45,7 @@ from tests.polling import wait_until
 from tests.runtime_harness import (
     CRITICAL,
     NORMAL,
+    bundled_config_text,
     config_data,
     connect,
     encode,
@@ -146,7 +147,7 @@ def test_config_reference_text_is_one_line_per_key(capsys: pytest.CaptureFixture
 
 
 def bundled_text() -> str:
-    return BUNDLED_CONFIG.read_text().replace("../../models/bundled/pump-anomaly/1", str(bundled_model_path()))
+    return bundled_config_text()
 
 
 def test_check_reports_all_three_planted_problems_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
