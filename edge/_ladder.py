@@ -53,6 +53,8 @@ class ModelSlotLike(Protocol):
 
     async def predict(self, row: Sequence[float]) -> Prediction: ...
 
+    async def predict_many(self, rows: Sequence[Sequence[float]]) -> list[Prediction]: ...
+
 
 FLOAT32_MAX = 3.4028234663852886e38  # a model's input is float32: a larger value cannot reach it
 
@@ -85,6 +87,40 @@ class ModelTier:
         self._ref_cache = (model, ref)
         return ref
 
+    async def answer_many(self, batch: Sequence[Mapping[str, Any]]) -> list[Answer | Fallback]:
+        """`answer` for a batch: one inference for every row the model may see."""
+        model = self.slot.model
+        if model is None:
+            return [Fallback("model", "unavailable")] * len(batch)
+        results: list[Answer | Fallback | None] = [None] * len(batch)
+        rows: list[list[float]] = []
+        where: list[int] = []
+        out_of_range = model.manifest.out_of_range
+        for i, values in enumerate(batch):
+            row = feature_row(model, values)
+            if out_of_range(row) is not None or not fits_float32(row):
+                results[i] = Fallback("model", "out_of_range")
+            else:
+                rows.append(row)
+                where.append(i)
+        if rows:
+            try:
+                predictions = await self.slot.predict_many(rows)
+            except (ModelError, ArithmeticError, ValueError, TypeError):  # whatever the rows, the inputs are answered
+                for i in where:
+                    results[i] = Fallback("model", "error")
+            else:
+                ref = self._ref(model)
+                for i, prediction in zip(where, predictions, strict=True):
+                    results[i] = self._judge(prediction, ref)
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _judge(self, prediction: Prediction, ref: ModelRef) -> Answer | Fallback:
+        confidence = prediction.confidence
+        if confidence is None or not confidence >= self.min_confidence:  # NaN is never confident enough
+            return Fallback("model", "low_confidence")
+        return Answer("model", prediction.label, action_for(prediction.label, self.labels), confidence, ref)
+
     async def answer(self, values: Mapping[str, Any]) -> Answer | Fallback:
         model = self.slot.model
         if model is None:
@@ -96,11 +132,7 @@ class ModelTier:
             prediction = await self.slot.predict(row)
         except (ModelError, ArithmeticError, ValueError, TypeError):  # whatever the row, the input is answered
             return Fallback("model", "error")
-        confidence = prediction.confidence
-        if confidence is None or not confidence >= self.min_confidence:  # NaN is never confident enough
-            return Fallback("model", "low_confidence")
-        return Answer("model", prediction.label, action_for(prediction.label, self.labels), confidence,
-                      self._ref(model))
+        return self._judge(prediction, self._ref(model))
 
 
 Requester = Callable[[str, bytes, float], Awaitable[bytes]]
@@ -160,6 +192,9 @@ class RulesTier:
         self.rules = rules
 
     async def answer(self, values: Mapping[str, Any]) -> Answer:
+        return self.answer_now(values)
+
+    def answer_now(self, values: Mapping[str, Any]) -> Answer:
         rule = self.rules.decide(values)
         return Answer("rules", rule.label or rule.action, rule.action, None)
 
@@ -181,10 +216,67 @@ class Ladder:
             guard = self.guards.match(values)
             if guard is not None:
                 return self._guard_answers[guard.index], []
-        fallbacks: list[Fallback] = []
-        for tier in self.tiers:
+        return await self.resume(values, Resume(0, []))
+
+    async def resume(self, values: Mapping[str, Any], where: Resume) -> tuple[Answer, list[Fallback]]:
+        """Go on down the ladder from tier `where.tier`, after the steps aside already taken."""
+        fallbacks = list(where.fallbacks)
+        for tier in self.tiers[where.tier:]:
             result = await tier.answer(values)
             if isinstance(result, Answer):
                 return result, fallbacks
             fallbacks.append(result)
-        return await self.rules.answer(values), fallbacks
+        return self.rules.answer_now(values), fallbacks
+
+    async def decide_many(self, batch: Sequence[Mapping[str, Any]]) -> list[tuple[Answer, list[Fallback]] | Resume]:
+        """Decide a batch tier by tier: one model run for the whole batch, the rules over it.
+
+        An input that must ask the cloud (its link is up) comes back as a `Resume`: the caller
+        finishes it on its own with `resume`, so a cloud round trip never holds up the batch.
+        """
+        results: list[tuple[Answer, list[Fallback]] | Resume | None] = [None] * len(batch)
+        open_: list[int] = []  # inputs still going down the ladder
+        if self.guards is not None:
+            match = self.guards.match
+            for i, values in enumerate(batch):
+                guard = match(values)
+                if guard is not None:
+                    results[i] = (self._guard_answers[guard.index], [])
+                else:
+                    open_.append(i)
+        else:
+            open_ = list(range(len(batch)))
+        fallbacks: dict[int, list[Fallback]] = {i: [] for i in open_}
+        for place, tier in enumerate(self.tiers):
+            if not open_:
+                break
+            if isinstance(tier, ModelTier):
+                answers = await tier.answer_many([batch[i] for i in open_])
+            elif isinstance(tier, CloudTier):
+                skip = tier.link.skip_reason()
+                if skip is None:  # the cloud is to be asked: each of these leaves the batch here
+                    for i in open_:
+                        results[i] = Resume(place, fallbacks[i])
+                    open_ = []
+                    break
+                answers = [Fallback("cloud", skip)] * len(open_)
+            else:
+                answers = [await tier.answer(batch[i]) for i in open_]
+            still: list[int] = []
+            for i, result in zip(open_, answers, strict=True):
+                if isinstance(result, Answer):
+                    results[i] = (result, fallbacks.pop(i))
+                else:
+                    fallbacks[i].append(result)
+                    still.append(i)
+            open_ = still
+        for i in open_:
+            results[i] = (self.rules.answer_now(batch[i]), fallbacks[i])
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+
+class Resume(msgspec.Struct, frozen=True):
+    """Where an input left a batch to ask the cloud: the tier to go on from, and the steps aside so far."""
+
+    tier: int
+    fallbacks: list[Fallback]

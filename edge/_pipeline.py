@@ -1,12 +1,18 @@
-"""One pipeline at runtime: subscribe → decode → ladder → governance → audit → publish.
+"""One pipeline at runtime: subscribe → decode → ladder → governance → audit → publish, in batches.
 
-Messages from the pipeline's subscriptions go into a bounded inbox; a fixed pool of worker
-coroutines takes them from there, so many decisions are in flight at once (that is what lets
-the model's micro-batcher and the audit log's group commit form batches) while memory stays
-bounded: the inbox holds at most INBOX messages and INBOX_BYTES bytes (a message larger than the
-pipeline's `max_input_bytes` is rejected before it queues); when it is full, the subscription
-callback waits, and NATS's own slow-consumer limits take over. Work that may wait long (a human
-approval) leaves the worker pool so it never stalls unrelated inputs.
+The subscription callback only queues a message (bounded in messages and bytes: when the queue is
+full the callback waits, and NATS's own slow-consumer limits take over; a message larger than
+`max_input_bytes` is refused before it queues). One task per pipeline takes *whatever is queued*
+(up to `MAX_BATCH`) and decides it as a batch: decode each, one model run for the batch, the rules
+over it, governance per input, one audit append (one lock, one chain pass, each body encoded once),
+then, once the batch's records are committed (write-ahead), its decisions and replies are
+published — the committed bytes themselves. Nothing waits for company: at low load a batch is one
+message and goes straight through; under load batches grow by themselves to what arrived during
+the previous one. Decisions of a batch are published in the order they were received.
+
+Work that may wait long leaves the batch and never holds it up: an input that must ask the cloud
+(its link is up) finishes on its own task (at most `CLOUD_IN_FLIGHT` at once), and so does one
+waiting for a human's approval (at most the pipeline's `max_pending_approvals`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import nats.errors
@@ -33,10 +39,10 @@ from models import ModelSlot, Prediction
 
 from ._codec import MSGPACK
 from ._config import PipelineConfig
-from ._errors import InputRejected
+from ._errors import EdgeError, InputRejected
 from ._governance import ApprovalOutcome, Backlog, Governor, Unreachable, Verdict
 from ._inputs import InputSchema, rejection
-from ._ladder import Answer, Ladder, feature_row, fits_float32
+from ._ladder import Answer, Ladder, Resume, feature_row, fits_float32
 from ._messages import (
     JSON_ENCODER,
     MSGPACK_ENCODER,
@@ -51,10 +57,12 @@ from ._replies import ReplyPolicy
 
 log = logging.getLogger("edge.pipeline")
 
-WORKERS = 256
+MAX_BATCH = 256  # inputs decided together: bounds one batch's time on the loop (~1-2 ms at most)
 INBOX = 4096
-INBOX_BYTES = 16 * 1024 * 1024  # the inbox's bytes too: 4096 messages of max_input_bytes would be 256 MiB
+INBOX_BYTES = 16 * 1024 * 1024  # the queue's bytes too: 4096 messages of max_input_bytes would be 256 MiB
+CLOUD_IN_FLIGHT = 256  # inputs waiting for the cloud at once; more wait (back-pressure), as before
 LATENCY_WINDOW = 8192
+BATCH_SIZE_BUCKETS = ((1, "1"), (4, "2-4"), (16, "5-16"), (64, "17-64"), (1 << 62, "65+"))
 
 
 class PipelineState(enum.Enum):
@@ -64,10 +72,18 @@ class PipelineState(enum.Enum):
     STOPPED = "stopped"
 
 
+class Chained(Protocol):
+    """A record as the audit log chained it: its canonical JSON body is what gets published."""
+
+    @property
+    def body(self) -> msgspec.Raw: ...
+
+
 class AuditSink(msgspec.Struct):
     """What a pipeline needs from the audit log (the runtime wires `sync.AuditLog` in)."""
 
     append: Callable[[str, Any], asyncio.Future[int]]
+    append_many: Callable[[str, Sequence[Any]], Sequence[tuple[Chained, asyncio.Future[int]]]]
 
 
 class Shadow(msgspec.Struct):
@@ -83,6 +99,24 @@ class Shadow(msgspec.Struct):
         if not fits_float32(row):
             return None
         return await self.slot.predict(row)
+
+    async def predict_many(self, batch: Sequence[Mapping[str, Any]]) -> list[Prediction | None]:
+        """`predict` for a batch, one inference; None where the candidate cannot take the input."""
+        model = self.slot.model
+        results: list[Prediction | None] = [None] * len(batch)
+        if model is None:
+            return results
+        rows: list[list[float]] = []
+        where: list[int] = []
+        for i, values in enumerate(batch):
+            row = feature_row(model, values)
+            if fits_float32(row):
+                rows.append(row)
+                where.append(i)
+        if rows:
+            for i, prediction in zip(where, await self.slot.predict_many(rows), strict=True):
+                results[i] = prediction
+        return results
 
     def version(self) -> str:
         return self.slot.model.manifest.version if self.slot.model is not None else ""
@@ -113,6 +147,17 @@ class PipelineStats:
         self.shadow_total = 0
         self.shadow_agree = 0
         self.latencies_ns: deque[int] = deque(maxlen=LATENCY_WINDOW)
+        self.batches = 0
+        self.batched = 0  # inputs taken in batches (rejected ones included)
+        self.batch_sizes: Counter[str] = Counter()
+
+    def batch(self, size: int) -> None:
+        self.batches += 1
+        self.batched += size
+        for bound, name in BATCH_SIZE_BUCKETS:
+            if size <= bound:
+                self.batch_sizes[name] += 1
+                return
 
     def snapshot(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ns)
@@ -127,12 +172,43 @@ class PipelineStats:
             "rejected": dict(self.rejected),
             "governance": dict(self.governance),
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
+            "batches": {
+                "count": self.batches,
+                "mean": round(self.batched / self.batches, 2) if self.batches else None,
+                "sizes": {name: self.batch_sizes[name] for _, name in BATCH_SIZE_BUCKETS},
+            },
             "shadow": {
                 "compared": self.shadow_total,
                 "agreed": self.shadow_agree,  # exact, so a staged rollout can measure agreement over a window
                 "agreement": round(self.shadow_agree / self.shadow_total, 4) if self.shadow_total else None,
             },
         }
+
+
+class _Item:
+    """One decoded input of a batch, and where its answer goes."""
+
+    __slots__ = ("subject", "data", "reply", "content_type", "values", "arrived", "received")
+
+    def __init__(self, subject: str, data: bytes, reply: str, content_type: str, values: Mapping[str, Any],
+                 arrived: int, received: int) -> None:
+        self.subject = subject
+        self.data = data
+        self.reply = reply
+        self.content_type = content_type
+        self.values = values
+        self.arrived = arrived  # perf_counter_ns when the message was queued: latency counts the wait
+        self.received = received  # wall clock (ns) when its batch began: the Decision's received_at
+
+
+class _Ready(msgspec.Struct):
+    """A decision settled and ready to be audited: what makes its record, and where it is answered."""
+
+    logic: PipelineLogic
+    decision: Decision
+    reply: str
+    content_type: str
+    arrived: int
 
 
 class Pipeline:
@@ -160,14 +236,18 @@ class Pipeline:
         self.rejected_subject = f"edge.{device}.rejected.{self.name}"
         self.stats = PipelineStats()
         self.state = PipelineState.NEW
-        self._inbox: asyncio.Queue[Msg | None] = asyncio.Queue(INBOX)
-        self._inbox_bytes = 0  # of the messages in the inbox
-        self._inbox_room = asyncio.Event()  # set when a worker takes a message: bytes freed
+        self._queue: deque[tuple[Msg, int]] = deque()  # (message, perf_counter_ns when queued)
+        self._queue_bytes = 0
+        self._room = asyncio.Event()  # set when the batch task takes messages: room freed
+        self._work = asyncio.Event()  # set when a message is queued (or the drain begins)
+        self._closing = False
         self._subs: dict[str, Subscription] = {}
         self._stack = AsyncExitStack()
-        self._tasks: asyncio.TaskGroup | None = None  # workers, approvals in progress, the rejection flusher
-        self._workers: list[asyncio.Task[None]] = []
-        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: asyncio.TaskGroup | None = None  # the batch task, inputs off the batch, the rejection flusher
+        self._batcher: asyncio.Task[None] | None = None
+        self._approvals: set[asyncio.Task[None]] = set()
+        self._clouds: set[asyncio.Task[None]] = set()
+        self._cloud_slots = asyncio.Semaphore(CLOUD_IN_FLIGHT)
         self._ids = itertools.count(1)
         self._reject_window: Counter[str] = Counter()
         self._reject_examples: dict[str, str] = {}
@@ -177,7 +257,7 @@ class Pipeline:
 
     async def __aenter__(self) -> Pipeline:
         tasks = self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._workers = [tasks.create_task(self._worker(), name=f"{self.name}-worker-{i}") for i in range(WORKERS)]
+        self._batcher = tasks.create_task(self._decide_batches(), name=f"{self.name}-batches")
         self._reject_flusher = tasks.create_task(self._flush_rejections_every_second(),
                                                  name=f"{self.name}-rejections")
         try:
@@ -210,7 +290,7 @@ class Pipeline:
                 log.warning("pipeline %s: subscriptions not confirmed yet: %s", self.name, exc)
 
     async def swap(self, logic: PipelineLogic) -> PipelineLogic:
-        """Decide with `logic` from the next message on; no message is lost or decided twice.
+        """Decide with `logic` from the next batch on; no message is lost or decided twice.
 
         Subjects in both configs keep their one subscription; new ones are subscribed before the
         switch, dropped ones drained after it (what they had already delivered is still decided).
@@ -246,12 +326,16 @@ class Pipeline:
                 await sub.drain()  # type: ignore[no-untyped-call]
             except nats.errors.Error as exc:
                 log.warning("pipeline %s: could not drain %s: %s", self.name, sub.subject, exc)
-        for _ in self._workers:
-            await self._inbox.put(None)
-        # Workers end on their sentinel and approvals in progress settle (each is bounded by its
-        # timeout); then the flusher is stopped and the task group, which owns them all, closes.
-        if self._workers or self._side_tasks:
-            await asyncio.wait([*self._workers, *self._side_tasks])
+        # The batch task decides what is queued and ends; inputs off the batch (cloud, approvals)
+        # settle, each bounded by its timeout; then the flusher is stopped and the task group,
+        # which owns them all, closes.
+        self._closing = True
+        self._work.set()
+        waiting = [t for t in (self._batcher,) if t is not None]
+        if waiting:
+            await asyncio.wait(waiting)
+        while self._clouds or self._approvals:
+            await asyncio.wait([*self._clouds, *self._approvals])
         if self._reject_flusher is not None:
             self._reject_flusher.cancel()
         try:
@@ -263,81 +347,141 @@ class Pipeline:
         self.state = PipelineState.STOPPED
 
     async def _on_message(self, msg: Msg) -> None:
-        # Fast path: enqueue; back-pressure when the workers are behind. Draining still accepts
+        # Fast path: queue it; back-pressure when the batch task is behind. Draining still accepts
         # what the server had already sent.
         size = len(msg.data)
         limit = self.logic.config.max_input_bytes
-        if size > limit:  # refused before it takes room in the inbox (and before any decoding)
+        if size > limit:  # refused before it takes room in the queue (and before any decoding)
             reply = msg.reply if msg.reply and self.replies.allows(msg.reply) else ""
             await self._reject(msg.subject, msg.data, InputRejected("too_large", f"{size} bytes, the limit is {limit}"),
                                reply)
             return
-        while self._inbox_bytes and self._inbox_bytes + size > INBOX_BYTES:
-            self._inbox_room.clear()
-            await self._inbox_room.wait()
-        self._inbox_bytes += size
-        await self._inbox.put(msg)
+        queue = self._queue
+        while queue and (len(queue) >= INBOX or self._queue_bytes + size > INBOX_BYTES):
+            self._room.clear()
+            await self._room.wait()
+        queue.append((msg, time.perf_counter_ns()))
+        self._queue_bytes += size
+        if not self._work.is_set():
+            self._work.set()
 
-    async def _worker(self) -> None:
-        inbox = self._inbox
+    async def _decide_batches(self) -> None:
+        queue = self._queue
+        work = self._work
         while True:
-            msg = await inbox.get()
-            if msg is None:
-                return
-            self._inbox_bytes -= len(msg.data)
-            self._inbox_room.set()
+            if not queue:
+                if self._closing:
+                    return
+                work.clear()
+                await work.wait()
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+            self._queue_bytes -= sum(len(msg.data) for msg, _ in batch)
+            self._room.set()
+            self.stats.batch(len(batch))
             try:
-                await self.handle(msg.subject, msg.data, msg.headers, msg.reply)
+                await self.decide_batch(batch)
             except Exception:
-                # A bug must cost one message, never the worker pool: log it loudly and go on.
-                log.exception("pipeline %s: unexpected error handling a message on %s", self.name, msg.subject)
+                # A bug must never stop the pipeline: log it loudly and go on with the next batch.
+                log.exception("pipeline %s: unexpected error deciding a batch of %d", self.name, len(batch))
 
-    # -- one message ---------------------------------------------------------------------------
+    # -- a batch ---------------------------------------------------------------------------------
 
-    async def handle(self, subject: str, data: bytes, headers: Mapping[str, str] | None, reply: str) -> None:
+    async def decide_batch(self, batch: Sequence[tuple[Msg, int]]) -> None:
+        """Decide, audit and publish a batch of messages (in the order given)."""
+        logic = self.logic  # one config decides a batch from start to end, even across a swap
         received = time.time_ns()
-        start = time.perf_counter_ns()
-        if reply and not self.replies.allows(reply):
-            reply = ""  # decided, audited and published as usual; never sent where the sender pointed
-        content_type = headers.get("Content-Type", "") if headers else ""
-        logic = self.logic  # one config decides one message from start to end, even across a swap
-        try:
-            values = logic.schema.decode(data, content_type)
-        except InputRejected as error:
-            await self._reject(subject, data, error, reply)
+        items: list[_Item] = []
+        for msg, arrived in batch:
+            reply = msg.reply
+            if reply and not self.replies.allows(reply):
+                reply = ""  # decided, audited and published as usual; never sent where the sender pointed
+            headers = msg.headers
+            content_type = headers.get("Content-Type", "") if headers else ""
+            try:
+                values = logic.schema.decode(msg.data, content_type)
+            except InputRejected as error:
+                await self._reject(msg.subject, msg.data, error, reply)
+                continue
+            items.append(_Item(msg.subject, msg.data, reply, content_type, values, arrived, received))
+        if not items:
             return
-        shadow_task = asyncio.ensure_future(logic.shadow.predict(values)) if logic.shadow is not None else None
-        answer, fallbacks = await logic.ladder.decide(values)
-        shadow = await self._shadow_result(logic, shadow_task, answer) if shadow_task is not None else None
-        verdict = logic.governor.review(answer.action, answer.tier, answer.confidence, paused=self.is_paused())
-        decision = self._decision(subject, received, answer, fallbacks, shadow, verdict, data)
+        inputs = [item.values for item in items]
+        shadows = await self._shadow_many(logic, inputs) if logic.shadow is not None else None
+        results = await logic.ladder.decide_many(inputs)
+        paused = self.is_paused()
+        ready: list[_Ready] = []
+        for i, (item, result) in enumerate(zip(items, results, strict=True)):
+            prediction = shadows[i] if shadows is not None else None
+            if isinstance(result, Resume):
+                await self._off_batch(logic, item, result, prediction)
+                continue
+            answer, fallbacks = result
+            settled = await self._govern(logic, item, answer, fallbacks, prediction, paused)
+            if settled is not None:
+                ready.append(settled)
+        if ready:
+            await self._commit_and_publish(ready)
+
+    async def _ask_cloud(self, logic: PipelineLogic, item: _Item, where: Resume,
+                         prediction: Prediction | None) -> None:
+        try:
+            answer, fallbacks = await logic.ladder.resume(item.values, where)
+            settled = await self._govern(logic, item, answer, fallbacks, prediction, self.is_paused())
+            if settled is not None:
+                await self._commit_and_publish([settled])
+        finally:
+            self._cloud_slots.release()
+
+    async def _off_batch(self, logic: PipelineLogic, item: _Item, where: Resume,
+                         prediction: Prediction | None) -> None:
+        """Finish an input that asks the cloud on its own task, at most CLOUD_IN_FLIGHT at once."""
+        await self._cloud_slots.acquire()  # back-pressure: the batch waits for a slot
+        assert self._tasks is not None
+        task = self._tasks.create_task(self._logged(self._ask_cloud(logic, item, where, prediction)))
+        self._clouds.add(task)
+        task.add_done_callback(self._clouds.discard)
+
+    async def _logged(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:
+            # A bug must cost one message, never the pipeline: log it loudly and go on.
+            log.exception("pipeline %s: unexpected error deciding an input", self.name)
+
+    async def _govern(self, logic: PipelineLogic, item: _Item, answer: Answer, fallbacks: list[Fallback],
+                      prediction: Prediction | None, paused: bool) -> _Ready | None:
+        """Governance's verdict on an answer: the decision ready to audit, or None when it waits for a human."""
+        shadow = self._shadow_result(logic, prediction, answer) if logic.shadow is not None else None
+        verdict = logic.governor.review(answer.action, answer.tier, answer.confidence, paused=paused)
+        decision = self._decision(item, answer, fallbacks, shadow, verdict)
         if verdict.status == "approval_pending":
             if self.approver is None:
                 decision = self._settled(logic, decision, verdict, Unreachable())
-            elif len(self._side_tasks) >= logic.config.max_pending_approvals:
+            elif len(self._approvals) >= logic.config.max_pending_approvals:
                 decision = self._settled(logic, decision, verdict, Backlog())
             else:
-                # A human may take seconds: wait off the worker pool so other inputs keep flowing.
+                # A human may take seconds: wait off the batch so other inputs keep flowing.
                 assert self._tasks is not None
-                task = self._tasks.create_task(
-                    self._finish_after_approval(logic, decision, verdict, values, reply, content_type, start))
-                self._side_tasks.add(task)
-                task.add_done_callback(self._side_tasks.discard)
-                return
-        await self._commit_and_publish(logic, decision, reply, content_type, start)
+                waiting = self._finish_after_approval(logic, decision, verdict, item)
+                task = self._tasks.create_task(self._logged(waiting))
+                self._approvals.add(task)
+                task.add_done_callback(self._approvals.discard)
+                return None
+        return _Ready(logic, decision, item.reply, item.content_type, item.arrived)
 
     async def _finish_after_approval(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
-                                     values: Mapping[str, Any], reply: str, content_type: str, start: int) -> None:
+                                     item: _Item) -> None:
         assert self.approver is not None and verdict.approval is not None
         request = ApprovalRequest(
             decision_id=decision.id, device=self.device, pipeline=self.name,
             requested_action=verdict.requested_action, label=decision.label, confidence=decision.confidence,
-            tier=decision.tier, input=dict(values), fallbacks=decision.fallbacks,
+            tier=decision.tier, input=dict(item.values), fallbacks=decision.fallbacks,
             timeout_ms=verdict.approval.timeout_ms,
         )
         outcome = await self.approver(request, verdict.approval.timeout_ms / 1000)
         decision = self._settled(logic, decision, verdict, outcome)
-        await self._commit_and_publish(logic, decision, reply, content_type, start)
+        await self._commit_and_publish([_Ready(logic, decision, item.reply, item.content_type, item.arrived)])
 
     def _settled(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
                  outcome: ApprovalOutcome) -> Decision:
@@ -356,15 +500,15 @@ class Pipeline:
                                   by=final.by, reason=final.reason, by_name=final.by_name),
         )
 
-    def _decision(self, subject: str, received: int, answer: Answer, fallbacks: list[Fallback],
-                  shadow: ShadowResult | None, verdict: Verdict, data: bytes) -> Decision:
+    def _decision(self, item: _Item, answer: Answer, fallbacks: list[Fallback],
+                  shadow: ShadowResult | None, verdict: Verdict) -> Decision:
         decided = time.time_ns()
         return Decision(
             id=f"{decided:016x}{next(self._ids) & 0xFFFFFFFF:08x}",
             device=self.device,
             pipeline=self.name,
-            subject=subject,
-            received_at=received,
+            subject=item.subject,
+            received_at=item.received,
             decided_at=decided,
             action=verdict.action,
             label=answer.label,
@@ -376,29 +520,45 @@ class Pipeline:
             governance=Governance(status=verdict.status, requested_action=verdict.requested_action,
                                   by=verdict.by, reason=verdict.reason),
             audit_seq=None,
-            input_sha256=hashlib.sha256(data).hexdigest(),
+            input_sha256=hashlib.sha256(item.data).hexdigest(),
         )
 
-    async def _commit_and_publish(self, logic: PipelineLogic, decision: Decision, reply: str, content_type: str,
-                                  start: int) -> None:
-        # Write-ahead: the decision is on record before anyone hears of it.
+    async def _commit_and_publish(self, ready: Sequence[_Ready]) -> None:
+        """Write-ahead: the batch's records are committed before anyone hears of a decision in it.
+
+        Each body is encoded once, by the log as it chains the record, and those committed bytes
+        are what is published (the decision with its `audit_seq`).
+        """
         try:
-            seq = await self.audit.append("decision", lambda seq: msgspec.structs.replace(decision, audit_seq=seq))
+            chained = self.audit.append_many("decision", [_with_seq(r.decision) for r in ready])
         except Exception as exc:  # the audit error tree is the sync package's; any failure blocks
-            decision = self._unaudited(logic, decision, exc)
+            outcomes: list[tuple[bytes, int] | Exception] = [exc] * len(ready)
         else:
-            decision = msgspec.structs.replace(decision, audit_seq=seq)
-        payload = JSON_ENCODER.encode(decision)
-        await self.bus.publish(logic.publish_subject, payload)
-        if reply:
-            await self.bus.publish(reply, MSGPACK_ENCODER.encode(decision) if content_type == MSGPACK else payload)
+            try:
+                await chained[-1][1]  # the last settles after every earlier one (commits are in order)
+            except Exception:
+                pass  # which of them failed is read below
+            outcomes = [_outcome(record, future) for record, future in chained]
+        publish = self.bus.publish
         stats = self.stats
-        stats.decisions += 1
-        stats.by_tier[decision.tier] += 1
-        for fb in decision.fallbacks:
-            stats.fallbacks[f"{fb.tier}:{fb.reason}"] += 1
-        stats.governance[decision.governance.status] += 1
-        stats.latencies_ns.append(time.perf_counter_ns() - start)
+        now = time.perf_counter_ns()
+        for r, outcome in zip(ready, outcomes, strict=True):
+            decision = r.decision
+            if isinstance(outcome, Exception):
+                decision = self._unaudited(r.logic, decision, outcome)
+                payload = JSON_ENCODER.encode(decision)
+            else:
+                payload, seq = outcome
+                decision = msgspec.structs.replace(decision, audit_seq=seq)
+            await publish(r.logic.publish_subject, payload)
+            if r.reply:
+                await publish(r.reply, MSGPACK_ENCODER.encode(decision) if r.content_type == MSGPACK else payload)
+            stats.decisions += 1
+            stats.by_tier[decision.tier] += 1
+            for fb in decision.fallbacks:
+                stats.fallbacks[f"{fb.tier}:{fb.reason}"] += 1
+            stats.governance[decision.governance.status] += 1
+            stats.latencies_ns.append(now - r.arrived)
 
     def _unaudited(self, logic: PipelineLogic, decision: Decision, exc: Exception) -> Decision:
         """The log could not take the record: act safely (the `instead` action) and say why."""
@@ -410,14 +570,17 @@ class Pipeline:
                                   by=None, reason=verdict.reason),
         )
 
-    async def _shadow_result(self, logic: PipelineLogic, task: asyncio.Future[Prediction | None],
-                             answer: Answer) -> ShadowResult | None:
+    async def _shadow_many(self, logic: PipelineLogic, inputs: list[Mapping[str, Any]]) -> list[Prediction | None]:
         assert logic.shadow is not None
         try:
-            prediction = await task
+            return await logic.shadow.predict_many(inputs)
         except Exception as exc:  # a failing candidate must never affect the live decision
             log.debug("shadow model failed: %s", exc)
-            return None
+            return [None] * len(inputs)
+
+    def _shadow_result(self, logic: PipelineLogic, prediction: Prediction | None,
+                       answer: Answer) -> ShadowResult | None:
+        assert logic.shadow is not None
         if prediction is None:
             return None
         self.stats.shadow_total += 1
@@ -456,9 +619,25 @@ class Pipeline:
 
     @property
     def pending_approvals(self) -> int:
-        return len(self._side_tasks)
+        return len(self._approvals)
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state.value, "model": self.logic.config.model,
                 "pending_approvals": self.pending_approvals,
-                "inbox": {"messages": self._inbox.qsize(), "bytes": self._inbox_bytes}, **self.stats.snapshot()}
+                "inbox": {"messages": len(self._queue), "bytes": self._queue_bytes},
+                "waiting": {"cloud": len(self._clouds), "approval": len(self._approvals)}, **self.stats.snapshot()}
+
+
+def _with_seq(decision: Decision) -> Callable[[int], Decision]:
+    """The record's body: the decision with the seq the log gives it (so the published one carries it too)."""
+    return lambda seq: msgspec.structs.replace(decision, audit_seq=seq)
+
+
+def _outcome(record: Chained, future: asyncio.Future[int]) -> tuple[bytes, int] | Exception:
+    """A settled append: the committed body and its seq, or why it was not committed."""
+    if future.cancelled():
+        return EdgeError("the append was cancelled")
+    error = future.exception()
+    if error is not None:
+        return error if isinstance(error, Exception) else EdgeError(repr(error))
+    return bytes(record.body), future.result()

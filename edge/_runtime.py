@@ -501,7 +501,8 @@ class Runtime:
     async def _start_pipeline(self, p: PipelineConfig) -> Pipeline:
         assert self.audit is not None and self.local is not None
         pipeline = Pipeline(self._build_logic(p), device=self.device, bus=self.local,
-                            audit=AuditSink(append=self.audit.append), is_paused=lambda: self.paused,
+                            audit=AuditSink(append=self.audit.append, append_many=self.audit.append_many),
+                            is_paused=lambda: self.paused,
                             approver=self.approvals.ask, replies=self.replies)
         await self._stack.enter_async_context(pipeline)
         self.pipelines[pipeline.name] = pipeline

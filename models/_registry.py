@@ -41,6 +41,13 @@ class ModelSlot:
             raise ModelUnavailable(self.why or "no model loaded")
         return await batcher.predict(row)
 
+    async def predict_many(self, rows: Sequence[Sequence[float]]) -> list[Prediction]:
+        """One inference for rows the caller already holds together (see MicroBatcher.predict_many)."""
+        batcher = self._batcher
+        if batcher is None:
+            raise ModelUnavailable(self.why or "no model loaded")
+        return await batcher.predict_many(rows)
+
     async def install(self, model: Model) -> Model | None:
         """Serve `model` from now on; the one it replaces is kept as `previous` and returned."""
         old = self.model

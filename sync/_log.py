@@ -66,7 +66,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -248,7 +248,8 @@ class AuditLog:
         self._next_housekeeping = 0.0
         self._next_retention = 0.0
         # Committed records the uploader will want next, so it need not read them back from disk.
-        self._tail: collections.deque[AuditRecord] = collections.deque(maxlen=_TAIL_RECORDS)
+        # Each with its wire JSON, encoded on the writer thread so the uploader publishes it as is.
+        self._tail: collections.deque[tuple[AuditRecord, bytes]] = collections.deque(maxlen=_TAIL_RECORDS)
         self._tail_lock = threading.Lock()
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -329,6 +330,39 @@ class AuditLog:
         self._unresolved += 1
         return future
 
+    def append_many(
+        self, kind: str, bodies: Sequence[object | Callable[[int], object]]
+    ) -> list[tuple[AuditRecord, asyncio.Future[int]]]:
+        """`append` for a batch: one lock, one chain pass, one wake-up of the writer.
+
+        Returns each record as chained (its `body` is the canonical JSON, for the caller to reuse)
+        with its future. Records commit in order, so once the last future is done every earlier one
+        is too; a failed commit fails its record's future and every later one's. If building a
+        body raises, nothing of the batch is appended and the chain is left as it was.
+        """
+        if self.state not in (LogState.OPEN, LogState.FAILING):
+            raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
+        if self._full and self.on_full == "block":
+            raise AuditFull(self._used_bytes, self.max_bytes)
+        loop = self._loop
+        assert loop is not None
+        ts = time.time_ns()
+        made: list[tuple[AuditRecord, asyncio.Future[int]]] = []
+        with self._cond:
+            chain = self._chain
+            head = (chain.next_seq, chain.last_hash)
+            try:
+                for body in bodies:
+                    made.append((chain.make(kind, body, ts), loop.create_future()))
+            except BaseException:
+                chain.rewind(*head)
+                raise
+            if not self._queue or len(self._queue) + len(made) >= _MAX_BATCH:
+                self._cond.notify()
+            self._queue.extend(made)
+        self._unresolved += len(made)
+        return made
+
     def mark_synced(self, seq: int) -> None:
         """Record that every record up to `seq` is upstream (monotonic; persisted shortly after)."""
         seq = min(seq, self._last_seq)
@@ -339,7 +373,7 @@ class AuditLog:
             self._synced_target = seq
             self._cond.notify()
         with self._tail_lock:
-            while self._tail and self._tail[0].seq <= seq:
+            while self._tail and self._tail[0][0].seq <= seq:
                 self._tail.popleft()  # synced: the uploader will not ask for it again (resend reads disk)
 
     def rewind_synced(self, seq: int) -> None:
@@ -471,15 +505,15 @@ class AuditLog:
                 break
             await asyncio.sleep(0.001)  # poll: a drop taken before the reservation is committing
         with self._tail_lock:
-            first = self._tail[0].seq if self._tail else 0
-            if first and first <= from_seq <= self._tail[-1].seq:
+            first = self._tail[0][0].seq if self._tail else 0
+            if first and first <= from_seq <= self._tail[-1][0].seq:
                 start = from_seq - first
-                records = [self._tail[i] for i in range(start, min(start + limit, len(self._tail)))]
+                tail = self._tail
+                rows = [(r.seq, r.kind, r.hash, wire)
+                        for r, wire in (tail[i] for i in range(start, min(start + limit, len(tail))))]
             else:
-                records = []
-        if records:
-            rows = [(r.seq, r.kind, r.hash, encode_record(r)) for r in records]
-        else:
+                rows = []
+        if not rows:
             reader = self._reader
             if reader is None:
                 raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
@@ -747,11 +781,12 @@ class AuditLog:
             dropped_to = max(hi for _, hi in drop.delete)
             with self._tail_lock:
                 # Deleted records must not be served from memory either; what stays is contiguous.
-                while self._tail and self._tail[0].seq <= dropped_to:
+                while self._tail and self._tail[0][0].seq <= dropped_to:
                     self._tail.popleft()
         if batch:
+            wires = [(record, encode_record(record)) for record, _ in batch]  # off the loop, once
             with self._tail_lock:
-                self._tail.extend(record for record, _ in batch)
+                self._tail.extend(wires)
         if batch:
             self._w_last_seq, self._w_last_hash = batch[-1][0].seq, batch[-1][0].hash
             if self._oldest == 0:

@@ -141,7 +141,7 @@ async def test_garbage_flood_is_aggregated_and_memory_bounded(nats_servers: Serv
         await wait_until(lambda: pipeline.stats.rejected["not_json"] == 3000, within=10, what="3000 rejections")
         await wait_until(lambda: runtime.audit is not None and runtime.audit.last_seq >= 2, within=5,
                          what="two audit records")
-        assert pipeline._inbox.qsize() == 0
+        assert pipeline.status()["inbox"]["messages"] == 0
         await nc.close()
     # One aggregated record (per second), not 3000.
     from sync import iter_records
