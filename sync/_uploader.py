@@ -163,6 +163,7 @@ async def connect_for_upload(servers: str | list[str], *, connect_timeout: float
 
 
 _YIELD_EVERY = 16  # publishes between two yields to the event loop
+_LINGER_BELOW = 64  # fewer unsent records than this at the start of a burst: wait linger_s for more
 
 
 class UploaderState(enum.Enum):
@@ -253,6 +254,7 @@ class Uploader:
         stream_max_msg_size: int = STREAM_MAX_MSG_SIZE,
         stream_max_bytes: int = STREAM_MAX_BYTES,
         stream_replicas: int = 1,
+        linger_s: float = 0.02,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -274,6 +276,7 @@ class Uploader:
         self.stream_max_msg_size = stream_max_msg_size
         self.stream_max_bytes = stream_max_bytes
         self.stream_replicas = stream_replicas
+        self.linger_s = max(0.0, linger_s)
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -780,6 +783,14 @@ class Uploader:
                             resend = True
                             newest = end
                     elif next_seq <= newest:
+                        if idle and newest - next_seq + 1 < _LINGER_BELOW and self.linger_s:
+                            # A burst opens with a publish that goes alone and waits for its ack (the
+                            # expectation above), and each burst costs the shared event loop a few
+                            # wake-ups: at a gateway's steady trickle, let records gather for a moment
+                            # so a burst carries many. Up to linger_s more before a record is upstream.
+                            await asyncio.sleep(self.linger_s)
+                            newest = self.log.last_seq
+                            idle = False  # the wait is over; the expectation below still applies
                         rows = await self.log.read_wire(next_seq, min(room, _READ_CHUNK))
                         if rows:
                             next_seq = rows[-1][0] + 1
