@@ -200,12 +200,12 @@ class MicroBatcher:
         """
         if self._state is not BatcherState.RUNNING:
             raise ModelUnavailable(f"the batcher is {self._state.value}")
+        if len(rows) == 0:
+            return []
         values = np.asarray(rows, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] != self._width:
             raise ValueError(f"expected rows of shape (n, {self._width}), got {values.shape}")
         n = values.shape[0]
-        if n == 0:
-            return []
         model = self._model  # read once: a swap takes effect from the next batch
         self.batches += 1
         self.rows += n
@@ -332,10 +332,14 @@ class RunCost:
 
     def __init__(self) -> None:
         self.fixed_s: float | None = None
-        self.per_row_s = 0.0
+        self.per_row_s: float | None = None
 
     def expected(self, n: int) -> float | None:
-        return None if self.fixed_s is None else self.fixed_s + self.per_row_s * n
+        if self.fixed_s is None:
+            return None
+        if n > 2 and self.per_row_s is None:
+            return None  # only small runs seen: what many rows cost is not known yet
+        return self.fixed_s + (self.per_row_s or 0.0) * n
 
     def inline_ok(self, n: int) -> bool:
         expected = self.expected(n)
@@ -343,11 +347,14 @@ class RunCost:
 
     def observe(self, n: int, took_s: float) -> None:
         if self.fixed_s is None or n <= 2:
-            # Small runs teach the fixed part; a slow first run (cold caches) is forgotten quickly.
-            self.fixed_s = took_s if self.fixed_s is None else 0.8 * self.fixed_s + 0.2 * took_s
-        else:
-            per_row = max(0.0, (took_s - self.fixed_s) / n)
-            self.per_row_s = 0.8 * self.per_row_s + 0.2 * per_row
+            # Small runs teach the fixed part. A faster run is believed at once (a slow first run
+            # had cold caches); a slower one moves the estimate slowly (one run on a busy machine).
+            fixed = self.fixed_s
+            self.fixed_s = took_s if fixed is None or took_s < fixed else 0.9 * fixed + 0.1 * took_s
+        if n > 2:
+            per_row = max(0.0, (took_s - (self.fixed_s or 0.0)) / n)
+            previous = self.per_row_s
+            self.per_row_s = per_row if previous is None or per_row < previous else 0.9 * previous + 0.1 * per_row
 
 
 def _timed_predict(model: Model, rows: npt.NDArray[np.float32]) -> tuple[list[Prediction], float]:

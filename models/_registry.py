@@ -81,6 +81,10 @@ class ModelSlot:
             "version": m.manifest.version if m else None,
             "sha256": m.sha256 if m else None,
             "previous": self.previous.manifest.version if self.previous else None,
+            # Inference runs so far, rows, and the runs made on the event loop (no thread hand-off).
+            "runs": self._batcher.batches if self._batcher else 0,
+            "rows": self._batcher.rows if self._batcher else 0,
+            "inline_runs": self._batcher.inline_batches if self._batcher else 0,
         }
 
 
