@@ -417,7 +417,7 @@ class Pipeline:
                 await self._off_batch(logic, item, result, prediction)
                 continue
             answer, fallbacks = result
-            settled = await self._govern(logic, item, answer, fallbacks, prediction, paused)
+            settled = self._govern(logic, item, answer, fallbacks, prediction, paused)
             if settled is not None:
                 ready.append(settled)
         if ready:
@@ -427,7 +427,7 @@ class Pipeline:
                          prediction: Prediction | None) -> None:
         try:
             answer, fallbacks = await logic.ladder.resume(item.values, where)
-            settled = await self._govern(logic, item, answer, fallbacks, prediction, self.is_paused())
+            settled = self._govern(logic, item, answer, fallbacks, prediction, self.is_paused())
             if settled is not None:
                 await self._commit_and_publish([settled])
         finally:
@@ -449,7 +449,7 @@ class Pipeline:
             # A bug must cost one message, never the pipeline: log it loudly and go on.
             log.exception("pipeline %s: unexpected error deciding an input", self.name)
 
-    async def _govern(self, logic: PipelineLogic, item: _Item, answer: Answer, fallbacks: list[Fallback],
+    def _govern(self, logic: PipelineLogic, item: _Item, answer: Answer, fallbacks: list[Fallback],
                       prediction: Prediction | None, paused: bool) -> _Ready | None:
         """Governance's verdict on an answer: the decision ready to audit, or None when it waits for a human."""
         shadow = self._shadow_result(logic, prediction, answer) if logic.shadow is not None else None
@@ -549,10 +549,14 @@ class Pipeline:
                 payload = JSON_ENCODER.encode(decision)
             else:
                 payload, seq = outcome
-                decision = msgspec.structs.replace(decision, audit_seq=seq)
             await publish(r.logic.publish_subject, payload)
             if r.reply:
-                await publish(r.reply, MSGPACK_ENCODER.encode(decision) if r.content_type == MSGPACK else payload)
+                if r.content_type != MSGPACK:
+                    await publish(r.reply, payload)
+                else:
+                    if not isinstance(outcome, Exception):
+                        decision = msgspec.structs.replace(decision, audit_seq=seq)
+                    await publish(r.reply, MSGPACK_ENCODER.encode(decision))
             stats.decisions += 1
             stats.by_tier[decision.tier] += 1
             for fb in decision.fallbacks:

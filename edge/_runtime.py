@@ -661,9 +661,16 @@ async def run(config: Config, *, ready: Callable[[Runtime], Awaitable[None]] | N
     import signal
 
     loop = asyncio.get_running_loop()
+    # Handled from before the start: pipelines answer before the start has finished, and a
+    # SIGTERM in that window must still drain rather than kill the process.
+    stop_early = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_early.set)
     async with Runtime(config) as runtime:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.request_stop)
+        if stop_early.is_set():
+            runtime.request_stop()
         log.info("edge %s running: device %s, local bus %s", version(), runtime.device,
                  redact_url(runtime.local_url))
         if ready is not None:

@@ -223,7 +223,7 @@ async def test_an_approval_or_cloud_wait_leaves_the_batch_and_never_holds_it(
             await msg.respond(b"{}")
 
     await nc.subscribe("cloud.mute", cb=answer_probes_only)
-    pipeline = {"ladder": ["cloud", "model", "rules"], "cloud": {"subject": "cloud.mute", "timeout_ms": 3000}}
+    pipeline = {"ladder": ["cloud", "model", "rules"], "cloud": {"subject": "cloud.mute", "timeout_ms": 6000}}
     config = make_config(tmp_path, server.url, upstream_url=server.url, pipeline=pipeline,
                          link={"breaker_reset_ms": 60_000})
     async with Runtime(config) as runtime:
@@ -240,6 +240,6 @@ async def test_an_approval_or_cloud_wait_leaves_the_batch_and_never_holds_it(
         reply = msgspec.json.decode((await nc.request("sensors.p1.pump", inputs(1, start=9)[0], timeout=2)).data)
         assert reply["tier"] == "model" and reply["fallbacks"][0]["tier"] == "cloud"
         assert pump.status()["waiting"]["cloud"] == 3  # the first three still wait, off the batch
-        got = await decisions.wait_for(4, within=10)  # and are answered once their requests time out
+        got = await decisions.wait_for(4, within=15)  # and are answered once their requests time out
         assert [d["fallbacks"][0]["reason"] for d in got[1:]] == ["timeout"] * 3
     await nc.close()
