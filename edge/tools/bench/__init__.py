@@ -26,17 +26,33 @@ How it measures, and why so:
 * A shared machine. Each section also records how many cores the whole machine was busy against
   the bench's own processes (/proc/stat): work by others shows up as `other_cores`, so a noisy
   figure can be recognised as such.
+* Warm-ups. Each saturation and fixed-rate measurement is preceded by a warm-up that is a run of
+  its own: the CPU meters start after it, so CPU per decision is over the measured inputs only.
 
 Sections (all in one run; `--sections` picks some):
 
-1. saturation  bare vs runtime decisions/s (median of 3 alternating runs; 1 in --quick)
+1. saturation  bare vs runtime decisions/s (median of 3 alternating runs; 1 in --quick), CPU µs per
+               decision of each process; the bare service's floor with a no-op handler; the
+               runtime with sync deferred and with audit fsync "always"
 2. latency     open loop at 50% of the runtime's saturation and at 1000/s: p50/p99/p99.9
-3. audit       the runtime per fsync mode; raw AuditLog appends/s and one-at-a-time commit latency
-4. sync        a backlog (200k; 20k quick) drained by the Uploader vs js.publish_async, same payloads
-5. blackhole   ladder cloud → model → rules at 200/s while a FaultProxy blackholes the cloud
-6. memory      RSS of `python -m edge run` over 1M decisions (20k quick; --rss-decisions), start-up
+3. fixed_rate  bare vs runtime at 400 inputs/s, open loop: CPU µs per decision and the SUT's
+               fraction of a core; bytes per decision on disk (audit log) and on the upstream
+               wire (a dedicated run through a counting proxy)
+4. audit       the runtime per fsync mode; raw AuditLog appends/s and one-at-a-time commit latency
+5. sync        a backlog (200k; 20k quick) drained by the Uploader vs js.publish_async, same payloads
+6. blackhole   ladder cloud → model → rules at 200/s while a FaultProxy blackholes the cloud; 3 runs
+               (1 quick), each with its breaker-open p99 against its steady p99
+7. backlog     at 400/s, the upstream refused for a while, then back: decision p99 while the audit
+               backlog uploads against the steady state's
+8. memory      RSS of `python -m edge run` over 1M decisions (20k quick; --rss-decisions), start-up
                times in process (server already running) and as a process
+9. approvals   round trips of inputs that need no approval while 100 wait for a human
    --profile   cProfile of the event-loop thread at saturation: top functions by tottime
+
+A summary (issue 15's table: decisions/s, CPU µs per decision, p99 at 50% of saturation, CPU at
+400/s, bare against runtime) heads the table and is `summary` in bench.json. Where the runtime
+reports its hot path's batches (status pipelines.<name>.batches), their size distribution is
+shown for the saturation, latency and fixed-rate runs.
 
 The runtime runs the bundled example's pipeline and actions with ladder [model, rules], audit
 fsync "batch", and the local server as upstream (the audit stream is synced there while it runs,
@@ -47,7 +63,8 @@ Only Linux is supported: CPU and memory figures come from /proc.
 Modules (all private; the names above are the public ones): _constants, _results (the Structs of
 bench.json), _inputs, _measure, _servers, _driver (the child process and its handle), _bare and
 _runtime_side (the two systems under test), one module a section (_saturation_latency,
-_audit_sync, _blackhole, _memory, _approvals, _profile), _run, _table and _cli.
+_fixed_rate, _audit_sync, _blackhole, _backlog, _memory, _approvals, _profile), _summary, _run,
+_table and _cli.
 """
 
 # Heavy imports (onnxruntime through `models`, the runtime) are made inside the sections that need

@@ -1,4 +1,4 @@
-"""Section 7: round trips of inputs that need no approval, with none and then many approvals pending;
+"""Section 9: round trips of inputs that need no approval, with none and then many approvals pending;
 and of inputs that do, answered at once by an approver that signs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sections 3 and 4: the runtime per fsync mode and the raw AuditLog; a backlog synced: Uploader vs raw JetStream."""
+"""Sections 4 and 5: the runtime per fsync mode and the raw AuditLog; a backlog synced: Uploader vs raw JetStream."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ async def bench_audit(work: Path, driver: Driver, sizes: Sizes, seed: int) -> Au
     for _ in range(sizes.repeats):  # rounds of off, batch, always: drift on the machine touches all alike
         for mode in FSYNC_MODES:
             run = await saturate_runtime(work, driver, sizes.audit_n, sizes.warmup, seed, fsync=mode)
-            runs[mode].append(run.decisions_per_s)
+            runs[mode].append(run.saturation.decisions_per_s)
     rates = {mode: statistics.median(values) for mode, values in runs.items()}
     appends: dict[str, float] = {}
     p50: dict[str, float] = {}

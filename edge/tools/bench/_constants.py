@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-SECTIONS = ("saturation", "latency", "audit", "sync", "blackhole", "memory", "approvals")
+SECTIONS = ("saturation", "latency", "fixed_rate", "audit", "sync", "blackhole", "backlog", "memory", "approvals")
 FSYNC_MODES: tuple[Literal["off", "batch", "always"], ...] = ("off", "batch", "always")
 INPUT_SUBJECT = "sensors.p1.pump"
 BARE_RESULT_SUBJECT = "bench.bare.result"
@@ -13,6 +13,10 @@ WINDOW = 2048  # inputs unanswered at most during saturation: well under every p
 CHUNK = 64  # inputs published per burst
 SYNC_WINDOW = 256  # publishes in flight for raw JetStream: the uploader's default `audit.sync_window`
 BLACKHOLE_RATE_HZ = 200.0
+FIXED_RATE_HZ = 400.0  # issue 15's fixed offered load: CPU per decision, bytes per decision, the backlog drain
+# The backlog counts as drained when at most this many records wait: at 400/s the uploader's
+# steady state keeps a handful in flight, so 0 exactly may never be seen by a poll.
+DRAINED_BACKLOG = 64
 CLOUD_TIMEOUT_MS = 200
 MIB = 1024 * 1024
 SINK_PENDING_MSGS = 1 << 20  # a sink (or the bare service) must never be the slow consumer

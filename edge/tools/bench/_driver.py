@@ -26,10 +26,12 @@ import nats.errors
 from ._constants import CHUNK, INPUT_SUBJECT, MIB, SINK_PENDING_BYTES, SINK_PENDING_MSGS, WINDOW
 from ._inputs import Payloads
 from ._measure import CpuMeter, cpu_self_s, percentile, summarize
-from ._results import BenchError, Latency, Saturation
+from ._results import BenchError, CpuUse, Latency, Saturation
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
+
+    from edge import NatsServer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # on the driver's PYTHONPATH, so it imports this `edge`
 
@@ -337,6 +339,34 @@ class Driver:
         report = await self.run(job, job.count / job.rate_hz + job.drain_s + 60)
         assert isinstance(report, OpenLoopReport)
         return report
+
+
+async def measured_saturation(driver: Driver, server: NatsServer, out_subject: str, n: int, *, warmup: int, seed: int,
+                              before_measuring: Callable[[], None] | None = None) -> Saturation:
+    """A warm-up of `warmup` inputs as a run of its own, then `n` inputs with every process's CPU metered over them.
+
+    `before_measuring` runs between the two (a runtime's status read there is subtracted later).
+    """
+    if warmup:
+        await driver.saturate(server.url, out_subject, warmup, warmup=0, seed=seed)
+    if before_measuring is not None:
+        before_measuring()
+    meter = CpuMeter(server)
+    report = await driver.saturate(server.url, out_subject, n, warmup=0, seed=seed)
+    return saturation_from_report(report, meter)
+
+
+async def measured_open_loop(driver: Driver, server: NatsServer, job: OpenLoopJob, *, warmup_s: float,
+                             before_measuring: Callable[[], None] | None = None) -> tuple[OpenLoopReport, CpuUse]:
+    """`job` after a warm-up of `warmup_s` at the same rate (a job of its own), CPU metered over `job` only."""
+    warmup = int(job.rate_hz * warmup_s)
+    if warmup:
+        await driver.open_loop(msgspec.structs.replace(job, count=warmup, details=False))
+    if before_measuring is not None:
+        before_measuring()
+    meter = CpuMeter(server)
+    report = await driver.open_loop(job)
+    return report, meter.per_decision(max(1, report.received), report.cpu_s)
 
 
 def saturation_from_report(report: SaturateReport, meter: CpuMeter) -> Saturation:

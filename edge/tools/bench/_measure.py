@@ -46,8 +46,19 @@ def summarize(latencies_s: Sequence[float], *, lost: int = 0, send_lag_p99_s: fl
 
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process, in seconds, from /proc/<pid>/stat."""
+    return sum(proc_cpu_split_s(pid))
+
+
+def proc_cpu_split_s(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _self_cpu_split_s() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
 
 
 def proc_memory_mib(pid: int) -> tuple[float, float]:
@@ -68,20 +79,19 @@ class CpuMeter:
         self._sut_pid = sut_pid
         self._start = self._read()
 
-    def _read(self) -> tuple[float, float, float]:
-        sut = cpu_self_s() if self._sut_pid is None else proc_cpu_s(self._sut_pid)
+    def _read(self) -> tuple[float, float, float, float]:
+        """(SUT CPU, of it in the kernel, nats-server CPU, now), seconds."""
+        user, system = _self_cpu_split_s() if self._sut_pid is None else proc_cpu_split_s(self._sut_pid)
         server = proc_cpu_s(self._server_pid) if self._server_pid is not None else 0.0
-        return sut, server, time.monotonic()
+        return user + system, system, server, time.monotonic()
 
     def per_decision(self, decisions: int, driver_cpu_s: float) -> CpuUse:
-        sut, server, now = self._read()
-        sut -= self._start[0]
-        server -= self._start[1]
-        wall = now - self._start[2]
+        sut, system, server, wall = (end - start for end, start in zip(self._read(), self._start, strict=True))
         return CpuUse(
-            sut_us=round(sut / decisions * 1e6, 1), driver_us=round(driver_cpu_s / decisions * 1e6, 1),
-            server_us=round(server / decisions * 1e6, 1),
+            sut_us=round(sut / decisions * 1e6, 1), sut_system_us=round(system / decisions * 1e6, 1),
+            driver_us=round(driver_cpu_s / decisions * 1e6, 1), server_us=round(server / decisions * 1e6, 1),
             cores_busy=round((sut + server + driver_cpu_s) / wall, 2) if wall > 0 else 0.0,
+            sut_cores=round(sut / wall, 3) if wall > 0 else 0.0,
         )
 
 

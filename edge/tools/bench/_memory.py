@@ -1,4 +1,4 @@
-"""Section 6: RSS of `python -m edge run` over many decisions, and start-up times in process and as a process."""
+"""Section 8: RSS of `python -m edge run` over many decisions, and start-up times in process and as a process."""
 
 from __future__ import annotations
 

@@ -38,7 +38,10 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
     append_n: int  # raw AuditLog appends per fsync mode
     sequential_n: int  # appends one at a time (commit latency) per fsync mode
     sync_records: int
+    fixed_rate_s: float  # each open-loop run at FIXED_RATE_HZ (after a warm-up of a tenth as long)
     blackhole_phases_s: tuple[float, float, float]  # before, during, after
+    blackhole_runs: int  # the issue asks for the breaker-open p99 "in every run"
+    backlog_phases_s: tuple[float, float, float]  # synced, upstream refused, link back
     rss_decisions: int
     startup_repeats: int
     profile_n: int
@@ -46,14 +49,15 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def pick(cls, options: BenchOptions) -> Sizes:
         if options.quick:
-            sizes = cls(repeats=1, saturation_n=2000, warmup=300, latency_s=1.5, audit_n=1500, append_n=5000,
-                        sequential_n=40, sync_records=20_000, blackhole_phases_s=(1.5, 2.5, 7.5),
-                        rss_decisions=20_000, startup_repeats=1, profile_n=3000)
+            sizes = cls(repeats=1, saturation_n=2000, warmup=300, latency_s=1.5, fixed_rate_s=2.0, audit_n=1500,
+                        append_n=5000, sequential_n=40, sync_records=20_000, blackhole_phases_s=(1.5, 2.5, 7.5),
+                        blackhole_runs=1, backlog_phases_s=(1.5, 2.5, 4.0), rss_decisions=20_000,
+                        startup_repeats=1, profile_n=3000)
         else:
-            sizes = cls(repeats=3, saturation_n=20_000, warmup=2000, latency_s=10.0, audit_n=15_000,
-                        append_n=50_000, sequential_n=300, sync_records=200_000,
-                        blackhole_phases_s=(5.0, 8.0, 10.0), rss_decisions=1_000_000, startup_repeats=3,
-                        profile_n=20_000)
+            sizes = cls(repeats=3, saturation_n=20_000, warmup=2000, latency_s=10.0, fixed_rate_s=10.0,
+                        audit_n=15_000, append_n=50_000, sequential_n=300, sync_records=200_000,
+                        blackhole_phases_s=(5.0, 8.0, 10.0), blackhole_runs=3, backlog_phases_s=(5.0, 10.0, 10.0),
+                        rss_decisions=1_000_000, startup_repeats=3, profile_n=20_000)
         if options.rss_decisions is not None:
             sizes = msgspec.structs.replace(sizes, rss_decisions=options.rss_decisions)
         return sizes
@@ -84,16 +88,52 @@ class CpuUse(msgspec.Struct, kw_only=True):
     """CPU time per decision in each process, and how many cores were busy on average."""
 
     sut_us: float
+    sut_system_us: float  # of sut_us, in the kernel (socket syscalls, fsync, thread wake-ups)
     driver_us: float
     server_us: float
-    cores_busy: float
+    cores_busy: float  # all three processes together
+    sut_cores: float  # the system under test alone: its CPU seconds over the wall seconds (1.0 = one core)
 
 
 class Saturation(msgspec.Struct, kw_only=True):
     decisions_per_s: float
     n: int
     elapsed_s: float
-    cpu: CpuUse
+    cpu: CpuUse  # over the n measured inputs only (the warm-up is a run of its own before the meter starts)
+
+
+BATCH_BUCKETS = ("1", "2-4", "5-16", "17-64", "65+")
+
+
+class BatchSizes(msgspec.Struct, kw_only=True):
+    """How the runtime's hot path grouped its inputs: `status()["pipelines"][NAME]["batches"]`.
+
+    `sizes` counts batches by how many inputs each held (buckets BATCH_BUCKETS). A runtime that
+    does not report batches gives None wherever a result holds a BatchSizes.
+    """
+
+    count: int  # batches
+    mean: float | None  # inputs per batch (None: no batch)
+    sizes: dict[str, int]
+
+    @classmethod
+    def from_status(cls, status: dict[str, Any], pipeline: str) -> BatchSizes | None:
+        raw = status["pipelines"][pipeline].get("batches")
+        if raw is None:
+            return None
+        try:
+            return msgspec.convert(raw, cls)
+        except msgspec.ValidationError as exc:
+            raise BenchError(f"status pipelines.{pipeline}.batches is not shaped as expected: {exc}") from None
+
+    def since(self, earlier: BatchSizes | None) -> BatchSizes:
+        """The batches made after `earlier` was read (status counts from the runtime's start)."""
+        if earlier is None:
+            return self
+        count = self.count - earlier.count
+        inputs = (self.mean or 0.0) * self.count - (earlier.mean or 0.0) * earlier.count
+        return BatchSizes(count=count, mean=round(inputs / count, 2) if count > 0 else None,
+                          sizes={size: n - earlier.sizes.get(size, 0) for size, n in self.sizes.items()})
 
 
 class LoopLag(msgspec.Struct, kw_only=True):
@@ -124,6 +164,16 @@ class SaturationPair(msgspec.Struct, kw_only=True):
     runtime_fallbacks: dict[str, int]
     runtime_sync_backlog: int  # audit records not yet upstream when the last output arrived
     runtime_loop_lag: LoopLag  # of the median runtime run
+    runtime_batches: BatchSizes | None = None  # of the median runtime run's measured inputs
+    # The bare service's floor: a subscriber that publishes a fixed small reply without decoding the
+    # input or running the model. Its rate is what nats-py's per-message cost alone allows.
+    bare_noop: Saturation
+    bare_noop_runs: list[float]
+    bare_over_noop: float  # bare decisions/s / no-op decisions/s
+    # The runtime with audit fsync "always" (upstream synced, as `runtime`): every commit waits for its fsync.
+    fsync_always: Saturation
+    fsync_always_ratio: float  # / bare
+    fsync_always_runs: list[float]
     # The same runtime with its upstream out of reach: the audit log is as durable, but syncing to
     # JetStream (on this same 2-core machine, in the same event loop) is deferred. What the
     # runtime itself costs, apart from the upstream's work that a real deployment does elsewhere.
@@ -153,10 +203,57 @@ class LatencyRun(msgspec.Struct, kw_only=True):
     runtime_internal_p50_ms: float
     runtime_internal_p99_ms: float
     runtime_loop_lag: LoopLag
+    runtime_batches: BatchSizes | None = None
+
+
+class FixedRateRun(msgspec.Struct, kw_only=True):
+    """One system under test at FIXED_RATE_HZ, open loop, after a warm-up."""
+
+    decisions: int  # outputs that arrived
+    cpu: CpuUse  # per decision that arrived; sut_cores is the fraction of one core the SUT used
+    latency: Latency
+
+
+class Footprint(msgspec.Struct, kw_only=True):
+    """Bytes per decision, from a dedicated runtime run at FIXED_RATE_HZ (warm-up included, synced to the end).
+
+    Disk: the audit log's SQLite file and its -wal, sized while the runtime still runs once the
+    backlog is upstream. Wire: every byte the runtime's upstream connections (probes, the
+    uploader) sent and received, counted by a pass-through TCP proxy (edge.tools.chaos.FaultProxy)
+    between the runtime and the upstream nats-server.
+    """
+
+    decisions: int
+    audit_records: int  # records in the log (decisions, plus start and link records)
+    disk_db_bytes: int
+    disk_wal_bytes: int
+    disk_bytes_per_decision: float  # (db + wal) / decisions
+    # The db file alone: the WAL is reused, not grown, once SQLite checkpoints (~4 MB at its default
+    # 1000-page autocheckpoint), so its share per decision falls as a run gets longer.
+    disk_db_bytes_per_decision: float
+    wire_sent_bytes: int  # runtime -> upstream
+    wire_received_bytes: int  # upstream -> runtime
+    wire_sent_per_decision: float
+    wire_received_per_decision: float
+    wire_bytes_per_decision: float  # sent + received
+
+
+class FixedRateFigures(msgspec.Struct, kw_only=True):
+    """Section 3: CPU at a fixed offered load (issue 15: 400 inputs/s), bare against runtime, and bytes per decision."""
+
+    rate_hz: float
+    duration_s: float
+    warmup_s: float
+    bare: FixedRateRun
+    runtime: FixedRateRun
+    sut_us_ratio: float  # runtime / bare, SUT CPU per decision
+    runtime_loop_lag: LoopLag  # over the run, warm-up included
+    runtime_batches: BatchSizes | None = None  # of the measured inputs
+    footprint: Footprint
 
 
 class AuditFigures(msgspec.Struct, kw_only=True):
-    """Section 3: the runtime per fsync mode, and the log alone."""
+    """Section 4: the runtime per fsync mode, and the log alone."""
 
     runtime_decisions_per_s: dict[str, float]  # median of `repeats` rounds
     runtime_runs: dict[str, list[float]]
@@ -167,7 +264,7 @@ class AuditFigures(msgspec.Struct, kw_only=True):
 
 
 class SyncFigures(msgspec.Struct, kw_only=True):
-    """Section 4: draining a backlog with the Uploader against raw JetStream publishing of the same bytes."""
+    """Section 5: draining a backlog with the Uploader against raw JetStream publishing of the same bytes."""
 
     records: int
     mean_record_bytes: float
@@ -181,20 +278,18 @@ class SyncFigures(msgspec.Struct, kw_only=True):
     ratio_vs_window: float  # uploader / window
 
 
-class BlackholeFigures(msgspec.Struct, kw_only=True):
-    """Section 5: a cloud silently blackholed under a fixed offered load.
+class BlackholeRun(msgspec.Struct, kw_only=True):
+    """One run of section 6 (fresh servers and runtime).
 
     Phases go by each input's scheduled time, except that an input still in flight when the
     blackhole began counts as "during" (it met the dead cloud).
     """
 
-    offered_hz: float
-    phases_s: list[float]
     before: Latency
     during: Latency
     during_after_open: Latency
     after: Latency
-    breaker_open_ms: float  # blackhole → breaker OPEN (polled every 2 ms)
+    breaker_open_ms: float  # blackhole → breaker OPEN (polled every 2 ms; by the first breaker_open decision)
     first_breaker_open_decision_ms: float  # blackhole → first decision skipping the cloud as breaker_open
     waited_on_dead_cloud: int  # decisions with cloud fallback "timeout" after the blackhole
     unreachable: int  # decisions with cloud fallback "unreachable" after the blackhole
@@ -202,10 +297,65 @@ class BlackholeFigures(msgspec.Struct, kw_only=True):
     decisions: int
     lost: int
     tiers: dict[str, int]
+    open_over_steady_p99: float  # during_after_open.p99 / before.p99 (issue 15: <= 2 in every run)
+
+
+class BlackholeFigures(msgspec.Struct, kw_only=True):
+    """Section 6: a cloud silently blackholed under a fixed offered load, `runs` times."""
+
+    offered_hz: float
+    phases_s: list[float]
+    runs: list[BlackholeRun]
+    worst_open_over_steady_p99: float  # the highest of the runs' open_over_steady_p99
+
+
+class BacklogFigures(msgspec.Struct, kw_only=True):
+    """Section 7: the audit backlog an upstream outage builds, uploaded when the link returns, under a fixed load.
+
+    Ladder model, rules (no cloud tier: what is measured is the upload's cost to decisions). The
+    upstream nats-server sits behind a FaultProxy that refuses connections during the outage.
+    Phases: `steady` decisions were over before the outage; `uploading` ones were in flight at
+    some time while the backlog went up (from the first record synced after the link returned to
+    the backlog back at DRAINED_BACKLOG or less); `offline` the rest until then; `after` the rest.
+    """
+
+    offered_hz: float
+    phases_s: list[float]  # steady, outage, after the link returned
+    steady: Latency
+    offline: Latency
+    uploading: Latency
+    after: Latency
+    uploading_over_steady_p99: float
+    backlog_at_return: int  # records waiting when the link returned
+    upload_resumed_ms: float  # link returned -> first record synced
+    drain_ms: float  # first record synced -> backlog drained
+    drain_records_per_s: float  # backlog_at_return / drain time (new records keep coming meanwhile)
+    runtime_loop_lag: LoopLag  # over the whole run
+    decisions: int
+    lost: int
+
+
+class Comparison(msgspec.Struct, kw_only=True):
+    bare: float
+    runtime: float
+    ratio: float  # runtime / bare
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    """Issue 15's table, bare against runtime; a row is None when the section it comes from did not run."""
+
+    decisions_per_s: Comparison | None = None  # saturation, upstream synced, audit fsync batch (median run)
+    decisions_per_s_fsync_always: Comparison | None = None  # the same with audit fsync always
+    sut_cpu_us_per_decision: Comparison | None = None  # at saturation (median run)
+    half_saturation_hz: float | None = None
+    p99_ms_at_half_saturation: Comparison | None = None  # open loop at 50% of the runtime's saturation
+    fixed_rate_hz: float | None = None
+    sut_cpu_us_at_fixed_rate: Comparison | None = None
+    sut_cores_at_fixed_rate: Comparison | None = None  # fraction of one core
 
 
 class MemoryFigures(msgspec.Struct, kw_only=True):
-    """Section 6: RSS of `edge run` in its own process, and start-up times."""
+    """Section 8: RSS of `edge run` in its own process, and start-up times."""
 
     decisions: int
     rss_after_start_mib: float
@@ -238,7 +388,7 @@ class ProfileFigures(msgspec.Struct, kw_only=True):
 
 
 class ApprovalFigures(msgspec.Struct, kw_only=True):
-    """Section 7: decisions that need no approval while many wait for a human (issue: governance)."""
+    """Section 9: decisions that need no approval while many wait for a human (issue: governance)."""
 
     pending: int  # approvals waiting on a slow approver while the other inputs were measured
     requests: int  # request/reply round trips of inputs that need no approval, per phase
@@ -259,11 +409,14 @@ class BenchResult(msgspec.Struct, kw_only=True):
     sizes: Sizes
     notes: list[str]
     contention: dict[str, Contention] = msgspec.field(default_factory=dict)
+    summary: Summary = msgspec.field(default_factory=Summary)
     saturation: SaturationPair | None = None
     latency: list[LatencyRun] | None = None
+    fixed_rate: FixedRateFigures | None = None
     audit: AuditFigures | None = None
     sync: SyncFigures | None = None
     blackhole: BlackholeFigures | None = None
+    backlog: BacklogFigures | None = None
     approvals: ApprovalFigures | None = None
     memory: MemoryFigures | None = None
     profile: ProfileFigures | None = None
@@ -278,5 +431,8 @@ NOTES = [
     "upstream = the local server (audit stream synced there, as with the bundled example).",
     "Bare: nats-py subscriber, msgspec Struct decode, Model.predict on a 1-row float32 array on the loop, "
     "JSON result published; nothing else.",
-    "CPU per decision: getrusage of this process and the driver, /proc/<pid>/stat of nats-server.",
+    "CPU per decision: getrusage of this process and the driver, /proc/<pid>/stat of nats-server; "
+    "over the measured inputs only (warm-ups are runs of their own, before the meters start).",
+    "Fixed rate: open loop at 400/s; sut_cores = the SUT's CPU seconds / wall seconds (fraction of one core).",
+    "Batches (status pipelines.<name>.batches) are reported only by runtimes that have them.",
 ]

@@ -16,15 +16,18 @@ import msgspec
 
 from ._approvals import bench_approvals
 from ._audit_sync import bench_audit, bench_sync
+from ._backlog import bench_backlog
 from ._blackhole import bench_blackhole
 from ._constants import SECTIONS
 from ._driver import Driver
+from ._fixed_rate import bench_fixed_rate
 from ._measure import ContentionMeter, machine_info
 from ._memory import bench_memory
 from ._profile import profile_runtime
 from ._results import NOTES, BenchError, BenchOptions, BenchResult, Sizes
 from ._runtime_side import saturate_runtime
 from ._saturation_latency import bench_latency, bench_saturation
+from ._summary import build_summary
 from ._table import format_table
 
 log = logging.getLogger("edge.bench")
@@ -55,8 +58,11 @@ async def run_bench(options: BenchOptions) -> BenchResult:
 
             async def latency() -> None:
                 rate = runtime_rate or (await saturate_runtime(work, driver, sizes.saturation_n, sizes.warmup,
-                                                               seed)).decisions_per_s
+                                                               seed)).saturation.decisions_per_s
                 result.latency = await bench_latency(work, driver, sizes, seed, rate)
+
+            async def fixed_rate() -> None:
+                result.fixed_rate = await bench_fixed_rate(work, driver, sizes, seed)
 
             async def audit() -> None:
                 result.audit = await bench_audit(work, driver, sizes, seed)
@@ -66,6 +72,9 @@ async def run_bench(options: BenchOptions) -> BenchResult:
 
             async def blackhole() -> None:
                 result.blackhole = await bench_blackhole(work, driver, sizes, seed)
+
+            async def backlog() -> None:
+                result.backlog = await bench_backlog(work, driver, sizes, seed)
 
             async def memory() -> None:
                 result.memory = await bench_memory(work, driver, sizes, seed)
@@ -77,8 +86,9 @@ async def run_bench(options: BenchOptions) -> BenchResult:
                 result.profile = await profile_runtime(work, driver, sizes, seed)
 
             steps: dict[str, Callable[[], Awaitable[None]]] = {
-                "saturation": saturation, "latency": latency, "audit": audit, "sync": sync,
-                "blackhole": blackhole, "memory": memory, "approvals": approvals, "profile": profile,
+                "saturation": saturation, "latency": latency, "fixed_rate": fixed_rate, "audit": audit, "sync": sync,
+                "blackhole": blackhole, "backlog": backlog, "memory": memory, "approvals": approvals,
+                "profile": profile,
             }
             chosen = [name for name in SECTIONS if name in options.sections] + (["profile"] if options.profile else [])
             for name in chosen:
@@ -86,6 +96,7 @@ async def run_bench(options: BenchOptions) -> BenchResult:
                 meter = ContentionMeter(driver.pid)
                 await steps[name]()
                 result.contention[name] = meter.stop()
+    result.summary = build_summary(result)
     result.elapsed_s = round(time.monotonic() - begun, 1)
     if options.out is not None:
         await asyncio.to_thread(write_report, result, Path(options.out))

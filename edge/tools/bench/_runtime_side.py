@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ._constants import CLOUD_TIMEOUT_MS, PIPELINE
-from ._driver import Driver, OpenLoopJob, latency_from_report, saturation_from_report
-from ._measure import CpuMeter
-from ._results import Latency, Saturation
+from ._driver import Driver, OpenLoopJob, latency_from_report, measured_open_loop, measured_saturation
+from ._measure import poll_until
+from ._results import BatchSizes, BenchError, FixedRateRun, Footprint, Latency, LoopLag, Saturation
 from ._servers import fresh_server
 
 if TYPE_CHECKING:
@@ -56,8 +59,14 @@ def decisions_subject(device: str) -> str:
     return f"edge.{device}.decision.{PIPELINE}"
 
 
+class RuntimeSaturation(msgspec.Struct, frozen=True):
+    saturation: Saturation
+    status: dict[str, Any]  # Runtime.status() once the last output arrived
+    batches: BatchSizes | None  # the measured inputs' batches (None: the runtime does not report them)
+
+
 async def saturate_runtime(work: Path, driver: Driver, n: int, warmup: int, seed: int, *, fsync: str = "batch",
-                           status: list[dict[str, Any]] | None = None, sync: bool = True) -> Saturation:
+                           sync: bool = True) -> RuntimeSaturation:
     from edge import Runtime
 
     device = device_name("sat")
@@ -65,12 +74,13 @@ async def saturate_runtime(work: Path, driver: Driver, n: int, warmup: int, seed
         # Sync deferred: an upstream nobody listens on (port 1), as during an outage.
         upstream = "" if sync else "nats://127.0.0.1:1"
         async with Runtime(runtime_config(work, server.url, device=device, fsync=fsync, upstream_url=upstream)) as rt:
-            meter = CpuMeter(server)
-            report = await driver.saturate(server.url, decisions_subject(device), n, warmup=warmup, seed=seed)
-            result = saturation_from_report(report, meter)
-            if status is not None:
-                status.append(rt.status())
-        return result
+            before: list[BatchSizes | None] = []
+            saturation = await measured_saturation(
+                driver, server, decisions_subject(device), n, warmup=warmup, seed=seed,
+                before_measuring=lambda: before.append(BatchSizes.from_status(rt.status(), PIPELINE)))
+            status = rt.status()
+    batches = BatchSizes.from_status(status, PIPELINE)
+    return RuntimeSaturation(saturation, status, batches.since(before[0]) if batches is not None else None)
 
 
 async def latency_runtime(work: Path, driver: Driver, rate: float, count: int,
@@ -85,3 +95,74 @@ async def latency_runtime(work: Path, driver: Driver, rate: float, count: int,
                                                     rate_hz=rate, count=count, seed=seed, key="sha256"))
         status = rt.status()
     return latency_from_report(report), status
+
+
+class FixedRateRuntime(msgspec.Struct, frozen=True):
+    run: FixedRateRun
+    loop_lag: LoopLag
+    batches: BatchSizes | None  # of the measured inputs
+
+
+async def fixed_rate_runtime(work: Path, driver: Driver, rate: float, count: int, seed: int,
+                             warmup_s: float) -> FixedRateRuntime:
+    """The runtime as in the saturation runs (model+rules, fsync batch, synced upstream) at a fixed offered rate."""
+    from edge import Runtime
+
+    device = device_name("rate")
+    async with (fresh_server(work, "runtime") as server,
+                Runtime(runtime_config(work, server.url, device=device)) as rt):
+        job = OpenLoopJob(url=server.url, out_subject=decisions_subject(device), rate_hz=rate, count=count, seed=seed,
+                          key="sha256")
+        before: list[BatchSizes | None] = []
+        report, cpu = await measured_open_loop(
+            driver, server, job, warmup_s=warmup_s,
+            before_measuring=lambda: before.append(BatchSizes.from_status(rt.status(), PIPELINE)))
+        status = rt.status()
+    batches = BatchSizes.from_status(status, PIPELINE)
+    run = FixedRateRun(decisions=report.received, cpu=cpu, latency=latency_from_report(report))
+    return FixedRateRuntime(run, LoopLag.from_status(status), batches.since(before[0]) if batches is not None else None)
+
+
+async def runtime_footprint(work: Path, driver: Driver, rate: float, count: int, seed: int,
+                            warmup_s: float) -> Footprint:
+    """Bytes per decision on disk (audit log) and on the upstream wire, from a dedicated run at `rate`.
+
+    A run of its own because the counting proxy runs on this process's event loop, which would
+    add its own CPU to the runtime's in the CPU run.
+    """
+    from edge import Runtime
+    from edge.tools.chaos import FaultProxy
+
+    device = device_name("bytes")
+    async with fresh_server(work, "runtime") as server, FaultProxy("127.0.0.1", server.port) as proxy:
+        async with Runtime(runtime_config(work, server.url, device=device, upstream_url=proxy.url)) as rt:
+            audit = rt.audit
+            if audit is None:
+                raise BenchError("the runtime has no audit log to measure")
+            job = OpenLoopJob(url=server.url, out_subject=decisions_subject(device), rate_hz=rate, count=count,
+                              seed=seed, key="sha256")
+            await measured_open_loop(driver, server, job, warmup_s=warmup_s)
+            # Every record upstream, so the wire carried all it will for these decisions.
+            await poll_until(lambda: audit.backlog == 0, 30, "the audit backlog to reach upstream")
+            status = rt.status()
+            db_bytes, wal_bytes = await asyncio.to_thread(_sqlite_file_bytes, Path(status["audit"]["path"]))
+            sent, received = proxy.bytes_to_target, proxy.bytes_to_client
+    decisions = int(status["pipelines"][PIPELINE]["decisions"])
+    if decisions <= 0:
+        raise BenchError("the footprint run made no decision")
+
+    def per_decision(value: int) -> float:
+        return round(value / decisions, 1)
+
+    return Footprint(decisions=decisions, audit_records=int(status["audit"]["last_seq"]), disk_db_bytes=db_bytes,
+                     disk_wal_bytes=wal_bytes, disk_bytes_per_decision=per_decision(db_bytes + wal_bytes),
+                     disk_db_bytes_per_decision=per_decision(db_bytes),
+                     wire_sent_bytes=sent, wire_received_bytes=received, wire_sent_per_decision=per_decision(sent),
+                     wire_received_per_decision=per_decision(received),
+                     wire_bytes_per_decision=per_decision(sent + received))
+
+
+def _sqlite_file_bytes(db: Path) -> tuple[int, int]:
+    """Sizes of a SQLite database file and of its write-ahead log (0 when there is none)."""
+    wal = db.with_name(db.name + "-wal")
+    return db.stat().st_size, wal.stat().st_size if wal.exists() else 0
