@@ -189,7 +189,7 @@ class Runtime:
                                  signer=self.device_signer, sign_every=audit.sign_every,
                                  stream_max_msg_size=parse_size(audit.stream_max_msg_size),
                                  stream_max_bytes=parse_size(audit.stream_max_bytes),
-                                 stream_replicas=audit.stream_replicas)
+                                 stream_replicas=audit.stream_replicas, defer_to=self._decisions_waiting)
         await stack.enter_async_context(self.uploader)
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -507,6 +507,10 @@ class Runtime:
         await self._stack.enter_async_context(pipeline)
         self.pipelines[pipeline.name] = pipeline
         return pipeline
+
+    def _decisions_waiting(self) -> bool:
+        """Whether a pipeline has inputs queued (the uploader lets them go first)."""
+        return any(p.queued for p in self.pipelines.values())
 
     async def _drain_pipelines(self) -> None:
         # Every pipeline at once: in-flight decisions finish and are audited before the log closes.

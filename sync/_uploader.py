@@ -163,6 +163,8 @@ async def connect_for_upload(servers: str | list[str], *, connect_timeout: float
 
 
 _YIELD_EVERY = 16  # publishes between two yields to the event loop
+_DEFERRING_WINDOW = 32  # publishes in flight while the decision path has work waiting
+_DEFER_ROUNDS = 4  # extra loop rounds given to waiting decisions between two chunks of publishes
 _LINGER_BELOW = 64  # fewer unsent records than this at the start of a burst: wait linger_s for more
 
 
@@ -255,6 +257,7 @@ class Uploader:
         stream_max_bytes: int = STREAM_MAX_BYTES,
         stream_replicas: int = 1,
         linger_s: float = 0.02,
+        defer_to: Callable[[], bool] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -277,6 +280,9 @@ class Uploader:
         self.stream_max_bytes = stream_max_bytes
         self.stream_replicas = stream_replicas
         self.linger_s = max(0.0, linger_s)
+        # "Someone else on this event loop has work waiting" (the runtime: a pipeline has inputs
+        # queued): the uploader then keeps fewer publishes in flight and lets them go first.
+        self.defer_to = defer_to
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -765,6 +771,10 @@ class Uploader:
                 gated = bool(in_flight) and in_flight[-1].expected is not None
                 expected = self._subject_last if idle and not in_flight else None
                 room = 1 if expected is not None else self.window - len(in_flight)
+                if self.defer_to is not None and self.defer_to():
+                    # Catching up while decisions wait: acks come back in bursts that nats-py hands
+                    # over without yielding, so a smaller window is a shorter stall of the loop.
+                    room = min(room, _DEFERRING_WINDOW - len(in_flight))
                 rows: list[tuple[int, str, str, bytes]] = []
                 resend = False
                 newest = self.log.last_seq
@@ -801,6 +811,10 @@ class Uploader:
                         # Share the event loop: a burst of a whole window would hold back the
                         # decisions waiting behind it (the runtime's loop is ours too).
                         await asyncio.sleep(0)
+                        for _ in range(_DEFER_ROUNDS):
+                            if self.defer_to is None or not self.defer_to():
+                                break
+                            await asyncio.sleep(0)  # decisions first: a few more rounds of the loop
                     token += 1
                     fresh = not resend and seq > self._sent_high
                     entry = _InFlight(seq=seq, sent_at=time.monotonic(), resend=resend, fresh=fresh,
