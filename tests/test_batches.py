@@ -218,9 +218,13 @@ async def test_an_approval_or_cloud_wait_leaves_the_batch_and_never_holds_it(
     server = await nats_servers("local")
     nc = await connect(server.url)
 
+    asked: list[Msg] = []
+
     async def answer_probes_only(msg: Msg) -> None:  # a cloud alive to probes that never decides
         if msg.headers and msg.headers.get("Edge-Probe"):
             await msg.respond(b"{}")
+        else:
+            asked.append(msg)
 
     await nc.subscribe("cloud.mute", cb=answer_probes_only)
     pipeline = {"ladder": ["cloud", "model", "rules"], "cloud": {"subject": "cloud.mute", "timeout_ms": 6000}}
@@ -233,7 +237,9 @@ async def test_an_approval_or_cloud_wait_leaves_the_batch_and_never_holds_it(
         for payload in inputs(3):
             await nc.publish("sensors.p1.pump", payload)
         await nc.flush()
-        await wait_until(lambda: pump.status()["waiting"]["cloud"] == 3, within=5, what="3 inputs asking the cloud")
+        # Asked, not only taken off the batch: a task not yet started would see the breaker below.
+        await wait_until(lambda: len(asked) == 3, within=5, what="the cloud asked 3 times")
+        assert pump.status()["waiting"]["cloud"] == 3
         for _ in range(3):  # as if three requests had failed: the breaker opens, the cloud is skipped
             runtime.link.request_failed("timeout")
         await wait_until(lambda: runtime.link.skip_reason() is not None, within=5, what="the cloud skipped")
