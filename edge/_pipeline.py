@@ -91,17 +91,8 @@ class Shadow(msgspec.Struct):
 
     slot: ModelSlot
 
-    async def predict(self, values: Mapping[str, Any]) -> Prediction | None:
-        model = self.slot.model
-        if model is None:
-            return None
-        row = feature_row(model, values)
-        if not fits_float32(row):
-            return None
-        return await self.slot.predict(row)
-
     async def predict_many(self, batch: Sequence[Mapping[str, Any]]) -> list[Prediction | None]:
-        """`predict` for a batch, one inference; None where the candidate cannot take the input."""
+        """The candidate's answer for each input of a batch (one inference); None where it cannot take it."""
         model = self.slot.model
         results: list[Prediction | None] = [None] * len(batch)
         if model is None:
