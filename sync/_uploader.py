@@ -258,6 +258,7 @@ class Uploader:
         stream_replicas: int = 1,
         linger_s: float = 0.02,
         defer_to: Callable[[], bool] | None = None,
+        catch_up_share: float = 1.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -283,6 +284,7 @@ class Uploader:
         # "Someone else on this event loop has work waiting" (the runtime: a pipeline has inputs
         # queued): the uploader then keeps fewer publishes in flight and lets them go first.
         self.defer_to = defer_to
+        self.catch_up_share = min(1.0, max(0.05, catch_up_share))
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -804,6 +806,7 @@ class Uploader:
                         rows = await self.log.read_wire(next_seq, min(room, _READ_CHUNK))
                         if rows:
                             next_seq = rows[-1][0] + 1
+                burst_started = time.perf_counter()
                 for i, (seq, kind, digest, payload) in enumerate(rows):
                     if self.max_bytes_per_s:
                         await self._throttle(len(payload))
@@ -836,6 +839,12 @@ class Uploader:
                         self._session_high = max(self._session_high, seq)
                 if rows:
                     idle = False
+                    if self.catch_up_share < 1.0 and newest - rows[-1][0] > self.window:
+                        # Far behind (after an outage): rest in proportion to the work just done, so
+                        # catching up takes at most catch_up_share of the loop and of the cores, which
+                        # the decisions still being made need too.
+                        worked = time.perf_counter() - burst_started
+                        await asyncio.sleep(worked * (1.0 / self.catch_up_share - 1.0))
                     continue
                 if not in_flight and not gated:
                     idle = True

@@ -66,11 +66,14 @@ async def stream_seqs(server: NatsServer, stream: str = "EDGE_AUDIT") -> list[in
         return seqs
 
 
-async def test_a_backlog_is_synced_exactly_once_in_order_with_msg_ids(tmp_path: Path, nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("catch_up_share", [1.0, 0.25])  # full speed, and paced as the runtime does
+async def test_a_backlog_is_synced_exactly_once_in_order_with_msg_ids(
+    tmp_path: Path, nats_server: NatsServer, catch_up_share: float
+) -> None:
     async with AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(2000)])
         await log.append("link", {"state": "up"})
-        async with uploading(log, nats_server, create_stream=True) as uploader:
+        async with uploading(log, nats_server, create_stream=True, catch_up_share=catch_up_share) as uploader:
             assert await uploader.sync_now(20) == 0
             status = uploader.status()
             assert status["state"] == "syncing" and status["connected"] is True
