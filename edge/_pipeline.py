@@ -613,11 +613,6 @@ class Pipeline:
             log.warning("pipeline %s: rejection summary not audited: %s", self.name, exc)
 
     @property
-    def queued(self) -> int:
-        """Inputs received and not yet taken into a batch."""
-        return len(self._queue)
-
-    @property
     def pending_approvals(self) -> int:
         return len(self._approvals)
 

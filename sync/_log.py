@@ -12,12 +12,13 @@ Durability of a resolved `append` future, by `fsync` mode (WAL journal in every 
   queued during the previous commit forms the next group) and SQLite fsyncs the WAL on every
   commit, so a resolved record survives a process crash *and* a power loss or OS crash.
 - `"batch"` (default): group fsync. synchronous=NORMAL: the writer commits at once, as above, but
-  a commit resolves once it is in the OS; the writer thread fsyncs the WAL file at most every
-  `commit_interval_ms` (and on close) while there are commits not yet on disk, so one fsync
-  covers every commit of the interval. A resolved record survives `kill -9` of the process; a
-  power loss or OS crash can lose the records of the last `commit_interval_ms` (plus one fsync),
-  never corrupt the file (WAL with NORMAL is safe). On this machine an fsync costs 0.3-1 ms with
-  spikes to tens of ms; taking it off the decision's path is what keeps decision latency low.
+  a commit resolves once it is in the OS; a thread of its own fdatasyncs the WAL file at most
+  every `commit_interval_ms` (the writer once more on close) while there are commits not yet on
+  disk, so one fsync covers every commit of the interval and no commit waits behind one. A
+  resolved record survives `kill -9` of the process; a power loss or OS crash can lose the records
+  of the last `commit_interval_ms` (plus one fsync), never corrupt the file (WAL with NORMAL is
+  safe). On this machine an fsync costs 0.3-1 ms with spikes to tens of ms; taking it off the
+  decision's path is what keeps decision latency low.
 - `"off"`: synchronous=OFF and never fsynced: commits are written to the OS, so they survive
   `kill -9` of the process, but a power loss or OS crash can lose recent commits and, as SQLite
   documents, may corrupt the file. For throwaway devices and benchmarks.

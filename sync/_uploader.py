@@ -163,8 +163,6 @@ async def connect_for_upload(servers: str | list[str], *, connect_timeout: float
 
 
 _YIELD_EVERY = 16  # publishes between two yields to the event loop
-_DEFERRING_WINDOW = 32  # publishes in flight while the decision path has work waiting
-_DEFER_ROUNDS = 4  # extra loop rounds given to waiting decisions between two chunks of publishes
 _LINGER_BELOW = 64  # fewer unsent records than this at the start of a burst: wait linger_s for more
 
 
@@ -257,7 +255,6 @@ class Uploader:
         stream_max_bytes: int = STREAM_MAX_BYTES,
         stream_replicas: int = 1,
         linger_s: float = 0.02,
-        defer_to: Callable[[], bool] | None = None,
         catch_up_share: float = 1.0,
     ) -> None:
         if window < 1:
@@ -281,9 +278,6 @@ class Uploader:
         self.stream_max_bytes = stream_max_bytes
         self.stream_replicas = stream_replicas
         self.linger_s = max(0.0, linger_s)
-        # "Someone else on this event loop has work waiting" (the runtime: a pipeline has inputs
-        # queued): the uploader then keeps fewer publishes in flight and lets them go first.
-        self.defer_to = defer_to
         self.catch_up_share = min(1.0, max(0.05, catch_up_share))
         self.state = UploaderState.NEW
         self.last_error: str | None = None
@@ -757,6 +751,7 @@ class Uploader:
         device = self.log.device
         signer = self.signer
         idle = True  # nothing sent since the pump last had nothing to do: the next publish opens a burst
+        share, last_behind = self.catch_up_share, 0  # catching up: the share of the loop it takes now
         try:
             while True:
                 self._progress.clear()
@@ -773,10 +768,6 @@ class Uploader:
                 gated = bool(in_flight) and in_flight[-1].expected is not None
                 expected = self._subject_last if idle and not in_flight else None
                 room = 1 if expected is not None else self.window - len(in_flight)
-                if self.defer_to is not None and self.defer_to():
-                    # Catching up while decisions wait: acks come back in bursts that nats-py hands
-                    # over without yielding, so a smaller window is a shorter stall of the loop.
-                    room = min(room, _DEFERRING_WINDOW - len(in_flight))
                 rows: list[tuple[int, str, str, bytes]] = []
                 resend = False
                 newest = self.log.last_seq
@@ -814,10 +805,6 @@ class Uploader:
                         # Share the event loop: a burst of a whole window would hold back the
                         # decisions waiting behind it (the runtime's loop is ours too).
                         await asyncio.sleep(0)
-                        for _ in range(_DEFER_ROUNDS):
-                            if self.defer_to is None or not self.defer_to():
-                                break
-                            await asyncio.sleep(0)  # decisions first: a few more rounds of the loop
                     token += 1
                     fresh = not resend and seq > self._sent_high
                     entry = _InFlight(seq=seq, sent_at=time.monotonic(), resend=resend, fresh=fresh,
@@ -839,12 +826,21 @@ class Uploader:
                         self._session_high = max(self._session_high, seq)
                 if rows:
                     idle = False
-                    if self.catch_up_share < 1.0 and newest - rows[-1][0] > self.window:
+                    behind = newest - rows[-1][0]
+                    if self.catch_up_share < 1.0 and behind > self.window:
                         # Far behind (after an outage): rest in proportion to the work just done, so
-                        # catching up takes at most catch_up_share of the loop and of the cores, which
-                        # the decisions still being made need too.
-                        worked = time.perf_counter() - burst_started
-                        await asyncio.sleep(worked * (1.0 / self.catch_up_share - 1.0))
+                        # catching up takes only a share of the loop and of the cores, which the
+                        # decisions still being made need too. The share doubles while the backlog
+                        # still grows (the uploader must at least keep up) and falls back to
+                        # catch_up_share while it shrinks.
+                        if behind >= last_behind:
+                            share = min(1.0, share * 2)
+                        else:
+                            share = max(self.catch_up_share, share * 0.9)
+                        last_behind = behind
+                        if share < 1.0:
+                            worked = time.perf_counter() - burst_started
+                            await asyncio.sleep(worked * (1.0 / share - 1.0))
                     continue
                 if not in_flight and not gated:
                     idle = True
