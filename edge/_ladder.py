@@ -69,6 +69,19 @@ def fits_float32(row: Sequence[float]) -> bool:
     return all(-FLOAT32_MAX <= v <= FLOAT32_MAX for v in row)
 
 
+def rows_for(model: Model, batch: Sequence[Mapping[str, Any]],
+             takes: Callable[[list[float]], bool]) -> tuple[list[list[float]], list[int]]:
+    """The feature rows of the inputs `model` takes, and where each sits in `batch`."""
+    rows: list[list[float]] = []
+    where: list[int] = []
+    for i, values in enumerate(batch):
+        row = feature_row(model, values)
+        if takes(row):
+            rows.append(row)
+            where.append(i)
+    return rows, where
+
+
 class ModelTier:
     name = "model"
 
@@ -92,17 +105,9 @@ class ModelTier:
         model = self.slot.model
         if model is None:
             return [Fallback("model", "unavailable")] * len(batch)
-        results: list[Answer | Fallback | None] = [None] * len(batch)
-        rows: list[list[float]] = []
-        where: list[int] = []
         out_of_range = model.manifest.out_of_range
-        for i, values in enumerate(batch):
-            row = feature_row(model, values)
-            if out_of_range(row) is not None or not fits_float32(row):
-                results[i] = Fallback("model", "out_of_range")
-            else:
-                rows.append(row)
-                where.append(i)
+        rows, where = rows_for(model, batch, lambda row: out_of_range(row) is None and fits_float32(row))
+        results: list[Answer | Fallback] = [Fallback("model", "out_of_range")] * len(batch)
         if rows:
             try:
                 predictions = await self.slot.predict_many(rows)
@@ -113,7 +118,7 @@ class ModelTier:
                 ref = self._ref(model)
                 for i, prediction in zip(where, predictions, strict=True):
                     results[i] = self._judge(prediction, ref)
-        return results  # type: ignore[return-value]  # every slot is filled above
+        return results
 
     def _judge(self, prediction: Prediction, ref: ModelRef) -> Answer | Fallback:
         confidence = prediction.confidence

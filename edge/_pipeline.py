@@ -42,7 +42,7 @@ from ._config import PipelineConfig
 from ._errors import EdgeError, InputRejected
 from ._governance import ApprovalOutcome, Backlog, Governor, Unreachable, Verdict
 from ._inputs import InputSchema, rejection
-from ._ladder import Answer, Ladder, Resume, feature_row, fits_float32
+from ._ladder import Answer, Ladder, Resume, fits_float32, rows_for
 from ._messages import (
     JSON_ENCODER,
     MSGPACK_ENCODER,
@@ -97,13 +97,7 @@ class Shadow(msgspec.Struct):
         results: list[Prediction | None] = [None] * len(batch)
         if model is None:
             return results
-        rows: list[list[float]] = []
-        where: list[int] = []
-        for i, values in enumerate(batch):
-            row = feature_row(model, values)
-            if fits_float32(row):
-                rows.append(row)
-                where.append(i)
+        rows, where = rows_for(model, batch, fits_float32)
         if rows:
             for i, prediction in zip(where, await self.slot.predict_many(rows), strict=True):
                 results[i] = prediction

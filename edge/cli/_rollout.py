@@ -74,6 +74,7 @@ from ._output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, print_json
 POLL_S = 0.25  # how often reports are read while devices apply a desired value
 STATUS_CONCURRENCY = 32  # `status` requests in flight at once
 UNFINISHED = ("running", "interrupted", "failed")
+INTERRUPTED_SAVE_S = 5.0  # how long Ctrl-C waits to record where the rollout stopped
 
 
 class GateFailed(Exception):
@@ -140,7 +141,9 @@ class RolloutRun:
         except asyncio.CancelledError:  # Ctrl-C: say where it stopped, so --resume or abort can take it on
             rollout.state = "interrupted"
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await asyncio.wait_for(self.save(f"interrupted at stage {rollout.stage}"), 2.0)
+                # Bounded, but not tight: on a busy gateway or hub a KV write can take a second or two,
+                # and a record left "running" hides where the rollout stopped.
+                await asyncio.wait_for(self.save(f"interrupted at stage {rollout.stage}"), INTERRUPTED_SAVE_S)
             raise
         return rollout
 
