@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
+import sync._log as sync_log
 from sync import (
     GAP_KIND,
     AuditFull,
@@ -83,6 +85,27 @@ async def test_batch_mode_fsyncs_the_wal_once_per_interval_not_per_commit(tmp_pa
         # (durable_seq is published by the writer thread only after its fsync returned.)
         await wait_until(lambda: log.durable_seq == log.last_seq, within=5, what="the due group fsync")
         assert log.wal_fsyncs >= 1
+
+
+async def test_batch_mode_commits_go_on_while_an_fsync_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk's fsync holds no commit back (it runs on a thread of its own), and durable_seq
+    waits for it: what it claims is on stable storage is only what an fsync that returned covered."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hanging_sync(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+
+    monkeypatch.setattr(sync_log, "_sync_data", hanging_sync)
+    async with AuditLog(tmp_path / "b.db", "gw-1", fsync="batch", commit_interval_ms=1) as log:
+        await log.append("decision", BODY)
+        await asyncio.to_thread(entered.wait, 10)  # the first group fsync is stuck in the "disk"
+        assert log.durable_seq == 0
+        for _ in range(50):  # each one committed (resolved) while the fsync hangs
+            await log.append("decision", BODY)
+        assert log.last_seq == 51 and log.durable_seq == 0
+        release.set()
+        await wait_until(lambda: log.durable_seq == log.last_seq == 51, within=5, what="the fsyncs after the hang")
 
 
 async def test_callable_body_receives_the_seq(tmp_path: Path) -> None:
