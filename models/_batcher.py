@@ -191,12 +191,12 @@ class MicroBatcher:
                 self._pending -= 1
 
     async def predict_many(self, rows: Sequence[Sequence[float]] | npt.NDArray[np.floating[Any]]) -> list[Prediction]:
-        """Predict a batch the caller already has (one row per input, in `features` order): one inference.
+        """Predict rows the caller already holds together (one per input, in `features` order).
 
         The decision path batches by itself (it drains what is queued), so its rows need no company:
-        they run at once, on the event loop when the model has proved cheap enough for that (see
-        `INLINE_BUDGET_S`: no thread hand-off, which costs more than a small model's whole run),
-        else in the worker thread, after any batch already there. Same errors as `predict`.
+        they run at once, in runs of at most `max_batch` rows, each on the event loop when the model
+        has proved cheap enough for that (see `INLINE_BUDGET_S`: no thread hand-off, which costs more
+        than a small model's whole run), else in the worker thread. Same errors as `predict`.
         """
         if self._state is not BatcherState.RUNNING:
             raise ModelUnavailable(f"the batcher is {self._state.value}")
@@ -205,8 +205,15 @@ class MicroBatcher:
         values = np.asarray(rows, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] != self._width:
             raise ValueError(f"expected rows of shape (n, {self._width}), got {values.shape}")
+        model = self._model  # read once: a swap takes effect from the next call
+        predictions: list[Prediction] = []
+        for start in range(0, values.shape[0], self.max_batch):
+            predictions.extend(await self._run(model, values[start:start + self.max_batch]))
+        return predictions
+
+    async def _run(self, model: Model, values: npt.NDArray[np.float32]) -> list[Prediction]:
+        """One inference run of `values` (at most max_batch rows), inline or in the worker thread."""
         n = values.shape[0]
-        model = self._model  # read once: a swap takes effect from the next batch
         self.batches += 1
         self.rows += n
         try:

@@ -149,6 +149,14 @@ async def test_predict_many_answers_each_row_with_one_inference_and_learns_to_sk
             await batcher.predict_many([[1.0, 2.0]])
 
 
+async def test_predict_many_keeps_to_the_models_max_batch(weighted_sum: Model) -> None:
+    rows = [[float(i), 0.0, 0.0, 0.0] for i in range(20)]
+    async with MicroBatcher(weighted_sum, max_batch=8) as batcher:
+        predictions = await batcher.predict_many(rows)
+        assert [p.value for p in predictions] == [float(i) for i in range(20)]  # in order, each once
+        assert (batcher.batches, batcher.rows) == (3, 20)  # runs of 8, 8 and 4 rows, never more than max_batch
+
+
 async def test_predict_many_on_a_model_that_fails_raises_model_unavailable(weighted_sum: Model) -> None:
     class Failing:
         manifest = weighted_sum.manifest
