@@ -183,7 +183,7 @@ class _Item:
         self.content_type = content_type
         self.values = values
         self.arrived = arrived  # perf_counter_ns when the message was queued: latency counts the wait
-        self.received = received  # wall clock (ns) when its batch began: the Decision's received_at
+        self.received = received  # wall clock (ns) when it was queued: the Decision's received_at
 
 
 class _Ready(msgspec.Struct):
@@ -375,7 +375,8 @@ class Pipeline:
     async def decide_batch(self, batch: Sequence[tuple[Msg, int]]) -> None:
         """Decide, audit and publish a batch of messages (in the order given)."""
         logic = self.logic  # one config decides a batch from start to end, even across a swap
-        received = time.time_ns()
+        # Wall clock now, and how long each message waited in the queue: its received_at is its arrival.
+        wall, perf = time.time_ns(), time.perf_counter_ns()
         items: list[_Item] = []
         for msg, arrived in batch:
             reply = msg.reply
@@ -388,7 +389,7 @@ class Pipeline:
             except InputRejected as error:
                 await self._reject(msg.subject, msg.data, error, reply)
                 continue
-            items.append(_Item(msg.subject, msg.data, reply, content_type, values, arrived, received))
+            items.append(_Item(msg.subject, msg.data, reply, content_type, values, arrived, wall - (perf - arrived)))
         if not items:
             return
         inputs = [item.values for item in items]

@@ -63,6 +63,7 @@ async def test_a_burst_is_decided_in_batches_each_input_once_in_the_order_receiv
     seqs = [d["audit_seq"] for d in bodies]
     assert seqs == sorted(seqs) and len(set(seqs)) == BURST
     assert all(d["tier"] == "model" for d in bodies)
+    assert all(d["received_at"] <= d["decided_at"] for d in bodies)  # received: when it arrived, not its batch
     batches = status["batches"]
     # A burst arrives many messages per socket read: they are decided together, not one by one.
     assert batches["count"] < BURST / 4, batches
