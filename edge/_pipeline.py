@@ -394,11 +394,20 @@ class Pipeline:
             return
         inputs = [item.values for item in items]
         shadows = await self._shadow_many(logic, inputs) if logic.shadow is not None else None
-        results = await logic.ladder.decide_many(inputs)
+        results: Sequence[tuple[Answer, list[Fallback]] | Resume | None]
+        try:
+            results = await logic.ladder.decide_many(inputs)
+        except Exception:
+            # A bug must cost one input, never a batch: decide them one by one.
+            log.exception("pipeline %s: deciding a batch of %d failed; deciding each on its own", self.name,
+                          len(inputs))
+            results = [await self._decide_alone(logic, values) for values in inputs]
         paused = self.is_paused()
         ready: list[_Ready] = []
         for i, (item, result) in enumerate(zip(items, results, strict=True)):
             prediction = shadows[i] if shadows is not None else None
+            if result is None:
+                continue  # the bug is logged: this input is lost, the others are not
             if isinstance(result, Resume):
                 await self._off_batch(logic, item, result, prediction)
                 continue
@@ -408,6 +417,14 @@ class Pipeline:
                 ready.append(settled)
         if ready:
             await self._commit_and_publish(ready)
+
+    async def _decide_alone(self, logic: PipelineLogic,
+                            values: Mapping[str, Any]) -> tuple[Answer, list[Fallback]] | None:
+        try:
+            return await logic.ladder.decide(values)
+        except Exception:
+            log.exception("pipeline %s: unexpected error deciding an input", self.name)
+            return None
 
     async def _ask_cloud(self, logic: PipelineLogic, item: _Item, where: Resume,
                          prediction: Prediction | None) -> None:
@@ -436,7 +453,7 @@ class Pipeline:
             log.exception("pipeline %s: unexpected error deciding an input", self.name)
 
     def _govern(self, logic: PipelineLogic, item: _Item, answer: Answer, fallbacks: list[Fallback],
-                      prediction: Prediction | None, paused: bool) -> _Ready | None:
+                prediction: Prediction | None, paused: bool) -> _Ready | None:
         """Governance's verdict on an answer: the decision ready to audit, or None when it waits for a human."""
         shadow = self._shadow_result(logic, prediction, answer) if logic.shadow is not None else None
         verdict = logic.governor.review(answer.action, answer.tier, answer.confidence, paused=paused)

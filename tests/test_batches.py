@@ -16,6 +16,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from edge import Runtime, server_barrier
+from edge._ladder import Ladder
 from models import MicroBatcher, Model, ModelUnavailable, load_model
 from models._batcher import INLINE_BUDGET_S, RunCost
 from sync import AuditLog, iter_records
@@ -121,6 +122,30 @@ async def test_a_config_applied_during_a_burst_loses_and_doubles_nothing(
     switch = tiers.index("rules")
     assert set(tiers[:switch]) == {"model"} and set(tiers[switch:]) == {"rules"}
     assert 100 <= switch <= BURST  # every input sent after the apply returned is decided by the new config
+
+
+async def test_a_bug_in_the_batch_path_costs_no_input_of_the_batch(
+    nats_servers: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If deciding a batch as a batch fails (a bug), each input is decided on its own: all answered."""
+    async def broken(self: Ladder, batch: Any) -> Any:
+        raise RuntimeError("a bug in the batch path")
+
+    monkeypatch.setattr(Ladder, "decide_many", broken)
+    server = await nats_servers("local")
+    payloads = inputs(200)
+    async with Runtime(make_config(tmp_path, server.url)):
+        nc = await connect(server.url)
+        decisions = await Collector().start(nc, DECISIONS)
+        for payload in payloads:
+            await nc.publish("sensors.p1.pump", payload)
+        await server_barrier(nc)
+        bodies = await decisions.wait_for(200, within=20)
+        await nc.close()
+    index = index_by_digest(payloads)
+    assert [index[d["input_sha256"]] for d in bodies] == list(range(200))
+    assert all(d["tier"] == "model" and d["audit_seq"] >= 1 for d in bodies)
+    assert "deciding each on its own" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
