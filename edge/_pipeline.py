@@ -132,6 +132,7 @@ class PipelineStats:
         self.shadow_total = 0
         self.shadow_agree = 0
         self.latencies_ns: deque[int] = deque(maxlen=LATENCY_WINDOW)
+        self.unpublished = 0  # decided and audited, but the local bus would not take them
         self.batches = 0
         self.batched = 0  # inputs taken in batches (rejected ones included)
         self.batch_sizes: Counter[str] = Counter()
@@ -155,6 +156,7 @@ class PipelineStats:
             "by_tier": dict(self.by_tier),
             "fallbacks": dict(self.fallbacks),
             "rejected": dict(self.rejected),
+            "unpublished": self.unpublished,
             "governance": dict(self.governance),
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99)},
             "batches": {
@@ -545,6 +547,7 @@ class Pipeline:
         publish = self.bus.publish
         stats = self.stats
         now = time.perf_counter_ns()
+        unpublished = 0
         for r, outcome in zip(ready, outcomes, strict=True):
             decision = r.decision
             if isinstance(outcome, Exception):
@@ -552,20 +555,29 @@ class Pipeline:
                 payload = JSON_ENCODER.encode(decision)
             else:
                 payload, seq = outcome
-            await publish(r.logic.publish_subject, payload)
-            if r.reply:
-                if r.content_type != MSGPACK:
-                    await publish(r.reply, payload)
-                else:
-                    if not isinstance(outcome, Exception):
-                        decision = msgspec.structs.replace(decision, audit_seq=seq)
-                    await publish(r.reply, MSGPACK_ENCODER.encode(decision))
+            try:
+                await publish(r.logic.publish_subject, payload)
+                if r.reply:
+                    if r.content_type != MSGPACK:
+                        await publish(r.reply, payload)
+                    else:
+                        if not isinstance(outcome, Exception):
+                            decision = msgspec.structs.replace(decision, audit_seq=seq)
+                        await publish(r.reply, MSGPACK_ENCODER.encode(decision))
+            except nats.errors.Error as exc:
+                # The local bus is gone (closed, or its reconnect buffer full): the decision is on
+                # record; the rest of the batch is still tried, and each failure counted.
+                unpublished += 1
+                if unpublished == 1:
+                    log.error("pipeline %s: decision %s not published: %s", self.name, decision.id, exc)
             stats.decisions += 1
             stats.by_tier[decision.tier] += 1
             for fb in decision.fallbacks:
                 stats.fallbacks[f"{fb.tier}:{fb.reason}"] += 1
             stats.governance[decision.governance.status] += 1
             stats.latencies_ns.append(now - r.arrived)
+        if unpublished:
+            stats.unpublished += unpublished
 
     def _unaudited(self, logic: PipelineLogic, decision: Decision, exc: Exception) -> Decision:
         """The log could not take the record: act safely (the `instead` action) and say why."""

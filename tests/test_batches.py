@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.errors
 import numpy as np
 import pytest
 from nats.aio.msg import Msg
@@ -146,6 +147,39 @@ async def test_a_bug_in_the_batch_path_costs_no_input_of_the_batch(
     assert [index[d["input_sha256"]] for d in bodies] == list(range(200))
     assert all(d["tier"] == "model" and d["audit_seq"] >= 1 for d in bodies)
     assert "deciding each on its own" in caplog.text
+
+
+async def test_a_decision_the_bus_refuses_costs_only_itself(
+    nats_servers: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish that fails (the local bus closed, its buffer full) loses that message only: the
+    rest of its batch is published, every decision is on record, and status counts the failures."""
+    server = await nats_servers("local")
+    payloads = inputs(300)
+    index = index_by_digest(payloads)
+    async with Runtime(make_config(tmp_path, server.url)) as runtime:
+        pipeline = runtime.pipelines["pump"]
+        real_publish = pipeline.bus.publish
+
+        async def flaky_publish(subject: str, payload: bytes = b"", **kwargs: Any) -> None:
+            if subject == DECISIONS and index[msgspec.json.decode(payload)["input_sha256"]] % 10 == 0:
+                raise nats.errors.ConnectionClosedError
+            await real_publish(subject, payload, **kwargs)
+
+        monkeypatch.setattr(pipeline.bus, "publish", flaky_publish)
+        nc = await connect(server.url)
+        decisions = await Collector().start(nc, DECISIONS)
+        for payload in payloads:
+            await nc.publish("sensors.p1.pump", payload)
+        await server_barrier(nc)
+        await wait_until(lambda: pipeline.stats.decisions == 300, within=20, what="300 decisions made")
+        bodies = await decisions.wait_for(270, within=10)
+        status = pipeline.status()
+        await nc.close()
+    assert sorted(index[d["input_sha256"]] for d in bodies) == [i for i in range(300) if i % 10]
+    assert status["unpublished"] == 30 and status["batches"]["count"] < 300  # failures inside batches
+    audited = [r for r in iter_records(runtime.data_dir / "audit.db") if r.kind == "decision"]
+    assert len(audited) == 300
 
 
 # ---------------------------------------------------------------------------------------------
