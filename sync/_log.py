@@ -321,22 +321,7 @@ class AuditLog:
         when the log is not open. A failed commit fails the future with AuditUnavailable, and that
         seq is given to a later record (the record it named was never written).
         """
-        if self.state not in (LogState.OPEN, LogState.FAILING):
-            raise AuditUnavailable(f"audit log is not open (state {self.state.value})")
-        if self._full and self.on_full == "block":
-            raise AuditFull(self._used_bytes, self.max_bytes)
-        loop = self._loop
-        assert loop is not None
-        future: asyncio.Future[int] = loop.create_future()
-        ts = time.time_ns()
-        with self._cond:
-            record = self._chain.make(kind, body, ts)
-            if not self._queue:
-                self._cond.notify()
-            elif len(self._queue) + 1 >= _MAX_BATCH:
-                self._cond.notify()
-            self._queue.append((record, future))
-        self._unresolved += 1
+        ((_, future),) = self.append_many(kind, (body,))
         return future
 
     def append_many(
