@@ -50,9 +50,11 @@ from ._messages import (
     Decision,
     Fallback,
     Governance,
+    ModelRef,
     ShadowResult,
 )
 from ._natsutil import server_barrier
+from ._records import DECISION_KIND, MODEL_KIND, decision_record, model_in_use
 from ._replies import ReplyPolicy
 
 log = logging.getLogger("edge.pipeline")
@@ -73,10 +75,10 @@ class PipelineState(enum.Enum):
 
 
 class Chained(Protocol):
-    """A record as the audit log chained it: its canonical JSON body is what gets published."""
+    """A record as the audit log chained it."""
 
     @property
-    def body(self) -> msgspec.Raw: ...
+    def seq(self) -> int: ...
 
 
 class AuditSink(msgspec.Struct):
@@ -84,6 +86,7 @@ class AuditSink(msgspec.Struct):
 
     append: Callable[[str, Any], asyncio.Future[int]]
     append_many: Callable[[str, Sequence[Any]], Sequence[tuple[Chained, asyncio.Future[int]]]]
+    oldest_seq: Callable[[], int] = lambda: 0  # the oldest record retention has kept
 
 
 class Shadow(msgspec.Struct):
@@ -236,6 +239,7 @@ class Pipeline:
         self._clouds: set[asyncio.Task[None]] = set()
         self._cloud_slots = asyncio.Semaphore(CLOUD_IN_FLIGHT)
         self._ids = itertools.count(1)
+        self._model_seqs: dict[ModelRef, int] = {}  # the `model` record each model's decisions refer to
         self._reject_window: Counter[str] = Counter()
         self._reject_examples: dict[str, str] = {}
         self._reject_flusher: asyncio.Task[None] | None = None
@@ -531,19 +535,23 @@ class Pipeline:
     async def _commit_and_publish(self, ready: Sequence[_Ready]) -> None:
         """Write-ahead: the batch's records are committed before anyone hears of a decision in it.
 
-        Each body is encoded once, by the log as it chains the record, and those committed bytes
-        are what is published (the decision with its `audit_seq`).
+        A record holds what is specific to its decision (`_records`); the decision published
+        carries the seq its record was given.
         """
         try:
-            chained = self.audit.append_many("decision", [_with_seq(r.decision) for r in ready])
+            bodies = [decision_record(r.decision, self._model_seq(r.decision.model)) for r in ready]
+            chained = self.audit.append_many(DECISION_KIND, bodies)
         except Exception as exc:  # the audit error tree is the sync package's; any failure blocks
-            outcomes: list[tuple[bytes, int] | Exception] = [exc] * len(ready)
+            outcomes: list[int | Exception] = [exc] * len(ready)
         else:
             try:
                 await chained[-1][1]  # the last settles after every earlier one (commits are in order)
             except Exception:
                 pass  # which of them failed is read below
-            outcomes = [_outcome(record, future) for record, future in chained]
+            outcomes = [_outcome(future) for _, future in chained]
+        if any(isinstance(outcome, Exception) for outcome in outcomes):
+            # A failed commit rewinds the chain: a model record's seq may now be another record's.
+            self._model_seqs.clear()
         publish = self.bus.publish
         stats = self.stats
         now = time.perf_counter_ns()
@@ -552,18 +560,14 @@ class Pipeline:
             decision = r.decision
             if isinstance(outcome, Exception):
                 decision = self._unaudited(r.logic, decision, outcome)
-                payload = JSON_ENCODER.encode(decision)
             else:
-                payload, seq = outcome
+                decision = msgspec.structs.replace(decision, audit_seq=outcome)
+            payload = JSON_ENCODER.encode(decision)
             try:
                 await publish(r.logic.publish_subject, payload)
                 if r.reply:
-                    if r.content_type != MSGPACK:
-                        await publish(r.reply, payload)
-                    else:
-                        if not isinstance(outcome, Exception):
-                            decision = msgspec.structs.replace(decision, audit_seq=seq)
-                        await publish(r.reply, MSGPACK_ENCODER.encode(decision))
+                    reply = payload if r.content_type != MSGPACK else MSGPACK_ENCODER.encode(decision)
+                    await publish(r.reply, reply)
             except nats.errors.Error as exc:
                 # The local bus is gone (closed, or its reconnect buffer full): the decision is on
                 # record; the rest of the batch is still tried, and each failure counted.
@@ -578,6 +582,17 @@ class Pipeline:
             stats.latencies_ns.append(now - r.arrived)
         if unpublished:
             stats.unpublished += unpublished
+
+    def _model_seq(self, model: ModelRef | None) -> int | None:
+        """The seq of the `model` record that names `model`, written first if there is none (or
+        retention has deleted it): a decision record refers to its model by that seq."""
+        if model is None:
+            return None
+        seq = self._model_seqs.get(model)
+        if seq is None or seq < self.audit.oldest_seq():
+            ((record, _),) = self.audit.append_many(MODEL_KIND, [model_in_use(self.name, model)])
+            seq = self._model_seqs[model] = record.seq
+        return seq
 
     def _unaudited(self, logic: PipelineLogic, decision: Decision, exc: Exception) -> Decision:
         """The log could not take the record: act safely (the `instead` action) and say why."""
@@ -647,16 +662,11 @@ class Pipeline:
                 "waiting": {"cloud": len(self._clouds), "approval": len(self._approvals)}, **self.stats.snapshot()}
 
 
-def _with_seq(decision: Decision) -> Callable[[int], Decision]:
-    """The record's body: the decision with the seq the log gives it (so the published one carries it too)."""
-    return lambda seq: msgspec.structs.replace(decision, audit_seq=seq)
-
-
-def _outcome(record: Chained, future: asyncio.Future[int]) -> tuple[bytes, int] | Exception:
-    """A settled append: the committed body and its seq, or why it was not committed."""
+def _outcome(future: asyncio.Future[int]) -> int | Exception:
+    """A settled append: its seq, or why it was not committed."""
     if future.cancelled():
         return EdgeError("the append was cancelled")
     error = future.exception()
     if error is not None:
         return error if isinstance(error, Exception) else EdgeError(repr(error))
-    return bytes(record.body), future.result()
+    return future.result()

@@ -317,6 +317,9 @@ class Runtime:
             self._paused_file.unlink(missing_ok=True)
             self.record("resume", {"by": by, "reason": reason})
 
+    def _oldest_audit_seq(self) -> int:
+        return self.audit.oldest_seq if self.audit is not None else 0
+
     @property
     def _paused_file(self) -> Path:
         return self.data_dir / "paused.json"
@@ -508,7 +511,8 @@ class Runtime:
     async def _start_pipeline(self, p: PipelineConfig) -> Pipeline:
         assert self.audit is not None and self.local is not None
         pipeline = Pipeline(self._build_logic(p), device=self.device, bus=self.local,
-                            audit=AuditSink(append=self.audit.append, append_many=self.audit.append_many),
+                            audit=AuditSink(append=self.audit.append, append_many=self.audit.append_many,
+                                            oldest_seq=self._oldest_audit_seq),
                             is_paused=lambda: self.paused,
                             approver=self.approvals.ask, replies=self.replies)
         await self._stack.enter_async_context(pipeline)

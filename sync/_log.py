@@ -76,6 +76,7 @@ import msgspec
 
 from ._errors import AuditFull, AuditUnavailable, ChainBroken, SyncError
 from ._record import GAP_KIND, GENESIS, AuditRecord, Chain, GapBody, check_device, encode_record, gap_body
+from ._storage import pack_row, unpack_body, unpack_digest, unpack_row
 
 log = logging.getLogger("sync.audit")
 
@@ -99,7 +100,7 @@ _TAIL_CHECK = 64  # records re-verified on open
 _SYNCED_PERSIST_S = 0.05  # synced_seq is persisted at most this often on its own (free with a batch)
 _HOUSEKEEPING_S = 60.0  # an idle log still sweeps expired synced records this often
 _RETENTION_CHECK_S = 1.0  # a busy log measures itself at least this often
-_ROW_OVERHEAD_BYTES = 200  # per record beyond its body: seq, ts, kind, prev, hash, b-tree cells
+_ROW_OVERHEAD_BYTES = 90  # per record beyond its stored body: seq, ts, kind, prev, hash, b-tree cells
 _TAIL_RECORDS = 4096  # committed, not yet synced records kept in memory for the uploader (~4 MB)
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0
@@ -147,15 +148,6 @@ class _DropPlan(msgspec.Struct, frozen=True):
     delete: list[tuple[int, int]]
     gaps: list[GapBody]
     records: int  # records deleted that are not gap records (progress beyond rewriting gaps)
-
-
-def _row(record: AuditRecord) -> tuple[int, int, str, bytes, str, str]:
-    return (record.seq, record.ts, record.kind, bytes(record.body), record.prev, record.hash)
-
-
-def _record(device: str, row: tuple[Any, ...]) -> AuditRecord:
-    seq, ts, kind, body, prev, digest = row
-    return AuditRecord(device=device, seq=seq, ts=ts, kind=kind, body=msgspec.Raw(bytes(body)), prev=prev, hash=digest)
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> str | None:
@@ -463,7 +455,7 @@ class AuditLog:
     async def read(self, from_seq: int, limit: int) -> list[AuditRecord]:
         """Up to `limit` committed records with seq >= from_seq, in seq order."""
         rows = await self._read_rows(from_seq, limit)
-        return [_record(self.device, row) for row in rows]
+        return [unpack_row(self.device, row) for row in rows]
 
     async def _read_rows(self, from_seq: int, limit: int) -> list[tuple[Any, ...]]:
         reader = self._reader
@@ -518,8 +510,8 @@ class AuditLog:
 
     def _read_wire_in_thread(self, from_seq: int, limit: int) -> list[tuple[int, str, str, bytes]]:
         device = self.device
-        return [(row[0], row[2], row[5], encode_record(_record(device, row)))
-                for row in self._read_in_thread(from_seq, limit)]
+        records = [unpack_row(device, row) for row in self._read_in_thread(from_seq, limit)]
+        return [(record.seq, record.kind, record.hash, encode_record(record)) for record in records]
 
     def _close_reader(self) -> None:
         if self._reader_conn is not None:
@@ -637,7 +629,7 @@ class AuditLog:
         except sqlite3.Error as exc:
             raise AuditUnavailable(f"cannot open audit log {str(self.path)!r}", exc) from exc
         self._notes = {str(key)[len(_NOTE_PREFIX):]: str(value) for key, value in notes}
-        records = [_record(self.device, row) for row in reversed(tail)]
+        records = [unpack_row(self.device, row) for row in reversed(tail)]
         self._check_tail(records)
         if records:
             self._w_last_seq, self._w_last_hash = records[-1].seq, records[-1].hash
@@ -756,7 +748,10 @@ class AuditLog:
             if drop is not None:
                 conn.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", drop.delete)
             if batch:
-                conn.executemany(_INSERT, [_row(record) for record, _ in batch])
+                rows = [pack_row(record) for record, _ in batch]
+                conn.executemany(_INSERT, rows)
+                # Between measures of the file, the size is estimated from what was written.
+                self._used_bytes += sum(len(row[3]) + _ROW_OVERHEAD_BYTES for row in rows)
             if synced != self._synced_written:
                 conn.execute(_SET_META, ("synced_seq", str(synced)))
             conn.execute("COMMIT")
@@ -872,7 +867,7 @@ class AuditLog:
         try:
             row = conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
             if row is not None:
-                last_seq, last_hash = int(row[0]), str(row[1])
+                last_seq, last_hash = int(row[0]), unpack_digest(row[1])
         except sqlite3.Error as read_exc:
             log.warning("audit log: cannot read the tail after a failed commit: %s", read_exc)
         with self._cond:
@@ -898,9 +893,9 @@ class AuditLog:
 
     def _housekeeping_due(self, batch: list[_Queued], drop: _DropPlan | None) -> bool:
         # Measuring the file takes three PRAGMAs: after every commit that was a tenth of the
-        # writer's time. Between measures the size is estimated from what was written; the exact
-        # measure runs when the estimate nears max_bytes, after a drop, or every _RETENTION_CHECK_S.
-        self._used_bytes += sum(len(record.body) + _ROW_OVERHEAD_BYTES for record, _ in batch)
+        # writer's time. Between measures the size is estimated from what was written (_commit);
+        # the exact measure runs when the estimate nears max_bytes, after a drop, or every
+        # _RETENTION_CHECK_S.
         now = time.monotonic()
         if drop is not None or self._full or self._used_bytes >= 0.9 * self.max_bytes or now >= self._next_retention:
             self._next_retention = now + _RETENTION_CHECK_S
@@ -1061,7 +1056,8 @@ def _plan_gaps(device: str, rows: list[tuple[Any, ...]], *, max_runs: int) -> _D
     runs: list[list[Any]] = []  # [from_seq, to_seq, after_hash, last_hash]
     carried: list[GapBody] = []
     records = 0
-    for seq, kind, body, prev, digest in rows:
+    for seq, kind, stored_body, stored_prev, stored_digest in rows:
+        prev, digest = unpack_digest(stored_prev), unpack_digest(stored_digest)
         if runs and runs[-1][1] + 1 == seq:
             runs[-1][1], runs[-1][3] = seq, digest
         elif len(runs) < max_runs:
@@ -1069,8 +1065,8 @@ def _plan_gaps(device: str, rows: list[tuple[Any, ...]], *, max_runs: int) -> _D
         else:
             break
         if kind == GAP_KIND:
-            record = AuditRecord(device=device, seq=seq, ts=0, kind=kind, body=msgspec.Raw(bytes(body)), prev=prev,
-                                 hash=digest)
+            body = msgspec.Raw(unpack_body(bytes(stored_body)))
+            record = AuditRecord(device=device, seq=seq, ts=0, kind=kind, body=body, prev=prev, hash=digest)
             old = gap_body(record)
             if old is not None:
                 carried.append(old)
@@ -1150,7 +1146,7 @@ def iter_records(
             if not rows:
                 return
             for row in rows:
-                yield _record(device, row)
+                yield unpack_row(device, row)
     except sqlite3.Error as exc:
         raise AuditUnavailable(f"cannot read audit log {str(path)!r}", exc) from exc
     finally:

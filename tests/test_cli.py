@@ -14,6 +14,7 @@ import pytest
 from edge import BUNDLED_CONFIG, Runtime
 from edge.cli import main
 from models import bundled_model_path
+from sync._storage import unpack_body
 from tests.nats_harness import ServerFactory
 from tests.polling import wait_until
 from tests.runtime_harness import ANOMALY, NORMAL, bundled_config_with, connect, encode, make_config
@@ -75,7 +76,13 @@ async def test_audit_commands_on_a_real_log(nats_servers: ServerFactory, tmp_pat
     assert main(["audit", "query", "--db", db, "--kind", "decision", "--json"]) == 0
     decisions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["body"]["label"] for d in decisions] == ["normal", "anomaly", "normal"]
-    assert all(d["body"]["audit_seq"] == d["seq"] for d in decisions)
+    # A record keeps what is specific to its decision; --decisions reads the full Decision back.
+    assert all("device" not in d["body"] and isinstance(d["body"]["model"], int) for d in decisions)
+    assert main(["audit", "query", "--db", db, "--decisions"]) == 0
+    full = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["audit_seq"], d["device"], d["label"]) for d in full] == [
+        (d["seq"], "gw-test", d["body"]["label"]) for d in decisions]
+    assert all(d["model"]["name"] == "pump-anomaly" and len(d["model"]["sha256"]) == 64 for d in full)
 
     out = tmp_path / "export.jsonl"
     assert main(["audit", "export", "--db", db, "--out", str(out)]) == 0
@@ -91,10 +98,11 @@ async def test_audit_commands_on_a_real_log(nats_servers: ServerFactory, tmp_pat
     # Tamper with one decision: verify names its seq and fails.
     victim = decisions[1]["seq"]
     with sqlite3.connect(db) as conn:
-        columns = [row[1] for row in conn.execute("PRAGMA table_info(records)")]
-        body_column = "body" if "body" in columns else columns[3]
-        tampered = f"CAST(replace({body_column}, 'inspect', 'none') AS BLOB)"
-        conn.execute(f"UPDATE records SET {body_column} = {tampered} WHERE seq = ?", (victim,))
+        stored = conn.execute("SELECT body FROM records WHERE seq = ?", (victim,)).fetchone()[0]
+        # Whoever holds the file can unpack a stored body (the format is documented) and write it back changed.
+        forged = unpack_body(stored).replace(b"inspect", b"none")
+        assert forged != unpack_body(stored)
+        conn.execute("UPDATE records SET body = ? WHERE seq = ?", (forged, victim))
     assert main(["audit", "verify", "--db", db, "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["first_bad_seq"] == victim

@@ -94,8 +94,10 @@ async def status(url: str, capsys: pytest.CaptureFixture[str], rollout_id: str |
 
 
 def model_events(runtime: Runtime) -> list[str]:
+    """What was done to the device's models (not the `in_use` records decisions refer to)."""
     assert runtime.audit is not None
-    return [msgspec.json.decode(r.body).get("event", "") for r in iter_records(runtime.audit.path, kinds=["model"])]
+    events = [msgspec.json.decode(r.body).get("event", "") for r in iter_records(runtime.audit.path, kinds=["model"])]
+    return [event for event in events if event != "in_use"]
 
 
 async def reporting(nc: NATS, devices: Iterable[str]) -> None:

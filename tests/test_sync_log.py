@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import threading
 import time
@@ -26,7 +27,8 @@ from sync import (
 )
 from tests.polling import wait_until
 
-BODY = {"reading": "x" * 360, "rms": 4.2, "label": "normal"}
+# Incompressible, so that a record's size on disk is what the retention tests count on.
+BODY = {"reading": random.Random(7).randbytes(300).hex(), "rms": 4.2, "label": "normal"}
 
 
 def seqs_in(path: Path) -> list[int]:
@@ -180,9 +182,9 @@ async def test_tampering_names_the_seq(tmp_path: Path, sql: str, args: tuple[obj
 async def test_a_rewritten_record_with_a_recomputed_hash_is_named(tmp_path: Path) -> None:
     path = await _tampered(tmp_path, "SELECT 1", ())
     with sqlite3.connect(path) as conn:
-        ts, prev = conn.execute("SELECT ts, prev FROM records WHERE seq = 7").fetchone()
+        ts, stored_prev = conn.execute("SELECT ts, prev FROM records WHERE seq = 7").fetchone()
         body = b'{"i":666}'
-        digest = record_hash("gw-1", 7, ts, "decision", body, prev)
+        digest = record_hash("gw-1", 7, ts, "decision", body, stored_prev.hex())
         conn.execute("UPDATE records SET body = ?, hash = ? WHERE seq = 7", (body, digest))
     report = verify_chain(path)
     assert report.first_bad_seq == 7 and "prev of seq 8" in report.problem
@@ -208,7 +210,7 @@ async def test_failed_commits_fail_their_futures_and_do_not_break_the_chain(tmp_
             conn.execute(f"PRAGMA max_page_count = {pages}")
 
         await log._run_in_writer(disk_full)
-        big = {"blob": "y" * 20_000}
+        big = {"blob": random.Random(1).randbytes(10_000).hex()}  # incompressible: it needs new pages
         first = [log.append("decision", big) for _ in range(5)]
         results = await asyncio.gather(*first, return_exceptions=True)
         assert all(isinstance(r, AuditUnavailable) for r in results), results

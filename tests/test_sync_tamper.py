@@ -203,7 +203,7 @@ async def test_a_rewritten_suffix_is_refused_upstream_and_an_unsigned_one_fails_
                 assert await uploader.sync_now(10) == 0
             await asyncio.gather(*[log.append("decision", BODY) for _ in range(5)])
         with sqlite3.connect(path) as conn:
-            prev = conn.execute("SELECT hash FROM records WHERE seq = 14").fetchone()[0]
+            prev = conn.execute("SELECT hash FROM records WHERE seq = 14").fetchone()[0].hex()
             for seq in range(15, 26):
                 ts = conn.execute("SELECT ts FROM records WHERE seq = ?", (seq,)).fetchone()[0]
                 body = b'{"label":"normal","rewritten":true}'

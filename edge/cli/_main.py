@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +141,41 @@ def _print_records(records: Sequence[Any], as_json: bool) -> None:
             print(f"{record.seq:>8}  {when}  {record.kind:<16} {body}")
 
 
+def _full_decisions(db: Path, records: Iterable[Any]) -> Iterator[str]:
+    """The Decision of each decision record among `records`, as JSON: a record keeps only what is
+    specific to its decision; the rest (device, model, audit_seq) is read back from the log."""
+    import msgspec
+
+    from sync import iter_records
+
+    from .._records import MODEL_KIND, DecisionReader
+
+    reader = DecisionReader()
+    reader.remember(iter_records(db, kinds=[MODEL_KIND]))
+    for _, decision in reader.decisions(records):
+        yield msgspec.json.encode(decision).decode()
+
+
+def _print_selected(db: Path, records: Iterable[Any], args: argparse.Namespace) -> None:
+    if args.decisions:
+        for line in _full_decisions(db, records):
+            sys.stdout.write(line + "\n")
+    else:
+        _print_records(list(records), args.json)
+
+
+def _kinds(args: argparse.Namespace) -> list[str] | None:
+    return ["decision"] if args.decisions else (args.kind or None)
+
+
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     from collections import deque
 
     from sync import iter_records
 
-    last = deque(iter_records(_audit_db(args), kinds=args.kind or None), maxlen=args.n)
-    _print_records(list(last), args.json)
+    db = _audit_db(args)
+    last = deque(iter_records(db, kinds=_kinds(args)), maxlen=args.n)
+    _print_selected(db, last, args)
     return EXIT_OK
 
 
@@ -156,22 +184,26 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
 
     from sync import iter_records
 
-    records = iter_records(_audit_db(args), from_seq=args.from_seq, to_seq=args.to_seq,
-                           kinds=args.kind or None, since_ns=_since_ns(args.since))
-    _print_records(list(islice(records, args.limit)), args.json)
+    db = _audit_db(args)
+    records = iter_records(db, from_seq=args.from_seq, to_seq=args.to_seq, kinds=_kinds(args),
+                           since_ns=_since_ns(args.since))
+    _print_selected(db, list(islice(records, args.limit)), args)
     return EXIT_OK
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from sync import iter_records
 
-    records = iter_records(_audit_db(args), from_seq=args.from_seq, to_seq=args.to_seq,
-                           kinds=args.kind or None, since_ns=_since_ns(args.since))
+    db = _audit_db(args)
+    records = iter_records(db, from_seq=args.from_seq, to_seq=args.to_seq, kinds=_kinds(args),
+                           since_ns=_since_ns(args.since))
+    lines = (_full_decisions(db, records) if args.decisions
+             else (json.dumps(_record_dict(record), separators=(",", ":")) for record in records))
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # closed below
     count = 0
     try:
-        for record in records:
-            out.write(json.dumps(_record_dict(record), separators=(",", ":")) + "\n")
+        for line in lines:
+            out.write(line + "\n")
             count += 1
     finally:
         if out is not sys.stdout:
@@ -341,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help="config file (default: the bundled example); finds data_dir")
         p.add_argument("--db", help="the audit log file itself (instead of -c)")
         p.add_argument("--kind", action="append", help="only records of this kind (repeatable)")
+        if name != "verify":
+            p.add_argument("--decisions", action="store_true",
+                           help="print the full Decisions the decision records hold (device, model and "
+                                "audit_seq filled in from the log), one JSON object a line")
         return p
 
     p = audit_command("tail", cmd_audit_tail, "the last records")

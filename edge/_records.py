@@ -1,0 +1,142 @@
+"""A decision's audit record holds what is specific to the decision: pure logic, no I/O.
+
+A Decision (the message published, SPEC §5) repeats what is the same for many decisions: the
+device, the model's name, version and sha256, its own audit seq. Its audit record does not:
+
+- `device` and `audit_seq` are the record's own `device` and `seq`;
+- `model` is the seq of a `model` record with `event = "in_use"` (`{event, pipeline, name,
+  version, sha256}`) that a pipeline writes before the first decision a model makes, again after
+  any change of model, and again once retention has deleted the one it referred to;
+- `shadow`, `confidence` and `fallbacks` are left out when empty.
+
+Everything else is the Decision's own field, under its own name. `DecisionReader` turns records
+back into full Decisions (`edge audit ... --decisions`), so nothing a reader could ask of the
+Decision is lost; the hash chain covers the compact body exactly as it was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import msgspec
+
+from sync import AuditRecord
+
+from ._messages import Decision, Fallback, Governance, ModelRef, ShadowResult
+
+DECISION_KIND = "decision"
+MODEL_KIND = "model"
+IN_USE = "in_use"
+
+
+class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The body of a `decision` audit record (see the module docstring)."""
+
+    id: str
+    pipeline: str
+    subject: str
+    received_at: int
+    decided_at: int
+    action: str
+    label: str
+    tier: str
+    governance: Governance
+    input_sha256: str
+    confidence: float | None = None
+    fallbacks: list[Fallback] = []
+    model: int | None = None  # the seq of the `model` record naming the model that decided
+    shadow: ShadowResult | None = None
+
+
+class ModelInUse(msgspec.Struct, frozen=True):
+    """The body of a `model` record that says which model a pipeline's decisions refer to."""
+
+    event: str
+    pipeline: str
+    name: str
+    version: str
+    sha256: str
+
+
+class _ModelEvent(msgspec.Struct):
+    event: str = ""
+
+
+_record_decoder = msgspec.json.Decoder(DecisionRecord)
+_in_use_decoder = msgspec.json.Decoder(ModelInUse)
+_event_decoder = msgspec.json.Decoder(_ModelEvent)
+
+
+def decision_record(decision: Decision, model_seq: int | None) -> DecisionRecord:
+    """The record body of `decision`; `model_seq` is the seq of the record naming its model."""
+    return DecisionRecord(
+        id=decision.id, pipeline=decision.pipeline, subject=decision.subject, received_at=decision.received_at,
+        decided_at=decision.decided_at, action=decision.action, label=decision.label, tier=decision.tier,
+        governance=decision.governance, input_sha256=decision.input_sha256, confidence=decision.confidence,
+        fallbacks=decision.fallbacks, model=model_seq if decision.model is not None else None,
+        shadow=decision.shadow,
+    )
+
+
+def model_in_use(pipeline: str, model: ModelRef) -> ModelInUse:
+    """The body of the `model` record a pipeline writes before decisions that refer to `model`."""
+    return ModelInUse(event=IN_USE, pipeline=pipeline, name=model.name, version=model.version, sha256=model.sha256)
+
+
+class DecisionReader:
+    """Reads audit records in seq order and gives back the full Decisions they record.
+
+    Feed it every `model` record before the decisions that refer to them (reading a range, feed
+    the range's earlier `model` records first: `remember`). A decision whose model record is not
+    known (deleted, or outside what was read) gets `model = None`, and its seq is in `unresolved`.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[int, ModelRef] = {}
+        self.unresolved: list[int] = []
+
+    def remember(self, records: Iterable[AuditRecord]) -> None:
+        """Learn the model records among `records` (others are ignored)."""
+        for record in records:
+            self._learn(record)
+
+    def _learn(self, record: AuditRecord) -> None:
+        if record.kind != MODEL_KIND:
+            return
+        body = bytes(record.body)
+        try:
+            if _event_decoder.decode(body).event != IN_USE:
+                return
+            model = _in_use_decoder.decode(body)
+        except msgspec.DecodeError:
+            return
+        self._models[record.seq] = ModelRef(name=model.name, version=model.version, sha256=model.sha256)
+
+    def decisions(self, records: Iterable[AuditRecord]) -> Iterator[tuple[AuditRecord, Decision]]:
+        """(record, Decision) for each decision record among `records`, learning model records on the way."""
+        for record in records:
+            if record.kind == MODEL_KIND:
+                self._learn(record)
+            elif record.kind == DECISION_KIND:
+                decision = self.decision(record)
+                if decision is not None:
+                    yield record, decision
+
+    def decision(self, record: AuditRecord) -> Decision | None:
+        """The full Decision a decision record holds (None if its body is not a decision)."""
+        seq = record.seq
+        try:
+            body = _record_decoder.decode(bytes(record.body))
+        except msgspec.DecodeError:
+            return None
+        model: ModelRef | None = None
+        if body.model is not None:
+            model = self._models.get(body.model)
+            if model is None:
+                self.unresolved.append(seq)
+        return Decision(
+            id=body.id, device=record.device, pipeline=body.pipeline,
+            subject=body.subject, received_at=body.received_at, decided_at=body.decided_at, action=body.action,
+            label=body.label, confidence=body.confidence, tier=body.tier, fallbacks=body.fallbacks, model=model,
+            shadow=body.shadow, governance=body.governance, audit_seq=seq, input_sha256=body.input_sha256,
+        )
