@@ -105,6 +105,9 @@ _TAIL_RECORDS = 4096  # committed, not yet synced records kept in memory for the
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _BUSY_TIMEOUT_MS = 2000
+# Every commit writes each page it changed to the WAL whole; at a gateway's steady rate a commit
+# holds one or two records, so the page is what costs flash, not the record.
+_PAGE_SIZE = 1024
 _RETENTION_TARGET = 0.9  # delete down to this fraction of max_bytes so retention does not run every commit
 _MAX_GAPS_PER_DROP = 8  # gap records one drop may write (runs of deleted records between protected ones)
 PROTECTED_KINDS = ("command", "config", "model")
@@ -605,6 +608,9 @@ class AuditLog:
             raise AuditUnavailable(f"cannot open audit log {str(self.path)!r}", exc) from exc
         self._conn = conn
         try:
+            # A new file only (an existing one keeps its size): see _PAGE_SIZE. Before WAL mode,
+            # which fixes it.
+            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise AuditUnavailable(f"audit log {str(self.path)!r} cannot use WAL mode (got {mode!r})")
