@@ -122,7 +122,7 @@ class AuditConfig(_Strict):
     fsync: Annotated[Literal["always", "batch", "off"], _doc(
         "always: fsync every commit; batch: one fsync per commit_interval_ms; off: never")] = "batch"
     commit_interval_ms: Annotated[float, _doc("batch mode: milliseconds between two fsyncs")] = 2.0
-    max_bytes: Annotated[str | int, _doc('the log\'s size limit ("1GiB", "500MB" or a number of bytes)')] = "1GiB"
+    max_bytes: Annotated[str | int, _doc('the log\'s size limit ("3GiB", "500MB" or a number of bytes)')] = "3GiB"
     on_full: Annotated[Literal["drop_oldest", "block"], _doc(
         "with only unsynced records left: drop the oldest (a gap record says so), or block (act as instead)")
     ] = "drop_oldest"

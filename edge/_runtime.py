@@ -72,6 +72,7 @@ from .fleet import Fleet, load_seed, new_seed
 
 log = logging.getLogger("edge.runtime")
 
+RETENTION_CHECK_S = 60.0
 # While the upstream link is down, nats-py would buffer publishes and replay them on reconnect.
 # Upstream, that buffer is disabled: a cloud request fails at once (and falls through the ladder),
 # and the audit stream has its own uploader that resumes from what the stream holds.
@@ -204,6 +205,7 @@ class Runtime:
         stack.callback(self._cancel_background)
         self._spawn(self._probe_forever(), "link-probe")
         self._spawn(self._flush_refusals_forever(), "refusal-flusher")
+        self._spawn(self._watch_retention_forever(), "retention-watch")
         if self.upstream is None:
             self._spawn(self._connect_upstream_until_up(), "upstream-connect")
         if self.server is not None:
@@ -357,6 +359,20 @@ class Runtime:
             audit_backlog=self.audit.backlog if self.audit is not None else 0,
             device_key=self.device_key,
         )
+
+    async def _watch_retention_forever(self) -> None:
+        # Whether audit.max_bytes can keep audit.keep_synced at the rate decisions come: said at
+        # start (from the log's own recent records), and again whenever that changes.
+        warned = ""
+        while not self._stop.is_set():
+            assert self.audit is not None
+            warning = self.audit.retention().warning
+            if warning and not warned:
+                log.warning("%s", warning)
+            elif warned and not warning:
+                log.info("audit.max_bytes holds audit.keep_synced again at the rate seen")
+            warned = warning
+            await asyncio.sleep(RETENTION_CHECK_S)  # pace: the rate is a five-minute one
 
     async def _flush_refusals_forever(self) -> None:
         # Forged and late approval answers: one audit record a second at most, however many come.

@@ -8,7 +8,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._errors import AuditConflict, AuditFull, AuditUnavailable, ChainBroken, StreamMissing, SyncError
-from ._log import AuditLog, FsyncMode, LogState, LogSummary, OnFull, iter_records, read_summary
+from ._log import (
+    AuditLog,
+    FsyncMode,
+    LogState,
+    LogSummary,
+    OnFull,
+    RetentionOutlook,
+    iter_records,
+    read_summary,
+    retention_outlook,
+)
 from ._record import (
     GAP_KIND,
     GENESIS,
@@ -73,6 +83,7 @@ __all__ = [
     "LogState",
     "LogSummary",
     "OnFull",
+    "RetentionOutlook",
     "StreamMissing",
     "SyncError",
     "Uploader",
@@ -91,6 +102,7 @@ __all__ = [
     "public_key_of",
     "read_summary",
     "record_hash",
+    "retention_outlook",
     "sign",
     "signed_bytes",
     "verify_chain",

@@ -109,6 +109,13 @@ _BUSY_TIMEOUT_MS = 2000
 # holds one or two records, so the page is what costs flash, not the record.
 _PAGE_SIZE = 1024
 _RETENTION_TARGET = 0.9  # delete down to this fraction of max_bytes so retention does not run every commit
+_COMPRESS_UP_TO = 16  # records in a commit whose bodies are still compressed
+_RATE_WINDOW_S = 300.0  # the record rate retention_outlook is given: over the last five minutes ...
+_RATE_SAMPLE_S = 1.0
+_RATE_MIN_SPAN_S = 10.0  # ... once this much has been seen (before: the rate of the file's own newest records)
+_HISTORY_RECORDS = 10_000  # the newest records the file's own rate is read from, on open
+_NOMINAL_RECORD_BYTES = 300.0  # a decision record on disk, until the file holds enough to measure
+_MEASURED_FROM_RECORDS = 1000
 _MAX_GAPS_PER_DROP = 8  # gap records one drop may write (runs of deleted records between protected ones)
 PROTECTED_KINDS = ("command", "config", "model")
 """Record kinds `drop_oldest` deletes last: who changed the device, and how."""
@@ -119,6 +126,50 @@ _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "off": "OFF"}
 # The WAL's data is what must reach the disk; its size and times need not (SQLite reuses the file,
 # so its size rarely changes): fdatasync skips the inode write that fsync adds to every call.
 _sync_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+class RetentionOutlook(msgspec.Struct, frozen=True):
+    """How long `max_bytes` holds records at the rate the log sees: `holds_s` (None while no rate
+    is known) is both how long synced records are kept and the longest outage the log can ride
+    out without dropping unsynced ones. `warning` is empty, or says what will not hold."""
+
+    records_per_s: float
+    bytes_per_record: float
+    holds_s: float | None
+    keep_synced_s: float
+    warning: str = ""
+
+
+def retention_outlook(max_bytes: int, keep_synced_s: float, records_per_s: float,
+                      bytes_per_record: float) -> RetentionOutlook:
+    """Pure: whether `max_bytes` can keep `keep_synced_s` of records at `records_per_s`."""
+    if records_per_s <= 0:
+        return RetentionOutlook(records_per_s, bytes_per_record, None, keep_synced_s)
+    # Retention deletes down to _RETENTION_TARGET of max_bytes: that is what is reliably kept.
+    holds = _RETENTION_TARGET * max_bytes / (records_per_s * bytes_per_record)
+    warning = ""
+    if holds < keep_synced_s:
+        needed = keep_synced_s * records_per_s * bytes_per_record / _RETENTION_TARGET
+        warning = (f"audit.max_bytes ({_size_text(max_bytes)}) holds about {_duration_text(holds)} of records at "
+                   f"the {records_per_s:.1f} records/s seen (~{bytes_per_record:.0f} B each), less than "
+                   f"audit.keep_synced ({_duration_text(keep_synced_s)}): synced records will go after about "
+                   f"{_duration_text(holds)}, and an outage longer than that drops unsynced ones; "
+                   f"about {_size_text(int(needed))} would hold it")
+    return RetentionOutlook(records_per_s, bytes_per_record, holds, keep_synced_s, warning)
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 class LogState(enum.Enum):
@@ -184,7 +235,7 @@ class AuditLog:
         *,
         fsync: FsyncMode = "batch",
         commit_interval_ms: float = 2,
-        max_bytes: int = 1 << 30,
+        max_bytes: int = 3 << 30,
         on_full: OnFull = "drop_oldest",
         keep_synced_s: float = 7 * 86400,
         protected_kinds: Iterable[str] = PROTECTED_KINDS,
@@ -233,6 +284,9 @@ class AuditLog:
         self._synced = 0
         self._unresolved = 0
         self._listeners: list[Callable[[], None]] = []
+        self._rate_samples: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=int(_RATE_WINDOW_S / _RATE_SAMPLE_S))
+        self._history_rate = 0.0  # records/s of the file's newest records, read on open
 
         # Writer-thread state.
         self._conn: sqlite3.Connection | None = None
@@ -435,8 +489,22 @@ class AuditLog:
     def used_bytes(self) -> int:
         return self._used_bytes
 
+    def retention(self) -> RetentionOutlook:
+        """How long `max_bytes` holds records at the rate seen lately (see `retention_outlook`)."""
+        rate = self._history_rate
+        samples = self._rate_samples
+        if samples:
+            first_at, first_seq = samples[0]
+            span = time.monotonic() - first_at
+            if span >= _RATE_MIN_SPAN_S:
+                rate = max(0, self._last_seq - first_seq) / span
+        kept = self._last_seq - self._oldest + 1 if self._oldest else 0
+        per_record = self._used_bytes / kept if kept >= _MEASURED_FROM_RECORDS else _NOMINAL_RECORD_BYTES
+        return retention_outlook(self.max_bytes, self.keep_synced_s, rate, per_record)
+
     def status(self) -> dict[str, object]:
         """A JSON-ready snapshot for `status` replies and the CLI."""
+        outlook = self.retention()
         return {
             "state": self.state.value,
             "path": str(self.path),
@@ -453,6 +521,10 @@ class AuditLog:
             "max_bytes": self.max_bytes,
             "full": self._full,
             "last_error": self.last_error,
+            "retention": {"records_per_s": round(outlook.records_per_s, 2),
+                          "bytes_per_record": round(outlook.bytes_per_record),
+                          "holds_s": None if outlook.holds_s is None else round(outlook.holds_s),
+                          "keep_synced_s": outlook.keep_synced_s, "warning": outlook.warning},
         }
 
     async def read(self, from_seq: int, limit: int) -> list[AuditRecord]:
@@ -539,6 +611,9 @@ class AuditLog:
                 future.set_result(seq)
         self._unresolved -= len(done)
         self._last_seq = max(self._last_seq, last_seq)
+        now = time.monotonic()
+        if not self._rate_samples or now - self._rate_samples[-1][0] >= _RATE_SAMPLE_S:
+            self._rate_samples.append((now, self._last_seq))
         if self.state is LogState.FAILING:
             self.state = LogState.OPEN
         for listener in list(self._listeners):
@@ -630,6 +705,9 @@ class AuditLog:
             self._deleted_through = int(_meta(conn, "deleted_through") or 0)
             tail = conn.execute(f"{_SELECT} ORDER BY seq DESC LIMIT {_TAIL_CHECK}").fetchall()
             oldest = conn.execute("SELECT MIN(seq) FROM records").fetchone()[0]
+            history = conn.execute("SELECT ts FROM records WHERE seq >= ? ORDER BY seq LIMIT 1",
+                                   (max(int(oldest or 0), int(tail[0][0]) - _HISTORY_RECORDS) if tail else 0,)
+                                   ).fetchone()
             notes = conn.execute("SELECT key, value FROM meta WHERE key LIKE ?", (_NOTE_PREFIX + "%",)).fetchall()
             self._used_bytes = self._measure(conn)
         except sqlite3.Error as exc:
@@ -637,6 +715,11 @@ class AuditLog:
         self._notes = {str(key)[len(_NOTE_PREFIX):]: str(value) for key, value in notes}
         records = [unpack_row(self.device, row) for row in reversed(tail)]
         self._check_tail(records)
+        if records and history is not None:
+            span_s = (records[-1].ts - int(history[0])) / 1e9
+            count = records[-1].seq - int(oldest or 0)
+            if span_s > 0:
+                self._history_rate = min(count, _HISTORY_RECORDS) / span_s
         if records:
             self._w_last_seq, self._w_last_hash = records[-1].seq, records[-1].hash
         else:
@@ -754,7 +837,10 @@ class AuditLog:
             if drop is not None:
                 conn.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?", drop.delete)
             if batch:
-                rows = [pack_row(record) for record, _ in batch]
+                # Compressed while the writer keeps up; a big commit means a burst, and then ~9 µs a
+                # body holding the GIL would slow the decisions themselves (see _storage).
+                compress = len(batch) <= _COMPRESS_UP_TO
+                rows = [pack_row(record, compress=compress) for record, _ in batch]
                 conn.executemany(_INSERT, rows)
                 # Between measures of the file, the size is estimated from what was written.
                 self._used_bytes += sum(len(row[3]) + _ROW_OVERHEAD_BYTES for row in rows)

@@ -10,9 +10,10 @@ back into exactly those bytes:
   record says again: field names, kinds, tiers, reasons. A JSON body begins with `{`, never with
   that byte, so old and new rows sit side by side without a migration.
 
-A decision body of ~420 bytes is kept in ~95: per record, only what is new (ids, times, hashes,
+A decision body of ~390 bytes is kept in ~95: per record, only what is new (ids, times, hashes,
 scores) costs space. The dictionary is part of the file format: it never changes; a better one
-would be a new codec byte.
+would be a new codec byte. Compressing costs ~9 µs a body, holding the GIL: the log compresses
+what it commits while it keeps up, and stores a large commit's bodies as they are (`_log`).
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ def unpack_digest(stored: str | bytes) -> str:
     return stored.hex() if isinstance(stored, bytes) else stored
 
 
-def pack_row(record: AuditRecord) -> tuple[int, int, str, bytes, bytes, bytes]:
-    """(seq, ts, kind, body, prev, hash) as the `records` table keeps them."""
-    return (record.seq, record.ts, record.kind, pack_body(bytes(record.body)), pack_digest(record.prev),
+def pack_row(record: AuditRecord, *, compress: bool = True) -> tuple[int, int, str, bytes, bytes, bytes]:
+    """(seq, ts, kind, body, prev, hash) as the `records` table keeps them; `compress=False` keeps
+    the body as its JSON (always readable: the codec is per row)."""
+    body = bytes(record.body)
+    return (record.seq, record.ts, record.kind, pack_body(body) if compress else body, pack_digest(record.prev),
             pack_digest(record.hash))
 
 

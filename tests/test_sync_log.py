@@ -320,7 +320,8 @@ async def test_block_raises_audit_full_and_loses_nothing(tmp_path: Path) -> None
     assert verify_chain(path).ok
 
 
-async def test_synced_records_go_first(tmp_path: Path) -> None:
+async def test_synced_records_go_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync_log, "_COMPRESS_UP_TO", 1 << 30)  # every body stored alike, whatever the commit's size
     path = tmp_path / "audit.db"
     async with AuditLog(path, "gw-1", max_bytes=96 * 1024) as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(100)])

@@ -236,6 +236,9 @@ class Footprint(msgspec.Struct, kw_only=True):
     wire_sent_per_decision: float
     wire_received_per_decision: float
     wire_bytes_per_decision: float  # sent + received
+    # Written to storage by the process during the run (WAL frames, checkpoints; /proc/self/io).
+    disk_written_bytes: int = 0
+    disk_written_per_decision: float = 0.0
 
 
 class FixedRateFigures(msgspec.Struct, kw_only=True):

@@ -141,9 +141,11 @@ async def runtime_footprint(work: Path, driver: Driver, rate: float, count: int,
                 raise BenchError("the runtime has no audit log to measure")
             job = OpenLoopJob(url=server.url, out_subject=decisions_subject(device), rate_hz=rate, count=count,
                               seed=seed, key="sha256")
+            written_before = _storage_bytes_written()
             await measured_open_loop(driver, server, job, warmup_s=warmup_s)
             # Every record upstream, so the wire carried all it will for these decisions.
             await poll_until(lambda: audit.backlog == 0, 30, "the audit backlog to reach upstream")
+            written = _storage_bytes_written() - written_before
             status = rt.status()
             db_bytes, wal_bytes = await asyncio.to_thread(_sqlite_file_bytes, Path(status["audit"]["path"]))
             sent, received = proxy.bytes_to_target, proxy.bytes_to_client
@@ -159,7 +161,20 @@ async def runtime_footprint(work: Path, driver: Driver, rate: float, count: int,
                      disk_db_bytes_per_decision=per_decision(db_bytes),
                      wire_sent_bytes=sent, wire_received_bytes=received, wire_sent_per_decision=per_decision(sent),
                      wire_received_per_decision=per_decision(received),
-                     wire_bytes_per_decision=per_decision(sent + received))
+                     wire_bytes_per_decision=per_decision(sent + received),
+                     disk_written_bytes=written, disk_written_per_decision=per_decision(written))
+
+
+def _storage_bytes_written() -> int:
+    """Bytes this process sent to the storage layer (Linux /proc/self/io `write_bytes`): what the
+    flash sees of the audit log (WAL frames, checkpoints), at the file system's block size. The
+    runtime is the only writer in this process during the footprint run; 0 where not available."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as io:
+            fields = dict(line.split(": ", 1) for line in io.read().splitlines() if ": " in line)
+    except OSError:
+        return 0
+    return int(fields.get("write_bytes", "0"))
 
 
 def _sqlite_file_bytes(db: Path) -> tuple[int, int]:

@@ -86,6 +86,8 @@ def format_table(r: BenchResult) -> str:
             f"     audit log on disk  {fp.disk_bytes_per_decision:>8.1f} B  (db {fp.disk_db_bytes:,} B + wal "
             f"{fp.disk_wal_bytes:,} B; {fp.audit_records:,} records; the db file alone "
             f"{fp.disk_db_bytes_per_decision:.1f} B)",
+            f"     written to storage {fp.disk_written_per_decision:>8.1f} B  (write_bytes of the process, "
+            "/proc/self/io: WAL frames and checkpoints at the file system's block size)",
             f"     upstream wire      {fp.wire_bytes_per_decision:>8.1f} B  (sent {fp.wire_sent_per_decision:.1f} + "
             f"received {fp.wire_received_per_decision:.1f}; counted by a proxy between runtime and upstream)",
             "",
