@@ -256,6 +256,7 @@ class Uploader:
         stream_replicas: int = 1,
         linger_s: float = 0.02,
         catch_up_share: float = 1.0,
+        domain: str | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -279,6 +280,10 @@ class Uploader:
         self.stream_replicas = stream_replicas
         self.linger_s = max(0.0, linger_s)
         self.catch_up_share = min(1.0, max(0.05, catch_up_share))
+        # The JetStream domain of the stream's server (`$JS.<domain>.API`): a leaf node that has
+        # its own JetStream reaches the hub's this way. Records themselves go to `audit.<device>`
+        # in any case; only API requests (stream info, direct gets) carry the domain.
+        self.domain = domain
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -555,7 +560,7 @@ class Uploader:
             log.warning("audit upload: closing the connection failed: %s", exc)
 
     async def _session(self, nc: Client) -> None:
-        js = nc.jetstream()
+        js = nc.jetstream(domain=self.domain)
         self._session_high = self._sent_high
         self._subject_last = None
         await self._ensure_stream(js)

@@ -147,7 +147,7 @@ class Convergence:
             return
         reconnects = nc.stats["reconnects"]
         groups = list(self.host.config.groups)
-        sub = await self._watch(nc.jetstream(timeout=API_TIMEOUT_S), groups)
+        sub = await self._watch(nc.jetstream(timeout=API_TIMEOUT_S, domain=self.host.config.nats.js_domain), groups)
         try:
             self.state = ConvergenceState.WATCHING
             self.watches += 1
@@ -301,8 +301,8 @@ class Convergence:
             return  # never buffered: a report replayed after an outage would say the wrong thing
         payload = _ENCODER.encode(self.report())
         try:
-            await nc.jetstream(timeout=API_TIMEOUT_S).publish(f"$KV.{STATUS_BUCKET}.{report_key(self.device)}",
-                                                              payload)
+            js = nc.jetstream(timeout=API_TIMEOUT_S, domain=self.host.config.nats.js_domain)
+            await js.publish(f"$KV.{STATUS_BUCKET}.{report_key(self.device)}", payload)
         except (nats.errors.Error, TimeoutError) as exc:  # no bucket yet (an operator makes it), link down
             self.report_failures += 1
             log.debug("fleet: status report not written: %s: %s", type(exc).__name__, exc)
