@@ -211,7 +211,7 @@ class Runtime:
                                  stream_max_msg_size=parse_size(audit.stream_max_msg_size),
                                  stream_max_bytes=parse_size(audit.stream_max_bytes),
                                  stream_replicas=audit.stream_replicas, catch_up_share=CATCH_UP_SHARE,
-                                 domain=config.nats.js_domain)
+                                 domain=config.nats.js_domain, wait_for_burst=config.nats.leaf)
         await stack.enter_async_context(self.uploader)
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())

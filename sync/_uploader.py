@@ -257,6 +257,7 @@ class Uploader:
         linger_s: float = 0.02,
         catch_up_share: float = 1.0,
         domain: str | None = None,
+        wait_for_burst: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -284,6 +285,12 @@ class Uploader:
         # its own JetStream reaches the hub's this way. Records themselves go to `audit.<device>`
         # in any case; only API requests (stream info, direct gets) carry the domain.
         self.domain = domain
+        # A connection that stays up while a link beyond it drops and comes back (a leaf node's own
+        # server): records in flight at the drop are lost, later ones land, and a sliding window
+        # would put them upstream after a hole. Waiting for every ack of a burst before the next
+        # means nothing is in flight when a burst starts: a loss ends the session (ack timeout, or
+        # "no responders" while the link is down) and the next one resumes from the stream.
+        self.wait_for_burst = wait_for_burst
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -773,6 +780,8 @@ class Uploader:
                 gated = bool(in_flight) and in_flight[-1].expected is not None
                 expected = self._subject_last if idle and not in_flight else None
                 room = 1 if expected is not None else self.window - len(in_flight)
+                if self.wait_for_burst and in_flight:
+                    room = 0
                 rows: list[tuple[int, str, str, bytes]] = []
                 resend = False
                 newest = self.log.last_seq

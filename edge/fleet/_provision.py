@@ -70,7 +70,12 @@ entries in the fragment are also its leafnode authorization. A leaf node reaches
 JetStream through its domain (`$JS.<hub_domain>.API.…`, mapped by the hub to `$JS.API.…` after the
 permission check), so with `hub_domain` each device may also publish the domain form of each of its
 `$JS.API.…` subjects, and `$JS.<hub_domain>.API.INFO`: the leaf link probe (edge._runtime). The
-domain forms grant nothing the plain ones do not; everything else is the same subjects.
+domain forms grant nothing the plain ones do not. One grant is wider than a client's:
+`allow_responses` does not cross a leaf connection (nats-io/nats-server#2949, verified on 2.15.1:
+the command arrives, its reply is dropped), so a device may publish to `_INBOX.>`, the operators'
+inboxes, to answer commands and `$SRV` discovery. It could thus inject a reply into an operator's
+pending request (never into another device's, approver's or cloud's inbox: those are
+`_INBOX_<name>`); commands stay signed and audit stays confined to the device's own subject.
 
 Subject permissions match whole tokens, so "every bucket whose name begins with models-" cannot be
 written as one; the buckets are listed (`models` unless told otherwise) and provisioning again
@@ -190,6 +195,7 @@ def device_permissions(device: str, groups: Sequence[str], *, stream: str = DEFA
         api = "$JS.API."
         publish += [f"$JS.{hub_domain}.API.{s[len(api):]}" for s in publish if s.startswith(api)]
         publish.append(f"$JS.{hub_domain}.API.INFO")
+        publish.append("_INBOX.>")  # answers to operators: allow_responses does not cross a leaf link
     subscribe = [
         f"_INBOX_{device}.>",
         f"edge.{device}.cmd.>",
