@@ -137,6 +137,7 @@ class Runtime:
         self.local_url = ""
         self.upstream_url = ""
         self._link_was_online = False
+        self.link_epoch = 0  # leaf mode: +1 each time the leaf link comes back (the desired-state watch restarts)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -544,6 +545,9 @@ class Runtime:
             return None
         rtt = time.perf_counter() - started
         if not self.link.connected:
+            # What a client's reconnect means: JetStream consumers made over the old link (the
+            # desired-state watch) are gone or stale, and are made again.
+            self.link_epoch += 1
             self.link.connection_restored()
         return rtt
 

@@ -146,6 +146,8 @@ class Convergence:
         if stop.is_set():
             return
         reconnects = nc.stats["reconnects"]
+        # In leaf mode the connection never reconnects: the leaf link beyond it does (link_epoch).
+        epoch = self.host.link_epoch
         groups = list(self.host.config.groups)
         sub = await self._watch(nc.jetstream(timeout=API_TIMEOUT_S, domain=self.host.config.nats.js_domain), groups)
         try:
@@ -168,7 +170,7 @@ class Convergence:
                         await self._save_marks()
                         await self._converge(changed)
                         await self._publish_report(nc)
-                if nc.stats["reconnects"] != reconnects or not nc.is_connected:
+                if nc.stats["reconnects"] != reconnects or not nc.is_connected or self.host.link_epoch != epoch:
                     log.info("fleet: upstream reconnected: reading the desired state again")
                     return
                 if list(self.host.config.groups) != groups:

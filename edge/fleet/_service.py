@@ -124,6 +124,7 @@ class Device(Protocol):
     local: NATS | None  # for the read-only status probe on the local bus
     upstream: NATS | None
     uploader: Uploader | None
+    link_epoch: int  # +1 each time the upstream link comes back without the connection reconnecting (leaf mode)
 
     @property
     def deployments(self) -> Deployer: ...
