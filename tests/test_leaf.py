@@ -347,3 +347,58 @@ async def test_records_lost_in_a_blackholed_leaf_link_are_resent_in_order(
             finally:
                 await nc.close()
             await sensors.close()
+
+
+# -- config and provisioning: pure -----------------------------------------------------------------
+
+
+def leaf_problems(tmp_path: Path, **nats_table: Any) -> list[str]:
+    from edge import ConfigError, decode_config
+    from tests.runtime_harness import config_data
+
+    data = config_data(tmp_path, "embedded", device=DEVICE)
+    data["nats"] = nats_table
+    try:
+        decode_config(data, base_dir=tmp_path, env={})
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+def test_leaf_config_is_checked_with_the_key_and_what_was_expected(tmp_path: Path) -> None:
+    ok = {"local": "embedded", "upstream": "nats-leaf://hub:7422", "upstream_domain": "hub"}
+    assert leaf_problems(tmp_path, **ok) == []
+    [local] = leaf_problems(tmp_path, **{**ok, "local": "nats://127.0.0.1:4222"})
+    assert local.startswith("nats.local: expected \"embedded\" with a nats-leaf:// upstream")
+    [domain] = leaf_problems(tmp_path, **{**ok, "upstream_domain": ""})
+    assert domain.startswith("nats.upstream_domain: required with a nats-leaf:// upstream")
+    [token] = leaf_problems(tmp_path, **{**ok, "upstream_domain": "a.b"})
+    assert token.startswith("nats.upstream_domain: expected a JetStream domain")
+    [own] = leaf_problems(tmp_path, **{**ok, "upstream_domain": f"edge-{DEVICE}"})
+    assert "this device's own JetStream domain" in own
+    auth = leaf_problems(tmp_path, **{**ok, "upstream_auth": {"token": "s3cret"}})[0]
+    assert auth.startswith("nats.upstream_auth.token: a leaf node cannot log in with a token")
+    [url] = leaf_problems(tmp_path, **{**ok, "upstream": "nats-leaf://hub:7422/x"})
+    assert url.startswith("nats.upstream: expected nats-leaf://HOST:PORT")
+
+
+def test_a_leaf_remotes_seed_stays_out_of_reprs_and_other_users_reach() -> None:
+    from edge._nats_server import render_server_config
+
+    remote = LeafRemote(urls=("nats-leaf://u:pw@hub:7422",), nkey_seed="SUAEXAMPLESEED")
+    assert "SUAEXAMPLESEED" not in repr(remote) and "pw" not in repr(remote)
+    text = render_server_config(name="edge-gw", jetstream_domain="edge-gw", leaf_remote=remote)
+    assert 'nkey: "SUAEXAMPLESEED"' in text and 'compression: "s2_fast"' in text
+    assert 'domain: "edge-gw"' in text and "ping_max: 2" in text
+
+
+def test_provisioned_devices_may_use_the_hubs_domain_and_nothing_more() -> None:
+    from edge.fleet._provision import device_permissions
+
+    plain = device_permissions(DEVICE, ["g1"])
+    leaf = device_permissions(DEVICE, ["g1"], hub_domain=HUB_DOMAIN)
+    added = set(leaf.publish) - set(plain.publish)
+    api = {s for s in plain.publish if s.startswith("$JS.API.")}
+    assert added == {s.replace("$JS.API.", f"$JS.{HUB_DOMAIN}.API.") for s in api} | {
+        f"$JS.{HUB_DOMAIN}.API.INFO", "_INBOX.>"}
+    assert leaf.subscribe == plain.subscribe
