@@ -166,9 +166,11 @@ async def test_leaf_mode_end_to_end_with_blackhole_hub_restart_command_and_appro
             cut = time.monotonic()
             await wait_until(lambda: runtime.link.state.value == "offline", within=5, what="the link offline")
             detected_s = time.monotonic() - cut
+            print(f"\nblackholed leaf link judged offline in {detected_s:.2f}s")
             await rig.decide(50)
             # The leaf node declares the silent link stale and drops it: "unreachable", not just failing probes.
             await wait_until(lambda: not runtime.link.connected, within=8, what="the blackholed leaf link dropped")
+            print(f"blackholed leaf link dropped (unreachable) after {time.monotonic() - cut:.2f}s")
             proxy.pass_through()
             await wait_until(lambda: runtime.link.state.value == "online", within=15, what="the link back")
 
