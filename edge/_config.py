@@ -53,6 +53,8 @@ BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "example.toml"
 TRUST_ROOTS = ("trusted_keys", "approver_keys", "allow_unsigned", "device_key")
 FILE_ONLY = ("device_id", "data_dir", "nats", "audit")  # with the trust roots: never changed by a push
 _SECRET_FIELDS = ("password", "token", "nkey_seed")
+LEAF_SCHEME = "nats-leaf://"
+JS_DOMAIN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TLS_SCHEMES = ("tls", "wss")
 
 
@@ -93,7 +95,12 @@ class NatsConfig(_Strict):
 
     local: Annotated[str, _doc('the local bus: a nats:// URL, or "embedded" (start and supervise a nats-server)')
                      ] = "embedded"
-    upstream: Annotated[str, _doc("the cloud's NATS URL; empty: the same connection as local")] = ""
+    upstream: Annotated[str, _doc(
+        "the cloud's NATS URL; empty: the same connection as local; nats-leaf://HOST:PORT: the embedded "
+        "server joins the hub as a compressed leaf node and carries every upstream exchange")] = ""
+    upstream_domain: Annotated[str, _doc(
+        "the hub's JetStream domain (its jetstream.domain); required with nats-leaf://, where the embedded "
+        "server has a JetStream domain of its own")] = ""
     embedded_port: Annotated[int, _doc("the embedded server's port; -1: any free port")] = 4222
     local_auth: Annotated[Auth, _doc("credentials for the local bus")] = msgspec.field(default_factory=Auth)
     upstream_auth: Annotated[Auth, _doc("credentials for upstream")] = msgspec.field(default_factory=Auth)
@@ -102,6 +109,16 @@ class NatsConfig(_Strict):
     ] = msgspec.field(default_factory=lambda: ["_INBOX"])
     allow_insecure: Annotated[bool, _doc(
         "allow a password or token to reach a non-loopback host without TLS")] = False
+
+    @property
+    def leaf(self) -> bool:
+        """Leaf mode: the embedded server is a leaf node of the hub, the runtime talks only to it."""
+        return self.upstream.strip().startswith(LEAF_SCHEME)
+
+    @property
+    def js_domain(self) -> str | None:
+        """The domain every upstream JetStream context uses (None: the connection's own JetStream)."""
+        return self.upstream_domain or None
 
 
 class LinkConfig(_Strict):
@@ -498,7 +515,7 @@ def check_config(config: Config) -> Iterator[Problem]:
     for i, group in enumerate(config.groups):
         if not DEVICE_ID.fullmatch(group):
             yield Problem(f"groups[{i}]", f"expected [A-Za-z0-9_-]{{1,64}}, got {group!r}")
-    yield from _check_nats(config.nats)
+    yield from _check_nats(config.nats, config.device_id)
     yield from _check_link(config.link)
     yield from _check_audit(config.audit)
     if not (math.isfinite(config.fleet.heartbeat_s) and config.fleet.heartbeat_s >= MIN_HEARTBEAT_S):
@@ -535,12 +552,17 @@ def check_config(config: Config) -> Iterator[Problem]:
         yield from check_pipeline(pipeline, f"pipelines[{i}]", model_features, device=config.device_id)
 
 
-def _check_nats(nats: NatsConfig) -> Iterator[Problem]:
+def _check_nats(nats: NatsConfig, device_id: str = "") -> Iterator[Problem]:
     # URLs are quoted redacted: a problem is printed, returned and audited.
     if nats.local != "embedded" and not _is_nats_url(nats.local):
         yield Problem("nats.local", f"expected 'embedded' or a nats:// URL, got {redact_url(nats.local)!r}")
-    if nats.upstream and not _is_nats_url(nats.upstream):
-        yield Problem("nats.upstream", "expected a nats:// URL (or empty for the local connection), "
+    if nats.upstream_domain and not JS_DOMAIN.fullmatch(nats.upstream_domain):
+        yield Problem("nats.upstream_domain", "expected a JetStream domain of 1 to 64 characters from "
+                                              f"A-Z a-z 0-9 _ -, got {nats.upstream_domain!r}")
+    if nats.leaf:
+        yield from _check_leaf(nats, device_id)
+    elif nats.upstream and not _is_nats_url(nats.upstream):
+        yield Problem("nats.upstream", "expected a nats:// or nats-leaf:// URL (or empty for the local connection), "
                                        f"got {redact_url(nats.upstream)!r}")
     if not nats.allow_insecure:
         for key, url, credentials in (("local", nats.local, nats.local_auth),
@@ -556,6 +578,37 @@ def _check_nats(nats: NatsConfig) -> Iterator[Problem]:
         auth: Auth = getattr(nats, key)
         if bool(auth.user) != bool(auth.password):
             yield Problem(f"nats.{key}", "user and password go together")
+
+
+def local_jetstream_domain(device_id: str) -> str:
+    """The embedded server's own JetStream domain in leaf mode: one per device, so that no two
+    leaf nodes and the hub share a domain (a shared one would answer `$JS.API` from either side)."""
+    return f"edge-{device_id}"
+
+
+def _check_leaf(nats: NatsConfig, device_id: str) -> Iterator[Problem]:
+    urls = [u.strip() for u in nats.upstream.split(",")]
+    if not all(re.fullmatch(r"nats-leaf://[^\s/]+", u) for u in urls):
+        yield Problem("nats.upstream", "expected nats-leaf://HOST:PORT (comma-separated for several hub servers), "
+                                       f"got {redact_url(nats.upstream)!r}")
+    if nats.local != "embedded":
+        yield Problem("nats.local", 'expected "embedded" with a nats-leaf:// upstream: only a server this device '
+                                    f"starts can be made a leaf node of the hub, got {redact_url(nats.local)!r}")
+    if not nats.upstream_domain:
+        yield Problem("nats.upstream_domain", "required with a nats-leaf:// upstream: the hub's JetStream domain "
+                                              "(its `jetstream { domain }`); without it `$JS.API` requests would "
+                                              "be answered by the embedded server's own JetStream, not the hub's")
+    elif nats.upstream_domain == local_jetstream_domain(device_id):
+        yield Problem("nats.upstream_domain", f"{nats.upstream_domain!r} is this device's own JetStream domain "
+                                              "in leaf mode: name the hub's")
+    auth = nats.upstream_auth
+    if auth.token:
+        yield Problem("nats.upstream_auth.token", "a leaf node cannot log in with a token: use nkey_seed, creds, "
+                                                  "or user and password")
+    if sum(bool(x) for x in (auth.nkey_seed, auth.creds, auth.user)) > 1:
+        yield Problem("nats.upstream_auth", "a leaf node logs in one way: nkey_seed, creds, or user and password")
+    if auth.tls is not None and bool(auth.tls.cert) != bool(auth.tls.key):
+        yield Problem("nats.upstream_auth.tls", "cert and key go together for a leaf node")
 
 
 def _is_nats_url(url: str) -> bool:

@@ -10,12 +10,19 @@ A server can also be one node of a cluster (`cluster_name`, `cluster_port`, `rou
 others), so they cannot be left to the server: `free_ports` binds free ports with sockets and
 closes them. Between that and the server's own bind, another process could take one (a small
 race, tolerable for tests and demos); the server then fails to start and says so.
+
+A server can be a hub for leaf nodes (`leafnode_port`: a leafnode listener, its port chosen by the
+server on the first start like the client port) and have a JetStream domain (`jetstream_domain`);
+or a leaf node itself (`leaf_remote`: the device's embedded server in `nats-leaf://` mode). What
+flags cannot say goes into a generated config file, `nats-server.conf` in the store dir (0600: a
+leaf remote may carry an nkey seed), which includes `config_file` when there is one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import os
 import re
 import shutil
@@ -25,12 +32,88 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from ._errors import ServerError
 
 _LISTENING = re.compile(rb"Listening for client connections on [^\s]*:(\d+)")
+_LEAF_LISTENING = re.compile(rb"Listening for leafnode connections on [^\s]*:(\d+)")
+GENERATED_CONFIG = "nats-server.conf"
+LEAF_PING_INTERVAL = "1s"
+"""A leaf node pings the hub this often; `LEAF_PING_MAX` unanswered pings and the link is declared
+stale and dropped (a blackholed link is gone within ~3 s, its interest with it: requests then get
+"no responders" at once). nats-server's default is 2 minutes."""
+LEAF_PING_MAX = 2
+LEAF_RECONNECT = "1s"
+"""How soon a leaf node tries the hub again after the link dropped (nats-server's default: 1 s)."""
+
+
+@dataclass(frozen=True)
+class LeafRemote:
+    """The hub a leaf node joins: `urls` (nats-leaf://, credentials may be in the URL's user info),
+    and at most one of `nkey_seed` (the seed itself, "SU..."), `credentials` (a .creds file); TLS files.
+
+    The link is S2-compressed (`s2_fast`: `s2_auto` would pick "uncompressed" below 10 ms of RTT).
+    """
+
+    urls: tuple[str, ...]
+    nkey_seed: str = ""
+    credentials: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    compression: str = "s2_fast"
+
+    def __repr__(self) -> str:  # never a seed in a log line or a traceback
+        return f"LeafRemote(urls={[_redact(u) for u in self.urls]!r})"
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
+
+
+def _q(text: str) -> str:
+    # A JSON string is a valid nats-server config string (and `$` stays literal inside quotes).
+    return json.dumps(text)
+
+
+def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Path | None = None,
+                         leafnode_host: str = "", leafnode_port: int | None = None,
+                         leaf_remote: LeafRemote | None = None, include: str = "") -> str:
+    """The generated part of a server's config (pure: see NatsServer for when it is used)."""
+    lines = [f"server_name: {_q(name)}"]
+    if jetstream_domain:
+        # With --jetstream on the command line, the flags give the store dir; the domain only a file can.
+        lines.append(f"jetstream {{ domain: {_q(jetstream_domain)}"
+                     + (f", store_dir: {_q(str(store_dir))}" if store_dir is not None else "") + " }")
+    if leafnode_port is not None or leaf_remote is not None:
+        lines.append("leafnodes {")
+        if leafnode_port is not None:
+            lines += [f"  host: {_q(leafnode_host)}", f"  port: {leafnode_port}"]
+        if leaf_remote is not None:
+            lines += [f"  reconnect: {_q(LEAF_RECONNECT)}", "  remotes = [", "    {",
+                      f"      urls: [{', '.join(_q(u) for u in leaf_remote.urls)}]",
+                      f"      compression: {_q(leaf_remote.compression)}"]
+            if leaf_remote.nkey_seed:
+                lines.append(f"      nkey: {_q(leaf_remote.nkey_seed)}")
+            if leaf_remote.credentials:
+                lines.append(f"      credentials: {_q(leaf_remote.credentials)}")
+            if leaf_remote.tls_ca or leaf_remote.tls_cert:
+                tls = [f"ca_file: {_q(leaf_remote.tls_ca)}"] if leaf_remote.tls_ca else []
+                if leaf_remote.tls_cert:
+                    tls += [f"cert_file: {_q(leaf_remote.tls_cert)}", f"key_file: {_q(leaf_remote.tls_key)}"]
+                lines.append(f"      tls {{ {', '.join(tls)} }}")
+            lines += ["    }", "  ]"]
+        lines.append("}")
+    if leaf_remote is not None:
+        lines += [f"ping_interval: {_q(LEAF_PING_INTERVAL)}", f"ping_max: {LEAF_PING_MAX}"]
+    if include:
+        lines.append(f"include {_q(include)}")
+    return "\n".join(lines) + "\n"
 _READY = b"Server is ready"
 _RELOADED = b"Reloaded server configuration"
 _RELOAD_FAILED = b"Failed to reload server configuration"
@@ -98,8 +181,14 @@ class NatsServer:
         cluster_name: str = "",
         cluster_port: int = 0,
         routes: Sequence[str] = (),
+        jetstream_domain: str = "",
+        leafnode_port: int | None = None,
+        leaf_remote: LeafRemote | None = None,
     ) -> None:
         self.name = name
+        self.jetstream_domain = jetstream_domain
+        self.leafnode_port = leafnode_port
+        self.leaf_remote = leaf_remote
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port
         self.routes = list(routes)
@@ -125,6 +214,13 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     @property
+    def leaf_url(self) -> str:
+        """Where leaf nodes join this server (`leafnode_port` given)."""
+        if self.leafnode_port is None or self.leafnode_port <= 0:
+            raise ServerError(f"nats-server {self.name!r} has no leafnode listener (yet)")
+        return f"nats-leaf://{self.host}:{self.leafnode_port}"
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
@@ -141,7 +237,8 @@ class NatsServer:
             "--port", str(self.port),
             "--log", str(log_file),
         ]
-        if self.config_file is None:
+        config_file = self._generated_config()
+        if config_file is None:
             # Not with a config file: a reload refuses a server name given as a flag ("not
             # supported for ServerName"); the file may name the server itself.
             args += ["--server_name", self.name]
@@ -152,21 +249,40 @@ class NatsServer:
             args += ["--cluster_name", self.cluster_name, "--cluster", f"nats://{self.host}:{self.cluster_port}"]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
-        if self.config_file is not None:
+        if config_file is not None:
             # The file adds what flags cannot say (authorization, accounts...); the flags above win.
-            args += ["--config", str(self.config_file)]
+            args += ["--config", str(config_file)]
         self._process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
         self.state = ServerState.RUNNING
         try:
-            self.port = await self._wait_ready(log_file)
+            self.port, leafnode_port = await self._wait_ready(log_file)
+            if self.leafnode_port is not None:
+                self.leafnode_port = leafnode_port  # kept across restarts, as the client port is
         except BaseException:
             await self.kill()
             raise
 
-    async def _wait_ready(self, log_file: Path) -> int:
+    def _generated_config(self) -> Path | None:
+        """The config file to pass: the caller's own, or one generated for what flags cannot say."""
+        if not (self.jetstream_domain or self.leafnode_port is not None or self.leaf_remote is not None):
+            return self.config_file
+        include = os.path.relpath(self.config_file, self.store_dir) if self.config_file is not None else ""
+        text = render_server_config(
+            name=self.name, jetstream_domain=self.jetstream_domain if self.jetstream else "",
+            leafnode_host=self.host, leafnode_port=self.leafnode_port, leaf_remote=self.leaf_remote,
+            include=include)
+        path = self.store_dir / GENERATED_CONFIG
+        # 0600 from the first byte: a leaf remote may carry the device's nkey seed.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(path, 0o600)
+        return path
+
+    async def _wait_ready(self, log_file: Path) -> tuple[int, int]:
         # Poll the log with a deadline: the server writes the port, then "ready".
         deadline = time.monotonic() + self.ready_timeout
         process = self._process
@@ -177,7 +293,8 @@ class NatsServer:
                 match = _LISTENING.search(content)
                 if match is None:
                     raise ServerError(f"nats-server {self.name!r} is ready but did not log its port")
-                return int(match.group(1))
+                leaf = _LEAF_LISTENING.search(content)
+                return int(match.group(1)), int(leaf.group(1)) if leaf is not None else 0
             if process.returncode is not None:
                 tail = content.decode(errors="replace")[-2000:]
                 raise ServerError(f"nats-server {self.name!r} exited with {process.returncode}: {tail}")

@@ -3,7 +3,9 @@
     Runtime
     ├── NatsServer            when nats.local = "embedded": a supervised nats-server child
     ├── local connection      the bus sensors and actuators use
-    ├── upstream connection   the cloud (the local one when nats.upstream is empty)
+    ├── upstream connection   the cloud (the local one when nats.upstream is empty, or in leaf
+    │                         mode, where the embedded server is a leaf node of the hub and
+    │                         carries every upstream exchange; JetStream via nats.upstream_domain)
     ├── ModelRegistry         verified models behind micro-batchers
     ├── AuditLog + Uploader   the write-ahead, hash-chained log and its JetStream replication
     ├── CloudLink             the cloud's reachability, fed by connection events and a probe
@@ -25,6 +27,7 @@ import os
 import random
 import stat
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -49,6 +52,7 @@ from ._config import (
     check_pushed_models,
     config_sha256,
     connect_options,
+    local_jetstream_domain,
     parse_duration,
     parse_size,
     read_persisted_config,
@@ -63,7 +67,7 @@ from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RulesTier
 from ._link import CircuitBreaker, CloudLink, LinkState
 from ._looplag import LoopLagMonitor
 from ._messages import Heartbeat
-from ._nats_server import NatsServer
+from ._nats_server import LeafRemote, NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
 from ._replies import ReplyPolicy
 from ._rules import compile_guards, compile_rules
@@ -134,6 +138,7 @@ class Runtime:
         self.local_url = ""
         self.upstream_url = ""
         self._link_was_online = False
+        self.link_epoch = 0  # leaf mode: +1 each time the leaf link comes back (the desired-state watch restarts)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -157,9 +162,13 @@ class Runtime:
         if self.paused:
             log.warning("starting paused (%s): actions become their `instead` until resumed", self._paused_file)
         stack = self._stack
+        leaf = config.nats.leaf
         if config.nats.local == "embedded":
-            self.server = NatsServer(name=f"edge-{self.device}", store_dir=self.data_dir / "nats",
-                                     port=config.nats.embedded_port)
+            self.server = NatsServer(
+                name=f"edge-{self.device}", store_dir=self.data_dir / "nats", port=config.nats.embedded_port,
+                # Leaf mode: a JetStream domain of its own, so `$JS.API` here is never mistaken for the hub's.
+                jetstream_domain=local_jetstream_domain(self.device) if leaf else "",
+                leaf_remote=await asyncio.to_thread(self._leaf_remote) if leaf else None)
             await stack.enter_async_context(self.server)
             self.local_url = self.server.url
         else:
@@ -169,7 +178,13 @@ class Runtime:
         await asyncio.to_thread(write_atomically, self.data_dir / "local.url", redact_url(self.local_url).encode())
         self.local = await self._connect(self.local_url, config.nats.local_auth, "local", LOCAL_PENDING_BYTES)
         stack.push_async_callback(self._close_connection, self.local)
-        if config.nats.upstream:
+        if leaf:
+            # The hub is reached through the embedded server: one connection, always up; whether the
+            # leaf link is up is the probe's to judge (see _probe_forever), so the link starts offline.
+            self.upstream_url = self.local_url
+            self.upstream = self.local
+            self._upstream_ready.set()
+        elif config.nats.upstream:
             self.upstream_url = config.nats.upstream
             # Upstream may be unreachable at boot: decide locally while a task keeps trying.
             stack.push_async_callback(self._close_upstream)
@@ -197,7 +212,8 @@ class Runtime:
                                  signer=self.device_signer, sign_every=audit.sign_every,
                                  stream_max_msg_size=parse_size(audit.stream_max_msg_size),
                                  stream_max_bytes=parse_size(audit.stream_max_bytes),
-                                 stream_replicas=audit.stream_replicas, catch_up_share=CATCH_UP_SHARE)
+                                 stream_replicas=audit.stream_replicas, catch_up_share=CATCH_UP_SHARE,
+                                 domain=config.nats.js_domain, wait_for_burst=config.nats.leaf)
         await stack.enter_async_context(self.uploader)
 
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -328,6 +344,35 @@ class Runtime:
 
     # -- connections ---------------------------------------------------------------------------
 
+    def _leaf_remote(self) -> LeafRemote:
+        """The embedded server's leaf remote: the hub's URLs and upstream_auth (blocking file read).
+
+        An nkey seed goes into the generated server config (0600 in data_dir/nats, never logged):
+        nats-server reads a remote's nkey from its config only.
+        """
+        nats_config = self.config.nats
+        auth = nats_config.upstream_auth
+        base = Path(self.config.base_dir or ".")
+        seed = ""
+        if auth.nkey_seed:
+            try:
+                seed = load_seed(base / auth.nkey_seed).decode()
+            except CommandError as exc:
+                raise ConfigError([Problem("nats.upstream_auth.nkey_seed", str(exc))]) from None
+        urls = [u.strip() for u in nats_config.upstream.split(",")]
+        if auth.user:
+            # nats-server takes a leaf's user and password from the URL's user info.
+            quote = urllib.parse.quote
+            urls = [u.replace("://", f"://{quote(auth.user, safe='')}:{quote(auth.password, safe='')}@", 1)
+                    for u in urls]
+        tls = auth.tls
+        return LeafRemote(
+            urls=tuple(urls), nkey_seed=seed, credentials=str(base / auth.creds) if auth.creds else "",
+            tls_ca=str(base / tls.ca) if tls is not None and tls.ca else "",
+            tls_cert=str(base / tls.cert) if tls is not None and tls.cert else "",
+            tls_key=str(base / tls.key) if tls is not None and tls.key else "",
+        )
+
     async def _connect_upstream_until_up(self) -> None:
         delay = 0.25
         while not self._stop.is_set():
@@ -406,7 +451,8 @@ class Runtime:
 
         async def reconnected() -> None:
             log.info("%s connection restored", role)
-            if upstream_role or self.upstream is self.local:
+            # In leaf mode the local server is back, the leaf link not yet: the probe says when.
+            if upstream_role or (self.upstream is self.local and not self.config.nats.leaf):
                 self.link.connection_restored()
 
         async def error(exc: Exception) -> None:
@@ -425,7 +471,9 @@ class Runtime:
 
     async def _connect_uploader(self) -> NATS:
         """The uploader's own upstream connection (sync.connect_for_upload says why it is special)."""
-        auth = self.config.nats.upstream_auth if self.config.nats.upstream else self.config.nats.local_auth
+        nats_config = self.config.nats
+        # In leaf mode the uploader, too, talks to the embedded server (the leaf link carries it on).
+        auth = nats_config.upstream_auth if nats_config.upstream and not nats_config.leaf else nats_config.local_auth
         return await connect_for_upload([u.strip() for u in self.upstream_url.split(",")],
                                         name=f"edge-{self.device}-audit", inbox_prefix=self.inbox_prefix,
                                         **connect_options(auth, Path(self.config.base_dir or ".")))
@@ -458,13 +506,24 @@ class Runtime:
         while not self._stop.is_set():
             await asyncio.sleep(interval)  # pace: the probe interval
             upstream = self.upstream
-            if upstream is None or not self.link.begin_probe():
+            if upstream is None:
+                continue
+            leaf_rtt: float | None = None
+            if self.config.nats.leaf:
+                leaf_rtt = await self._check_leaf_link(upstream, wait_s=timeout)
+                if leaf_rtt is None:
+                    continue
+            if not self.link.begin_probe():
                 continue
             if not upstream.is_connected:
                 self.link.probe_failed("disconnected")
                 continue
-            started = time.perf_counter()
             subject = self._probe_subject()
+            if leaf_rtt is not None and not subject:
+                # Leaf mode without a cloud subject: the hub's JetStream answering is the round trip.
+                self.link.probe_succeeded(leaf_rtt)
+                continue
+            started = time.perf_counter()
             try:
                 # A request, not flush()/rtt(): in nats-py 2.16 a timed-out PING leaves a cancelled
                 # future in the PONG queue and the next PONG kills the read loop.
@@ -479,6 +538,37 @@ class Runtime:
                 self.link.probe_failed(type(exc).__name__)
                 continue
             self.link.probe_succeeded(time.perf_counter() - started)
+
+    async def _check_leaf_link(self, nc: NATS, *, wait_s: float) -> float | None:
+        """Leaf mode: whether the leaf link to the hub is up, as a client connection's state would say.
+
+        The runtime's own connection is to the embedded server and stays up whatever the link does,
+        so each probe asks the hub's JetStream (`$JS.<upstream_domain>.API.INFO`, a few hundred bytes)
+        through it. "No responders" means the local server knows no route to the hub: the link is
+        down (dropped, refused, or declared stale after a blackhole: LEAF_PING_INTERVAL x
+        LEAF_PING_MAX), reported as a lost connection. A timeout is a blackholed link the server has
+        not yet noticed: a failed probe, as in client mode. Returns the round trip when answered,
+        None when this probe tick is settled (down, or failed).
+        """
+        subject = f"$JS.{self.config.nats.upstream_domain}.API.INFO"
+        started = time.perf_counter()
+        try:
+            await nc.request(subject, b"", timeout=wait_s)
+        except nats.errors.NoRespondersError:
+            if self.link.connected:
+                self.link.connection_lost()
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            if self.link.connected and self.link.begin_probe():
+                self.link.probe_failed(type(exc).__name__)
+            return None
+        rtt = time.perf_counter() - started
+        if not self.link.connected:
+            # What a client's reconnect means: JetStream consumers made over the old link (the
+            # desired-state watch) are gone or stale, and are made again.
+            self.link_epoch += 1
+            self.link.connection_restored()
+        return rtt
 
     def _probe_subject(self) -> str:
         """What the probe asks: the configured subject, else a pipeline's cloud subject (any answer,

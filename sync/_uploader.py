@@ -256,6 +256,8 @@ class Uploader:
         stream_replicas: int = 1,
         linger_s: float = 0.02,
         catch_up_share: float = 1.0,
+        domain: str | None = None,
+        wait_for_burst: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -279,6 +281,16 @@ class Uploader:
         self.stream_replicas = stream_replicas
         self.linger_s = max(0.0, linger_s)
         self.catch_up_share = min(1.0, max(0.05, catch_up_share))
+        # The JetStream domain of the stream's server (`$JS.<domain>.API`): a leaf node that has
+        # its own JetStream reaches the hub's this way. Records themselves go to `audit.<device>`
+        # in any case; only API requests (stream info, direct gets) carry the domain.
+        self.domain = domain
+        # A connection that stays up while a link beyond it drops and comes back (a leaf node's own
+        # server): records in flight at the drop are lost, later ones land, and a sliding window
+        # would put them upstream after a hole. Waiting for every ack of a burst before the next
+        # means nothing is in flight when a burst starts: a loss ends the session (ack timeout, or
+        # "no responders" while the link is down) and the next one resumes from the stream.
+        self.wait_for_burst = wait_for_burst
         self.state = UploaderState.NEW
         self.last_error: str | None = None
         self._connect = connect
@@ -555,7 +567,7 @@ class Uploader:
             log.warning("audit upload: closing the connection failed: %s", exc)
 
     async def _session(self, nc: Client) -> None:
-        js = nc.jetstream()
+        js = nc.jetstream(domain=self.domain)
         self._session_high = self._sent_high
         self._subject_last = None
         await self._ensure_stream(js)
@@ -768,6 +780,8 @@ class Uploader:
                 gated = bool(in_flight) and in_flight[-1].expected is not None
                 expected = self._subject_last if idle and not in_flight else None
                 room = 1 if expected is not None else self.window - len(in_flight)
+                if self.wait_for_burst and in_flight:
+                    room = 0
                 rows: list[tuple[int, str, str, bytes]] = []
                 resend = False
                 newest = self.log.last_seq

@@ -211,6 +211,7 @@ class StubDevice:
         self.data_dir = config.resolve(config.data_dir)
         self.local: NATS | None = upstream
         self.upstream: NATS | None = upstream
+        self.link_epoch = 0
         self.uploader: Uploader | None = None
         self.started_at = time.monotonic()
         self.paused = False

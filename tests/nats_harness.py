@@ -5,6 +5,10 @@
 whose config includes the permissions `edge fleet provision` wrote). Each can be stopped, killed
 and restarted on the same port and store dir; all are stopped when the test ends.
 
+A hub for leaf nodes is `nats_servers("hub", jetstream_domain="hub", leafnode_port=-1)` (any
+NatsServer keyword passes through); `leaf_hub` is one, and `leaf_upstream` the `[nats]` table of a
+device in leaf mode that joins it.
+
 `nats_cluster` starts a JetStream cluster of N nodes on loopback (route ports bound beforehand,
 see `edge._nats_server.free_ports`), the clustered hub a fleet grows into; `Cluster.leader_of`
 names the node that leads a stream, so a test can kill exactly that one.
@@ -16,6 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -90,15 +95,29 @@ async def nats_servers(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     async with AsyncExitStack() as stack:
         count = 0
 
-        async def start(name: str | None = None, jetstream: bool = True, config_file: Path | None = None) -> NatsServer:
+        async def start(name: str | None = None, jetstream: bool = True, config_file: Path | None = None,
+                        **options: Any) -> NatsServer:
             nonlocal count
             count += 1
             label = name or f"s{count}"
             server = NatsServer(name=label, store_dir=tmp_path / f"nats-{label}", jetstream=jetstream,
-                                config_file=config_file)
+                                config_file=config_file, **options)
             return await stack.enter_async_context(server)
 
         yield start
+
+
+HUB_DOMAIN = "hub"
+
+
+async def leaf_hub(nats_servers: ServerFactory, name: str = "hub", **options: Any) -> NatsServer:
+    """A hub with a leafnode listener (any free port) and the JetStream domain HUB_DOMAIN."""
+    return await nats_servers(name, jetstream_domain=HUB_DOMAIN, leafnode_port=-1, **options)
+
+
+def leaf_upstream(leaf_url: str, **more: Any) -> dict[str, Any]:
+    """The `[nats]` table of a device whose embedded server joins `leaf_url` (nats-leaf://) as a leaf node."""
+    return {"local": "embedded", "embedded_port": -1, "upstream": leaf_url, "upstream_domain": HUB_DOMAIN, **more}
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ sends a steady stream of inputs, each with a unique id, while a fault is applied
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,7 @@ from edge import NatsServer, Runtime
 from edge.tools.chaos import FaultProxy
 from edge.tools.cloudsim import CloudSimulator
 from sync import iter_records
-from tests.nats_harness import ServerFactory
+from tests.nats_harness import ServerFactory, leaf_hub, leaf_upstream
 from tests.polling import wait_until
 from tests.runtime_harness import ANOMALY, NORMAL, Collector, connect, encode, make_config
 
@@ -45,26 +46,35 @@ class Rig:
     sent: int = 0
 
 
-@pytest.fixture
-async def rig(nats_servers: ServerFactory, tmp_path: Path) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def open_rig(nats_servers: ServerFactory, tmp_path: Path, mode: str = "client") -> AsyncIterator[Rig]:
+    """client: the runtime connects to the cloud through the proxy. leaf: its embedded server is a
+    leaf node of the cloud, the leaf link through the proxy (the sensors use the embedded server)."""
     local = await nats_servers("local")
-    cloud = await nats_servers("cloud")
-    async with FaultProxy("127.0.0.1", cloud.port) as proxy:
+    cloud = await (leaf_hub(nats_servers, "cloud") if mode == "leaf" else nats_servers("cloud"))
+    async with FaultProxy("127.0.0.1", (cloud.leafnode_port if mode == "leaf" else cloud.port) or 0) as proxy:
         config = make_config(
             tmp_path, local.url, upstream_url=proxy.url,
             pipeline={"ladder": ["cloud", "model", "rules"],
                       "cloud": {"subject": "cloud.infer.pump", "timeout_ms": TIMEOUT_MS}},
             link={"probe_interval_ms": 100, "probe_timeout_ms": 150, "breaker_failures": BREAKER_FAILURES,
                   "breaker_reset_ms": 300},
+            **({"nats": leaf_upstream(f"nats-leaf://127.0.0.1:{proxy.port}")} if mode == "leaf" else {}),
         )
         cloud_nc = await connect(cloud.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
-        local_nc = await connect(local.url)
         async with CloudSimulator(cloud_nc) as sim, Runtime(config) as runtime:
+            local_nc = await connect(runtime.local_url)
             decisions = await Collector().start(local_nc, DECISIONS)
             await wait_until(lambda: runtime.link.state.value == "online", within=10, what="the cloud link online")
             yield Rig(local, cloud, proxy, runtime, sim, decisions, local_nc)
-        await local_nc.close()
+            await local_nc.close()
         await cloud_nc.close()
+
+
+@pytest.fixture
+async def rig(nats_servers: ServerFactory, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with open_rig(nats_servers, tmp_path) as rig:
+        yield rig
 
 
 async def drive(rig: Rig, stop: asyncio.Event) -> None:
@@ -140,8 +150,19 @@ FAULTS: dict[str, tuple[Action, Action, set[str]]] = {
 SUSTAINED = {"server-stopped", "server-killed", "proxy-close", "proxy-reset", "proxy-blackhole", "high-latency"}
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-async def test_decisions_keep_flowing_through_a_cloud_fault(rig: Rig, fault: str) -> None:
+# Leaf mode (the cloud reached over a leaf link) under the faults that test its own detection:
+# a dropped, a blackholed and a reset link, and the hub killed and restarted.
+LEAF_FAULTS = ["server-killed", "proxy-reset", "proxy-blackhole", "server-restarted"]
+
+
+@pytest.mark.parametrize(("fault", "mode"), [(f, "client") for f in FAULTS] + [(f, "leaf") for f in LEAF_FAULTS])
+async def test_decisions_keep_flowing_through_a_cloud_fault(
+        nats_servers: ServerFactory, tmp_path: Path, fault: str, mode: str) -> None:
+    async with open_rig(nats_servers, tmp_path, mode) as rig:
+        await _flow_through(rig, fault)
+
+
+async def _flow_through(rig: Rig, fault: str) -> None:
     apply, restore, allowed = FAULTS[fault]
     stop = asyncio.Event()
     driver = asyncio.create_task(drive(rig, stop))

@@ -16,6 +16,7 @@ import msgspec
 from .._errors import CommandError, ConfigError
 from ..fleet._provision import (
     DEFAULT_BUCKETS,
+    DEFAULT_HUB_DOMAIN,
     DEFAULT_STREAM,
     FRAGMENT,
     Identity,
@@ -37,7 +38,8 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
     ]
     try:
         result = provision(Path(args.out), identities, stream=args.audit_stream,
-                           buckets=args.bucket or DEFAULT_BUCKETS, force=args.force)
+                           buckets=args.bucket or DEFAULT_BUCKETS, force=args.force,
+                           hub_domain=args.hub_domain)
     except (ConfigError, CommandError, OSError) as exc:
         return exit_code_for(exc)
     if args.json:
@@ -84,6 +86,9 @@ def register_provision(fleet: Any, add: Add) -> None:
     p.add_argument("--bucket", action="append", default=[], metavar="NAME",
                    help="a model bucket devices read and operators write: 'models' or 'models-<name>' "
                         "(repeatable; default models)")
+    p.add_argument("--hub-domain", default=DEFAULT_HUB_DOMAIN, metavar="DOMAIN",
+                   help="the hub's JetStream domain: devices may also join as leaf nodes and reach JetStream "
+                        f"through it (default {DEFAULT_HUB_DOMAIN}; '' for client connections only)")
     p.add_argument("--force", action="store_true",
                    help="write into a DIR that already holds seeds of identities listed: those seeds are kept "
                         "(their keys stay valid), missing ones are made, and the fragment is written anew")

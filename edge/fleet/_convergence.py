@@ -146,8 +146,10 @@ class Convergence:
         if stop.is_set():
             return
         reconnects = nc.stats["reconnects"]
+        # In leaf mode the connection never reconnects: the leaf link beyond it does (link_epoch).
+        epoch = self.host.link_epoch
         groups = list(self.host.config.groups)
-        sub = await self._watch(nc.jetstream(timeout=API_TIMEOUT_S), groups)
+        sub = await self._watch(nc.jetstream(timeout=API_TIMEOUT_S, domain=self.host.config.nats.js_domain), groups)
         try:
             self.state = ConvergenceState.WATCHING
             self.watches += 1
@@ -168,7 +170,7 @@ class Convergence:
                         await self._save_marks()
                         await self._converge(changed)
                         await self._publish_report(nc)
-                if nc.stats["reconnects"] != reconnects or not nc.is_connected:
+                if nc.stats["reconnects"] != reconnects or not nc.is_connected or self.host.link_epoch != epoch:
                     log.info("fleet: upstream reconnected: reading the desired state again")
                     return
                 if list(self.host.config.groups) != groups:
@@ -301,8 +303,8 @@ class Convergence:
             return  # never buffered: a report replayed after an outage would say the wrong thing
         payload = _ENCODER.encode(self.report())
         try:
-            await nc.jetstream(timeout=API_TIMEOUT_S).publish(f"$KV.{STATUS_BUCKET}.{report_key(self.device)}",
-                                                              payload)
+            js = nc.jetstream(timeout=API_TIMEOUT_S, domain=self.host.config.nats.js_domain)
+            await js.publish(f"$KV.{STATUS_BUCKET}.{report_key(self.device)}", payload)
         except (nats.errors.Error, TimeoutError) as exc:  # no bucket yet (an operator makes it), link down
             self.report_failures += 1
             log.debug("fleet: status report not written: %s: %s", type(exc).__name__, exc)

@@ -60,6 +60,23 @@ approver <name> / cloud <name>
     subscribe edge.*.approval.> / cloud.infer.> (any queue group), and _INBOX_<name>.> (their tools
               connect with that inbox prefix)
 
+Leaf nodes (a device with `nats.upstream = "nats-leaf://..."`): nats-server 2.15's
+`leafnodes { authorization }` takes one user, without nkeys or permissions ("unknown field"), so
+per-device leaf logins cannot live there. With no authorization block of its own, the hub's
+leafnode listener logs leaf nodes in against the same `authorization` users as clients, and
+applies each user's permissions to its leaf connection: `publish` is what the leaf may send into
+the hub, `subscribe` what the hub may send to it (verified in tests/test_leaf.py). So the device
+entries in the fragment are also its leafnode authorization. A leaf node reaches the hub's
+JetStream through its domain (`$JS.<hub_domain>.API.…`, mapped by the hub to `$JS.API.…` after the
+permission check), so with `hub_domain` each device may also publish the domain form of each of its
+`$JS.API.…` subjects, and `$JS.<hub_domain>.API.INFO`: the leaf link probe (edge._runtime). The
+domain forms grant nothing the plain ones do not. One grant is wider than a client's:
+`allow_responses` does not cross a leaf connection (nats-io/nats-server#2949, verified on 2.15.1:
+the command arrives, its reply is dropped), so a device may publish to `_INBOX.>`, the operators'
+inboxes, to answer commands and `$SRV` discovery. It could thus inject a reply into an operator's
+pending request (never into another device's, approver's or cloud's inbox: those are
+`_INBOX_<name>`); commands stay signed and audit stays confined to the device's own subject.
+
 Subject permissions match whole tokens, so "every bucket whose name begins with models-" cannot be
 written as one; the buckets are listed (`models` unless told otherwise) and provisioning again
 adds one.
@@ -88,6 +105,8 @@ ROLES: tuple[Role, ...] = ("device", "operator", "approver", "cloud")
 FRAGMENT = "hub-auth.conf"
 DEFAULT_STREAM = "EDGE_AUDIT"
 DEFAULT_BUCKETS = ("models",)
+DEFAULT_HUB_DOMAIN = "hub"
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -131,6 +150,7 @@ class Provisioning(msgspec.Struct, frozen=True):
     out: str
     fragment: str
     stream: str
+    hub_domain: str
     buckets: tuple[str, ...]
     identities: tuple[Provisioned, ...]
     unlisted: tuple[str, ...]  # NAME.nk files in `out` of identities not listed: no longer let in
@@ -141,7 +161,7 @@ class Provisioning(msgspec.Struct, frozen=True):
 
 
 def device_permissions(device: str, groups: Sequence[str], *, stream: str = DEFAULT_STREAM,
-                       buckets: Sequence[str] = DEFAULT_BUCKETS) -> Permissions:
+                       buckets: Sequence[str] = DEFAULT_BUCKETS, hub_domain: str = "") -> Permissions:
     publish = [
         f"audit.{device}",
         f"edge.{device}.>",
@@ -171,6 +191,11 @@ def device_permissions(device: str, groups: Sequence[str], *, stream: str = DEFA
         f"$JS.FC.{desired}.>",
         f"$KV.{STATUS_BUCKET}.device.{device}",
     ]
+    if hub_domain:  # the same API requests from a leaf node, through the hub's JetStream domain
+        api = "$JS.API."
+        publish += [f"$JS.{hub_domain}.API.{s[len(api):]}" for s in publish if s.startswith(api)]
+        publish.append(f"$JS.{hub_domain}.API.INFO")
+        publish.append("_INBOX.>")  # answers to operators: allow_responses does not cross a leaf link
     subscribe = [
         f"_INBOX_{device}.>",
         f"edge.{device}.cmd.>",
@@ -242,10 +267,11 @@ def cloud_permissions(name: str) -> Permissions:
 
 
 def permissions_for(identity: Identity, *, stream: str = DEFAULT_STREAM,
-                    buckets: Sequence[str] = DEFAULT_BUCKETS) -> Permissions:
+                    buckets: Sequence[str] = DEFAULT_BUCKETS, hub_domain: str = "") -> Permissions:
     match identity.role:
         case "device":
-            return device_permissions(identity.name, identity.groups, stream=stream, buckets=buckets)
+            return device_permissions(identity.name, identity.groups, stream=stream, buckets=buckets,
+                                      hub_domain=hub_domain)
         case "operator":
             return operator_permissions(stream=stream, buckets=buckets)
         case "approver":
@@ -273,7 +299,7 @@ def parse_device(spec: str) -> Identity:
 
 
 def check(identities: Sequence[Identity], *, stream: str = DEFAULT_STREAM,
-          buckets: Sequence[str] = DEFAULT_BUCKETS) -> Iterator[Problem]:
+          buckets: Sequence[str] = DEFAULT_BUCKETS, hub_domain: str = "") -> Iterator[Problem]:
     """Every problem with what is to be provisioned, each under the option that gave it."""
     if not identities:
         yield Problem("", "nothing to provision: give at least one --device, --operator, --approver or --cloud")
@@ -293,6 +319,8 @@ def check(identities: Sequence[Identity], *, stream: str = DEFAULT_STREAM,
                 yield Problem(where, f"group {group!r}: expected 1 to 64 characters from A-Z a-z 0-9 _ -")
     if not STREAM_NAME.fullmatch(stream):
         yield Problem("--audit-stream", f"{stream!r}: expected a stream name from A-Z a-z 0-9 _ -")
+    if hub_domain and not DOMAIN_NAME.fullmatch(hub_domain):
+        yield Problem("--hub-domain", f"{hub_domain!r}: expected a JetStream domain from A-Z a-z 0-9 _ -")
     for bucket in buckets:
         if not BUCKET_NAME.fullmatch(bucket):
             yield Problem("--bucket", f"{bucket!r}: model buckets are named 'models' or 'models-<name>' "
@@ -304,7 +332,8 @@ def check(identities: Sequence[Identity], *, stream: str = DEFAULT_STREAM,
 
 
 def render_fragment(identities: Sequence[Identity], public_keys: Mapping[str, str], *,
-                    stream: str = DEFAULT_STREAM, buckets: Sequence[str] = DEFAULT_BUCKETS) -> str:
+                    stream: str = DEFAULT_STREAM, buckets: Sequence[str] = DEFAULT_BUCKETS,
+                    hub_domain: str = "") -> str:
     """The `authorization` block for `identities`, each logging in with `public_keys[name]`."""
     counts = ", ".join(f"{n} {role}{'s' if n != 1 else ''}" for role in ROLES
                        if (n := sum(1 for i in identities if i.role == role)))
@@ -313,11 +342,13 @@ def render_fragment(identities: Sequence[Identity], public_keys: Mapping[str, st
         f'# Include it from the hub\'s config (include "{FRAGMENT}") with JetStream on. Every user logs',
         "# in with its nkey; a connection without one is refused. Audit stream: "
         f"{stream}; model buckets: {', '.join(buckets) or 'none'}.",
+        *(["# Devices may also join as leaf nodes (the hub's leafnodes {} block without an authorization of "
+           "its own);", f"# the hub's JetStream domain is {hub_domain!r}."] if hub_domain else []),
         "authorization {",
         "  users = [",
     ]
     for identity in identities:
-        perms = permissions_for(identity, stream=stream, buckets=buckets)
+        perms = permissions_for(identity, stream=stream, buckets=buckets, hub_domain=hub_domain)
         groups = f" (groups: {', '.join(identity.groups)})" if identity.groups else ""
         lines += [
             f"    # {identity.role} {identity.name}{groups}",
@@ -349,7 +380,8 @@ def _quoted(text: str) -> str:
 
 
 def provision(out: Path, identities: Sequence[Identity], *, stream: str = DEFAULT_STREAM,
-              buckets: Sequence[str] = DEFAULT_BUCKETS, force: bool = False) -> Provisioning:
+              buckets: Sequence[str] = DEFAULT_BUCKETS, force: bool = False,
+              hub_domain: str = DEFAULT_HUB_DOMAIN) -> Provisioning:
     """Write a seed per identity and the fragment for exactly `identities` into `out`.
 
     A seed file already there is refused unless `force`; with `force` it is kept (its key stays
@@ -358,7 +390,7 @@ def provision(out: Path, identities: Sequence[Identity], *, stream: str = DEFAUL
     Blocking file I/O.
     """
     buckets = tuple(dict.fromkeys(buckets))
-    problems = list(check(identities, stream=stream, buckets=buckets))
+    problems = list(check(identities, stream=stream, buckets=buckets, hub_domain=hub_domain))
     if problems:
         raise ConfigError(problems, source="provision")
     existing = [i.name for i in identities if (out / f"{i.name}.nk").exists()]
@@ -379,15 +411,16 @@ def provision(out: Path, identities: Sequence[Identity], *, stream: str = DEFAUL
             seeds[identity.name] = (seed, "new")
     keys = {name: public_key_of(seed) for name, (seed, _) in seeds.items()}
     fragment = out / FRAGMENT
-    write_atomically(fragment, render_fragment(identities, keys, stream=stream, buckets=buckets).encode(),
+    write_atomically(fragment, render_fragment(identities, keys, stream=stream, buckets=buckets,
+                                                       hub_domain=hub_domain).encode(),
                      mode=0o644)  # public keys only: the hub's user may need to read it
     listed = {i.name for i in identities}
     return Provisioning(
-        out=str(out), fragment=str(fragment), stream=stream, buckets=buckets,
+        out=str(out), fragment=str(fragment), stream=stream, hub_domain=hub_domain, buckets=buckets,
         identities=tuple(
             Provisioned(role=i.role, name=i.name, groups=i.groups, public_key=keys[i.name],
                         seed_file=str(out / f"{i.name}.nk"), seed=seeds[i.name][1],
-                        permissions=permissions_for(i, stream=stream, buckets=buckets))
+                        permissions=permissions_for(i, stream=stream, buckets=buckets, hub_domain=hub_domain))
             for i in identities),
         unlisted=tuple(sorted(p.stem for p in out.glob("*.nk") if p.stem not in listed)),
     )

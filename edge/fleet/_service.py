@@ -124,6 +124,7 @@ class Device(Protocol):
     local: NATS | None  # for the read-only status probe on the local bus
     upstream: NATS | None
     uploader: Uploader | None
+    link_epoch: int  # +1 each time the upstream link comes back without the connection reconnecting (leaf mode)
 
     @property
     def deployments(self) -> Deployer: ...
@@ -204,8 +205,9 @@ class Fleet:
         await self._tasks.__aenter__()
         host = self.host
         try:
-            if host.local is not None and host.config.nats.upstream:
-                # The local bus is a separate connection: answer only the read-only status probe there.
+            if host.local is not None and host.config.nats.upstream and not host.config.nats.leaf:
+                # The local bus is a separate connection (in leaf mode it is the upstream one):
+                # answer only the read-only status probe there.
                 self._local_sub = await host.local.subscribe(f"edge.{self.device}.cmd.status",
                                                              cb=self._on_local_status)
             if host.upstream is not None and host.upstream.is_connected:
@@ -685,7 +687,7 @@ class Fleet:
         where = quoted(f"{command.bucket}/{command.object}")
         try:
             async with asyncio.timeout(FETCH_TIMEOUT_S):
-                js = nc.jetstream()
+                js = nc.jetstream(domain=self.host.config.nats.js_domain)
                 store = await js.object_store(command.bucket)
                 info = await store.get_info(command.object)
                 return await _read_object(js, command.bucket, info, where)

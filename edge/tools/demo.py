@@ -1,11 +1,17 @@
 """`edge demo`: the whole story on one machine, with no set-up, ending in a verified summary (SPEC §3, §11).
 
-    sensors (simulated) ─► local nats-server ◄─► Runtime ─► FaultProxy ─► "cloud" nats-server (JetStream)
-                           (decisions out)                 (the outage)    ▲ CloudSimulator, AutoApprover,
-                                                                           │ EDGE_AUDIT stream
-                                                      verification ────────┘ (directly, not through the proxy)
+    sensors (simulated) ─► the runtime's embedded nats-server ═ leaf link ═► FaultProxy ─► "cloud" nats-server
+                           (decisions out; the runtime talks      (S2)     (the outage)  (JetStream domain "hub",
+                           only to it)                                                   leafnode listener)
+                                                                                          ▲ CloudSimulator,
+                                                                                          │ AutoApprover,
+                                                      verification ───────────────────────┘ EDGE_AUDIT stream
+                                                      (directly, not through the proxy)
 
-Everything runs in this process except the two nats-servers, which are children it owns. Simulated
+The device runs in leaf mode (`nats.upstream = "nats-leaf://..."`): its embedded server is a leaf
+node of the cloud server and carries audit sync, cloud requests, approvals and commands over one
+compressed link. Everything runs in this process except the two nats-servers (the runtime's
+embedded one and the cloud), which are children it owns. Simulated
 pumps publish on an open-loop schedule; at `outage_at_s` the proxy blackholes the cloud link for
 `outage_s` seconds. While it runs, a live view shows decisions per second by tier, the link, the
 audit backlog and approvals. At the end the driver stops, the audit backlog drains, the runtime
@@ -200,8 +206,12 @@ class SensorStory:
 # The runtime's config: the bundled example, pointed at the demo's servers and sped up
 
 
+CLOUD_DOMAIN = "hub"
+"""The cloud server's JetStream domain: the device reaches the audit stream through it (leaf mode)."""
+
+
 def demo_config(local_url: str, upstream_url: str, data_dir: Path, *, operator_key: str = "",
-                approver_key: str = "") -> Config:
+                approver_key: str = "", upstream_domain: str = "") -> Config:
     """The bundled example config with the demo's servers, a data dir, a link tuned to demo speed,
     and the keys the demo made for its operator and approver (the secure path, not allow_unsigned)."""
     data = tomllib.loads(BUNDLED_CONFIG.read_text(encoding="utf-8"))
@@ -209,7 +219,9 @@ def demo_config(local_url: str, upstream_url: str, data_dir: Path, *, operator_k
                      "approver_keys": [approver_key] if approver_key else []}
     data["device_id"] = DEVICE
     data["data_dir"] = str(data_dir)
-    data["nats"] = {"local": local_url, "upstream": upstream_url}
+    data["nats"] = {"local": local_url, "upstream": upstream_url, "upstream_domain": upstream_domain}
+    if local_url == "embedded":
+        data["nats"]["embedded_port"] = -1  # any free port: the demo must not need 4222
     # Probe every 200 ms, open after 3 failures, try again after 1 s: the breaker's story at demo speed.
     data["link"] = {"probe_interval_ms": 200, "probe_timeout_ms": 200, "breaker_failures": 3,
                     "breaker_reset_ms": 1000}
@@ -907,29 +919,30 @@ async def run_demo(options: DemoOptions) -> int:
         work = Path(tmp)
         db = work / "var" / "audit.db"
         async with AsyncExitStack() as stack:
-            local = await _enter(stack, NatsServer(name="demo-local", store_dir=work / "local", jetstream=False),
-                                 "the local nats-server")
-            cloud = await _enter(stack, NatsServer(name="demo-cloud", store_dir=work / "cloud"),
+            cloud = await _enter(stack, NatsServer(name="demo-cloud", store_dir=work / "cloud",
+                                                   jetstream_domain=CLOUD_DOMAIN, leafnode_port=-1),
                                  "the cloud nats-server")
-            proxy = await _enter(stack, FaultProxy("127.0.0.1", cloud.port), "the fault proxy")
+            proxy = await _enter(stack, FaultProxy("127.0.0.1", cloud.leafnode_port or 0), "the fault proxy")
             # Keys made on the fly: the device obeys only its operator and settles approvals only
             # with answers its approver signed (nothing on the bus is trusted for being there).
             operator_seed, approver_seed = new_seed(), new_seed()
-            config = demo_config(local.url, proxy.url, work / "var", operator_key=public_key_of(operator_seed),
-                                 approver_key=public_key_of(approver_seed))
+            config = demo_config("embedded", f"nats-leaf://127.0.0.1:{proxy.port}", work / "var",
+                                 operator_key=public_key_of(operator_seed), approver_key=public_key_of(approver_seed),
+                                 upstream_domain=CLOUD_DOMAIN)
             cloud_nc = await _connect(stack, cloud.url, "demo-cloud-sim")
-            local_nc = await _connect(stack, local.url, "demo-sensors")
             await _enter(stack, CloudSimulator(cloud_nc), "the cloud simulator")
             approver = await _enter(stack, AutoApprover(cloud_nc, delay_s=APPROVAL_DELAY_S, seed=options.seed,
                                                                 key=approver_seed),
                                     "the approver")
-            await local_nc.subscribe(f"edge.{DEVICE}.decision.>", cb=recorder.on_decision)
-            await local_nc.flush()
-            print(f"edge demo: device {DEVICE} on the local bus {local.url}; the cloud at {cloud.url},\n"
-                  f"           reached through a fault proxy at {proxy.url}", flush=True)
 
             async with AsyncExitStack() as run:
                 runtime = await _enter(run, Runtime(config), "the runtime")
+                # The local bus is the runtime's own embedded server, up once the runtime is.
+                local_nc = await _connect(stack, runtime.local_url, "demo-sensors")  # outlives the drain
+                await local_nc.subscribe(f"edge.{DEVICE}.decision.>", cb=recorder.on_decision)
+                await local_nc.flush()
+                print(f"edge demo: device {DEVICE} on its embedded bus {runtime.local_url}, a leaf node of the cloud "
+                      f"at {cloud.url},\n           linked through a fault proxy at {proxy.url}", flush=True)
                 if not await _until(lambda: runtime.link.state is LinkState.ONLINE, ONLINE_LIMIT_S):
                     print(f"edge demo: the cloud link did not come up within {ONLINE_LIMIT_S:g}s", file=sys.stderr)
                     return 1
@@ -947,8 +960,8 @@ async def run_demo(options: DemoOptions) -> int:
                     await _until(lambda: runtime.audit is not None and runtime.audit.backlog == 0, DRAIN_LIMIT_S)
                     stop.set()
                 final_backlog = recorder.samples[-1].backlog if recorder.samples else 0
-            # The runtime has drained and stopped: every decision it made is published.
-            await local_nc.flush()
+            # The runtime has drained and stopped: every decision it made was published (and heard
+            # before its embedded server stopped).
             await _until(lambda: len(recorder.decisions) >= sent, 5.0)
             try:
                 synced_after_stop = await sync_remainder(db, cloud.url, config.audit.stream, 10.0)
