@@ -146,6 +146,9 @@ class AuditConfig(_Strict):
     stream: Annotated[str, _doc("the upstream JetStream stream that receives the log")] = "EDGE_AUDIT"
     create_stream: Annotated[bool, _doc("create the stream when it is missing")] = False
     keep_synced: Annotated[str, _doc('how long synced records are kept for re-sending ("7d", "12h")')] = "7d"
+    inputs: Annotated[Literal["full", "hash"], _doc(
+        "full: a decision's record holds its decoded input (it can be decided again: edge replay); "
+        "hash: only the input message's sha256")] = "full"
     sync_window: Annotated[int, _doc("publishes in flight to JetStream at once")] = 256
     sign_every: Annotated[int, _doc(
         "sign every Nth record upstream with the device key (and always the last of a burst)")] = 64

@@ -83,7 +83,8 @@ def _q(text: str) -> str:
 
 def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Path | None = None,
                          leafnode_host: str = "", leafnode_port: int | None = None,
-                         leaf_remote: LeafRemote | None = None, include: str = "") -> str:
+                         leaf_remote: LeafRemote | None = None, include: str = "",
+                         leafnode_compression: str = "") -> str:
     """The generated part of a server's config (pure: see NatsServer for when it is used)."""
     lines = [f"server_name: {_q(name)}"]
     if jetstream_domain:
@@ -94,6 +95,9 @@ def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Pa
         lines.append("leafnodes {")
         if leafnode_port is not None:
             lines += [f"  host: {_q(leafnode_host)}", f"  port: {leafnode_port}"]
+            if leafnode_compression:
+                # What this side sends its leaf nodes (acks, replies): each side compresses its own.
+                lines.append(f"  compression: {_q(leafnode_compression)}")
         if leaf_remote is not None:
             lines += [f"  reconnect: {_q(LEAF_RECONNECT)}", "  remotes = [", "    {",
                       f"      urls: [{', '.join(_q(u) for u in leaf_remote.urls)}]",
@@ -184,11 +188,13 @@ class NatsServer:
         jetstream_domain: str = "",
         leafnode_port: int | None = None,
         leaf_remote: LeafRemote | None = None,
+        leafnode_compression: str = "",
     ) -> None:
         self.name = name
         self.jetstream_domain = jetstream_domain
         self.leafnode_port = leafnode_port
         self.leaf_remote = leaf_remote
+        self.leafnode_compression = leafnode_compression
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port
         self.routes = list(routes)
@@ -273,6 +279,7 @@ class NatsServer:
         text = render_server_config(
             name=self.name, jetstream_domain=self.jetstream_domain if self.jetstream else "",
             leafnode_host=self.host, leafnode_port=self.leafnode_port, leaf_remote=self.leaf_remote,
+            leafnode_compression=self.leafnode_compression,
             include=include)
         path = self.store_dir / GENERATED_CONFIG
         # 0600 from the first byte: a leaf remote may carry the device's nkey seed.

@@ -85,7 +85,7 @@ class AuditSink(msgspec.Struct):
     """What a pipeline needs from the audit log (the runtime wires `sync.AuditLog` in)."""
 
     append: Callable[[str, Any], asyncio.Future[int]]
-    append_many: Callable[[str, Sequence[Any]], Sequence[tuple[Chained, asyncio.Future[int]]]]
+    append_many: Callable[..., Sequence[tuple[Chained, asyncio.Future[int]]]]  # (kind, bodies, *, ts=None)
     oldest_seq: Callable[[], int] = lambda: 0  # the oldest record retention has kept
 
 
@@ -114,8 +114,9 @@ class PipelineLogic:
     """Everything one config of a pipeline decides with; swapped whole, between messages."""
 
     def __init__(self, config: PipelineConfig, *, device: str, ladder: Ladder, governor: Governor,
-                 shadow: Shadow | None = None) -> None:
+                 shadow: Shadow | None = None, record_inputs: bool = True) -> None:
         self.config = config
+        self.record_inputs = record_inputs  # audit.inputs = "full": records hold the decoded input
         self.ladder = ladder
         self.governor = governor
         self.shadow = shadow
@@ -199,6 +200,7 @@ class _Ready(msgspec.Struct):
     reply: str
     content_type: str
     arrived: int
+    values: Mapping[str, Any]
 
 
 class Pipeline:
@@ -409,6 +411,7 @@ class Pipeline:
                           len(inputs))
             results = [await self._decide_alone(logic, values) for values in inputs]
         paused = self.is_paused()
+        decided = time.time_ns()  # one time for the batch, decided together: its records' `ts` as well
         ready: list[_Ready] = []
         for i, (item, result) in enumerate(zip(items, results, strict=True)):
             prediction = shadows[i] if shadows is not None else None
@@ -418,7 +421,7 @@ class Pipeline:
                 await self._off_batch(logic, item, result, prediction)
                 continue
             answer, fallbacks = result
-            settled = self._govern(logic, item, answer, fallbacks, prediction, paused)
+            settled = self._govern(logic, item, answer, fallbacks, prediction, paused, decided)
             if settled is not None:
                 ready.append(settled)
         if ready:
@@ -459,11 +462,11 @@ class Pipeline:
             log.exception("pipeline %s: unexpected error deciding an input", self.name)
 
     def _govern(self, logic: PipelineLogic, item: _Item, answer: Answer, fallbacks: list[Fallback],
-                prediction: Prediction | None, paused: bool) -> _Ready | None:
+                prediction: Prediction | None, paused: bool, decided: int | None = None) -> _Ready | None:
         """Governance's verdict on an answer: the decision ready to audit, or None when it waits for a human."""
         shadow = self._shadow_result(logic, prediction, answer) if logic.shadow is not None else None
         verdict = logic.governor.review(answer.action, answer.tier, answer.confidence, paused=paused)
-        decision = self._decision(item, answer, fallbacks, shadow, verdict)
+        decision = self._decision(item, answer, fallbacks, shadow, verdict, decided)
         if verdict.status == "approval_pending":
             if self.approver is None:
                 decision = self._settled(logic, decision, verdict, Unreachable())
@@ -477,7 +480,7 @@ class Pipeline:
                 self._approvals.add(task)
                 task.add_done_callback(self._approvals.discard)
                 return None
-        return _Ready(logic, decision, item.reply, item.content_type, item.arrived)
+        return _Ready(logic, decision, item.reply, item.content_type, item.arrived, item.values)
 
     async def _finish_after_approval(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
                                      item: _Item) -> None:
@@ -490,7 +493,8 @@ class Pipeline:
         )
         outcome = await self.approver(request, verdict.approval.timeout_ms / 1000)
         decision = self._settled(logic, decision, verdict, outcome)
-        await self._commit_and_publish([_Ready(logic, decision, item.reply, item.content_type, item.arrived)])
+        await self._commit_and_publish([_Ready(logic, decision, item.reply, item.content_type, item.arrived,
+                                               item.values)])
 
     def _settled(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
                  outcome: ApprovalOutcome) -> Decision:
@@ -510,8 +514,9 @@ class Pipeline:
         )
 
     def _decision(self, item: _Item, answer: Answer, fallbacks: list[Fallback],
-                  shadow: ShadowResult | None, verdict: Verdict) -> Decision:
-        decided = time.time_ns()
+                  shadow: ShadowResult | None, verdict: Verdict, decided: int | None = None) -> Decision:
+        if decided is None:
+            decided = time.time_ns()
         return Decision(
             id=f"{decided:016x}{next(self._ids) & 0xFFFFFFFF:08x}",
             device=self.device,
@@ -538,9 +543,14 @@ class Pipeline:
         A record holds what is specific to its decision (`_records`); the decision published
         carries the seq its record was given.
         """
+        # Decided together, recorded at that time: a record whose ts is its decided_at leaves it out.
+        ts = ready[0].decision.decided_at
+        if any(r.decision.decided_at != ts for r in ready):
+            ts = time.time_ns()
         try:
-            bodies = [decision_record(r.decision, self._model_seq(r.decision.model)) for r in ready]
-            chained = self.audit.append_many(DECISION_KIND, bodies)
+            bodies = [decision_record(r.decision, self._model_seq(r.decision.model),
+                                      r.values if r.logic.record_inputs else None, ts=ts) for r in ready]
+            chained = self.audit.append_many(DECISION_KIND, bodies, ts=ts)
         except Exception as exc:  # the audit error tree is the sync package's; any failure blocks
             outcomes: list[int | Exception] = [exc] * len(ready)
         else:

@@ -7,16 +7,23 @@ device, the model's name, version and sha256, its own audit seq. Its audit recor
 - `model` is the seq of a `model` record with `event = "in_use"` (`{event, pipeline, name,
   version, sha256}`) that a pipeline writes before the first decision a model makes, again after
   any change of model, and again once retention has deleted the one it referred to;
-- `shadow`, `confidence` and `fallbacks` are left out when empty.
+- `decided_at` is left out when it is the record's `ts` (a batch's decisions are decided, and
+  recorded, at one time);
+- `shadow`, `confidence` and `fallbacks` are left out when empty;
+- with `audit.inputs = "full"` (the default) the record holds the decoded `input` (as validated:
+  what the ladder saw, so it can be decided again) instead of `input_sha256`, the digest of the
+  raw message bytes, which only `"hash"` keeps. The input is the better evidence and, on a
+  metered link, 64 hex digits cheaper than a digest that no compression can shrink.
 
 Everything else is the Decision's own field, under its own name. `DecisionReader` turns records
-back into full Decisions (`edge audit ... --decisions`), so nothing a reader could ask of the
-Decision is lost; the hash chain covers the compact body exactly as it was written.
+back into full Decisions (`edge audit ... --decisions`; `input_sha256` is empty where the record
+holds the input instead); the hash chain covers the compact body exactly as it was written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -36,12 +43,13 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     pipeline: str
     subject: str
     received_at: int
-    decided_at: int
     action: str
     label: str
     tier: str
     governance: Governance
-    input_sha256: str
+    decided_at: int | None = None  # None: the record's ts
+    input: dict[str, Any] | None = None  # audit.inputs = "full"
+    input_sha256: str = ""  # audit.inputs = "hash"
     confidence: float | None = None
     fallbacks: list[Fallback] = []
     model: int | None = None  # the seq of the `model` record naming the model that decided
@@ -67,12 +75,17 @@ _in_use_decoder = msgspec.json.Decoder(ModelInUse)
 _event_decoder = msgspec.json.Decoder(_ModelEvent)
 
 
-def decision_record(decision: Decision, model_seq: int | None) -> DecisionRecord:
-    """The record body of `decision`; `model_seq` is the seq of the record naming its model."""
+def decision_record(decision: Decision, model_seq: int | None,
+                    values: Mapping[str, Any] | None = None, *, ts: int | None = None) -> DecisionRecord:
+    """The record body of `decision`; `model_seq` is the seq of the record naming its model,
+    `values` its decoded input when inputs are recorded in full (else its digest is), `ts` the
+    time its record will carry."""
     return DecisionRecord(
         id=decision.id, pipeline=decision.pipeline, subject=decision.subject, received_at=decision.received_at,
-        decided_at=decision.decided_at, action=decision.action, label=decision.label, tier=decision.tier,
-        governance=decision.governance, input_sha256=decision.input_sha256, confidence=decision.confidence,
+        decided_at=None if decision.decided_at == ts else decision.decided_at, action=decision.action,
+        label=decision.label, tier=decision.tier,
+        governance=decision.governance, input=dict(values) if values is not None else None,
+        input_sha256=decision.input_sha256 if values is None else "", confidence=decision.confidence,
         fallbacks=decision.fallbacks, model=model_seq if decision.model is not None else None,
         shadow=decision.shadow,
     )
@@ -81,6 +94,14 @@ def decision_record(decision: Decision, model_seq: int | None) -> DecisionRecord
 def model_in_use(pipeline: str, model: ModelRef) -> ModelInUse:
     """The body of the `model` record a pipeline writes before decisions that refer to `model`."""
     return ModelInUse(event=IN_USE, pipeline=pipeline, name=model.name, version=model.version, sha256=model.sha256)
+
+
+class Recorded(NamedTuple):
+    """A decision as its record holds it: the full Decision, and the input when it was recorded."""
+
+    record: AuditRecord
+    decision: Decision
+    input: dict[str, Any] | None
 
 
 class DecisionReader:
@@ -112,23 +133,26 @@ class DecisionReader:
             return
         self._models[record.seq] = ModelRef(name=model.name, version=model.version, sha256=model.sha256)
 
-    def decisions(self, records: Iterable[AuditRecord]) -> Iterator[tuple[AuditRecord, Decision]]:
-        """(record, Decision) for each decision record among `records`, learning model records on the way."""
+    def decisions(self, records: Iterable[AuditRecord]) -> Iterator[Recorded]:
+        """Each decision record among `records` read back, learning model records on the way."""
         for record in records:
             if record.kind == MODEL_KIND:
                 self._learn(record)
             elif record.kind == DECISION_KIND:
-                decision = self.decision(record)
-                if decision is not None:
-                    yield record, decision
+                recorded = self.read(record)
+                if recorded is not None:
+                    yield recorded
 
-    def decision(self, record: AuditRecord) -> Decision | None:
-        """The full Decision a decision record holds (None if its body is not a decision)."""
-        seq = record.seq
+    def read(self, record: AuditRecord) -> Recorded | None:
+        """A decision record read back (None if its body is not a decision)."""
         try:
             body = _record_decoder.decode(bytes(record.body))
         except msgspec.DecodeError:
             return None
+        return Recorded(record, self._decision(record, body), body.input)
+
+    def _decision(self, record: AuditRecord, body: DecisionRecord) -> Decision:
+        seq = record.seq
         model: ModelRef | None = None
         if body.model is not None:
             model = self._models.get(body.model)
@@ -136,7 +160,8 @@ class DecisionReader:
                 self.unresolved.append(seq)
         return Decision(
             id=body.id, device=record.device, pipeline=body.pipeline,
-            subject=body.subject, received_at=body.received_at, decided_at=body.decided_at, action=body.action,
+            subject=body.subject, received_at=body.received_at,
+            decided_at=body.decided_at if body.decided_at is not None else record.ts, action=body.action,
             label=body.label, confidence=body.confidence, tier=body.tier, fallbacks=body.fallbacks, model=model,
             shadow=body.shadow, governance=body.governance, audit_seq=seq, input_sha256=body.input_sha256,
         )

@@ -612,6 +612,7 @@ class Runtime:
             shadow_slot_name = p.shadow
         shadow = Shadow(slot=self.registry.slot(shadow_slot_name)) if shadow_slot_name else None
         return PipelineLogic(p, device=self.device, ladder=Ladder(tiers, rules, guards),
+                             record_inputs=self.config.audit.inputs == "full",
                              governor=Governor(p.actions), shadow=shadow)
 
     async def _start_pipeline(self, p: PipelineConfig) -> Pipeline:

@@ -374,9 +374,10 @@ class AuditLog:
         return future
 
     def append_many(
-        self, kind: str, bodies: Sequence[object | Callable[[int], object]]
+        self, kind: str, bodies: Sequence[object | Callable[[int], object]], *, ts: int | None = None
     ) -> list[tuple[AuditRecord, asyncio.Future[int]]]:
-        """`append` for a batch: one lock, one chain pass, one wake-up of the writer.
+        """`append` for a batch: one lock, one chain pass, one wake-up of the writer. `ts` (ns since
+        the epoch) is the records' time when the caller has one for them (default: now).
 
         Returns each record as chained (its `body` is the canonical JSON, for the caller to reuse)
         with its future. Records commit in order, so once the last future is done every earlier one
@@ -389,7 +390,8 @@ class AuditLog:
             raise AuditFull(self._used_bytes, self.max_bytes)
         loop = self._loop
         assert loop is not None
-        ts = time.time_ns()
+        if ts is None:
+            ts = time.time_ns()
         made: list[tuple[AuditRecord, asyncio.Future[int]]] = []
         with self._cond:
             chain = self._chain

@@ -73,8 +73,12 @@ async def test_a_burst_is_decided_in_batches_each_input_once_in_the_order_receiv
     assert batches["sizes"]["17-64"] > 0, batches
     assert sum(batches["sizes"].values()) == batches["count"]
     # The log keeps each decision compactly; read back, it is exactly the decision published.
-    recorded = {d.audit_seq: d for _, d in DecisionReader().decisions(iter_records(runtime.data_dir / "audit.db"))}
-    assert all(msgspec.to_builtins(recorded[d["audit_seq"]]) == d for d in bodies)
+    # (The record holds the input itself rather than the message's digest.)
+    records = iter_records(runtime.data_dir / "audit.db")
+    recorded = {r.decision.audit_seq: r for r in DecisionReader().decisions(records)}
+    assert all(msgspec.to_builtins(recorded[d["audit_seq"]].decision) == {**d, "input_sha256": ""} for d in bodies)
+    sent = {hashlib.sha256(payload).hexdigest(): msgspec.json.decode(payload) for payload in payloads}
+    assert all(recorded[d["audit_seq"]].input == sent[d["input_sha256"]] for d in bodies)
 
 
 async def test_at_low_load_a_batch_is_one_input_and_the_model_runs_without_a_thread_hop(

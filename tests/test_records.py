@@ -41,7 +41,7 @@ def test_a_decision_record_reads_back_as_the_whole_decision() -> None:
         records.append(chain.make("decision", decision_record(decision, announced.seq), ts=3))
     body = msgspec.json.decode(records[3].body)
     assert "device" not in body and "audit_seq" not in body and body["model"] == announced.seq
-    read = [d for _, d in DecisionReader().decisions(records)]
+    read = [r.decision for r in DecisionReader().decisions(records)]
     expected = [msgspec.structs.replace(d, audit_seq=r.seq) for d, r in zip(decisions, records[2:], strict=True)]
     assert read == expected
 
@@ -50,8 +50,8 @@ def test_a_decision_whose_model_record_is_missing_says_so() -> None:
     chain = Chain("gw-1", next_seq=10)
     record = chain.make("decision", decision_record(_decision(1), model_seq=3), ts=1)
     reader = DecisionReader()
-    decision = reader.decision(record)
-    assert decision is not None and decision.model is None and reader.unresolved == [10]
+    recorded = reader.read(record)
+    assert recorded is not None and recorded.decision.model is None and reader.unresolved == [10]
 
 
 def test_stored_bodies_are_compressed_and_read_back_exactly() -> None:
@@ -86,8 +86,12 @@ async def test_the_runtime_writes_compact_records_and_names_its_model_once(
     decisions = [r for r in records if r.kind == "decision"]
     assert len(decisions) == 400 and in_use[0].seq < decisions[0].seq
     assert all(msgspec.json.decode(r.body)["model"] == in_use[0].seq for r in decisions)
-    read = {d.audit_seq: msgspec.to_builtins(d) for _, d in DecisionReader().decisions(records)}
-    assert [read[p["audit_seq"]] for p in published] == published
+    read = {r.decision.audit_seq: r for r in DecisionReader().decisions(records)}
+    # The record holds the input itself (audit.inputs = "full") instead of the message's digest.
+    assert [msgspec.to_builtins(read[p["audit_seq"]].decision) for p in published] == [
+        {**p, "input_sha256": ""} for p in published]
+    assert [read[p["audit_seq"]].input for p in published] == [
+        dict(ANOMALY if i % 5 == 0 else NORMAL) for i in range(400)]
     assert published[0]["model"]["sha256"] == runtime.registry.slot("pump-anomaly").model.sha256  # type: ignore[union-attr]
     # On disk: the records' own bytes (cells of the b-tree), per decision record.
     with sqlite3.connect(db) as conn:
@@ -124,5 +128,22 @@ async def test_a_model_record_deleted_by_retention_is_written_again(
         await nc.close()
     refers_to = msgspec.json.decode(next(r.body for r in upstream if r.seq == second["audit_seq"]))["model"]
     assert refers_to > first_model.seq  # written again, not a reference to a record the file no longer has
-    recorded = {d.audit_seq: d for _, d in DecisionReader().decisions(upstream)}
+    recorded = {r.decision.audit_seq: r.decision for r in DecisionReader().decisions(upstream)}
     assert recorded[second["audit_seq"]].model == ModelRef(**second["model"])
+
+
+async def test_with_inputs_hashed_a_record_keeps_the_digest_and_reads_back_whole(
+    nats_servers: ServerFactory, tmp_path: Path
+) -> None:
+    server = await nats_servers("local")
+    async with Runtime(make_config(tmp_path, server.url, audit={"create_stream": True, "inputs": "hash"})) as runtime:
+        nc = await connect(server.url)
+        published = [msgspec.json.decode((await nc.request("sensors.p1.pump", encode(NORMAL), timeout=5)).data)
+                     for _ in range(3)]
+        await nc.close()
+    records = list(iter_records(runtime.data_dir / "audit.db"))
+    bodies = [msgspec.json.decode(r.body) for r in records if r.kind == "decision"]
+    assert all("input" not in b and len(b["input_sha256"]) == 64 for b in bodies)
+    reader = DecisionReader()
+    read = {r.decision.audit_seq: (msgspec.to_builtins(r.decision), r.input) for r in reader.decisions(records)}
+    assert [read[p["audit_seq"]] for p in published] == [(p, None) for p in published]

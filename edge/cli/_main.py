@@ -143,7 +143,8 @@ def _print_records(records: Sequence[Any], as_json: bool) -> None:
 
 def _full_decisions(db: Path, records: Iterable[Any]) -> Iterator[str]:
     """The Decision of each decision record among `records`, as JSON: a record keeps only what is
-    specific to its decision; the rest (device, model, audit_seq) is read back from the log."""
+    specific to its decision; the rest (device, model, audit_seq) is read back from the log. With
+    the input recorded (audit.inputs = "full"), it is there as `input`."""
     import msgspec
 
     from sync import iter_records
@@ -152,8 +153,11 @@ def _full_decisions(db: Path, records: Iterable[Any]) -> Iterator[str]:
 
     reader = DecisionReader()
     reader.remember(iter_records(db, kinds=[MODEL_KIND]))
-    for _, decision in reader.decisions(records):
-        yield msgspec.json.encode(decision).decode()
+    for recorded in reader.decisions(records):
+        line = msgspec.to_builtins(recorded.decision)
+        if recorded.input is not None:
+            line["input"] = recorded.input
+        yield json.dumps(line)
 
 
 def _print_selected(db: Path, records: Iterable[Any], args: argparse.Namespace) -> None:

@@ -920,7 +920,8 @@ async def run_demo(options: DemoOptions) -> int:
         db = work / "var" / "audit.db"
         async with AsyncExitStack() as stack:
             cloud = await _enter(stack, NatsServer(name="demo-cloud", store_dir=work / "cloud",
-                                                   jetstream_domain=CLOUD_DOMAIN, leafnode_port=-1),
+                                                   jetstream_domain=CLOUD_DOMAIN, leafnode_port=-1,
+                                                   leafnode_compression="s2_fast"),
                                  "the cloud nats-server")
             proxy = await _enter(stack, FaultProxy("127.0.0.1", cloud.leafnode_port or 0), "the fault proxy")
             # Keys made on the fly: the device obeys only its operator and settles approvals only
