@@ -122,6 +122,11 @@ class ModelTier:
 
     def _judge(self, prediction: Prediction, ref: ModelRef) -> Answer | Fallback:
         confidence = prediction.confidence
+        if confidence is not None:
+            # A model's scores are float32: seven significant digits. What lies beyond six decimals
+            # is the float32-to-float64 conversion's noise, which would cost every record (and every
+            # byte on a metered link) ten digits that mean nothing. Judged as recorded.
+            confidence = round(confidence, CONFIDENCE_DECIMALS)
         if confidence is None or not confidence >= self.min_confidence:  # NaN is never confident enough
             return Fallback("model", "low_confidence")
         return Answer("model", prediction.label, action_for(prediction.label, self.labels), confidence, ref)
@@ -140,6 +145,7 @@ class ModelTier:
         return self._judge(prediction, self._ref(model))
 
 
+CONFIDENCE_DECIMALS = 6
 Requester = Callable[[str, bytes, float], Awaitable[bytes]]
 
 

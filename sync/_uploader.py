@@ -759,6 +759,7 @@ class Uploader:
         resend_next = 0
         resend_epoch = -1
         token = 0
+        last_burst_at = 0.0  # perf_counter when the last burst began
         base = {"Nats-Expected-Stream": self.stream}
         device = self.log.device
         signer = self.signer
@@ -800,12 +801,14 @@ class Uploader:
                             resend = True
                             newest = end
                     elif next_seq <= newest:
-                        if idle and newest - next_seq + 1 < _LINGER_BELOW and self.linger_s:
-                            # A burst opens with a publish that goes alone and waits for its ack (the
-                            # expectation above), and each burst costs the shared event loop a few
-                            # wake-ups: at a gateway's steady trickle, let records gather for a moment
-                            # so a burst carries many. Up to linger_s more before a record is upstream.
-                            await asyncio.sleep(self.linger_s)
+                        gather = self.linger_s if idle else self.linger_s - (time.perf_counter() - last_burst_at)
+                        if newest - next_seq + 1 < _LINGER_BELOW and gather > 0:
+                            # Each burst costs the shared event loop a few wake-ups, and a burst that
+                            # opens idle goes alone first (the expectation above); on a compressed
+                            # link each burst is compressed on its own. At a gateway's steady trickle,
+                            # bursts are therefore at least linger_s apart, so a burst carries many
+                            # records. Up to linger_s more before a record is upstream.
+                            await asyncio.sleep(gather)
                             newest = self.log.last_seq
                             idle = False  # the wait is over; the expectation below still applies
                         rows = await self.log.read_wire(next_seq, min(room, _READ_CHUNK))
@@ -840,6 +843,7 @@ class Uploader:
                         self._session_high = max(self._session_high, seq)
                 if rows:
                     idle = False
+                    last_burst_at = burst_started
                     behind = newest - rows[-1][0]
                     if self.catch_up_share < 1.0 and behind > self.window:
                         # Far behind (after an outage): rest in proportion to the work just done, so

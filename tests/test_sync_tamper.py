@@ -121,8 +121,8 @@ async def test_a_record_pre_published_under_the_devices_msg_id_is_a_conflict_nev
     async with stream(nats_server, duplicate_window=3.0) as js, \
             AuditLog(tmp_path / "audit.db", "gw-1") as log:
         await asyncio.gather(*[log.append("decision", BODY) for _ in range(300)])
-        async with uploading(log, nats_server, max_bytes_per_s=40_000) as uploader:
-            # 70 records ahead of the sync (under a second at this rate), well inside the window.
+        async with uploading(log, nats_server, max_bytes_per_s=25_000) as uploader:
+            # 70 records ahead of the sync (well over a second at this rate), well inside the window.
             await wait_until(lambda: uploader.status()["published"] >= 150, within=10, what="the sync under way")
             forged = Chain("gw-1", 220, "ab" * 32).make("decision", {"label": "all fine"}, ts=1)
             ack = await js.publish("audit.gw-1", encode_record(forged), headers={"Nats-Msg-Id": "gw-1:220"})

@@ -24,8 +24,9 @@ async def bench_fixed_rate(work: Path, driver: Driver, sizes: Sizes, seed: int) 
     bare = await fixed_rate_bare(work, driver, rate, count, seed, warmup_s)
     runtime = await fixed_rate_runtime(work, driver, rate, count, seed, warmup_s)
     footprint = await runtime_footprint(work, driver, rate, count, seed, warmup_s)
+    footprint_leaf = await runtime_footprint(work, driver, rate, count, seed, warmup_s, leaf=True)
     return FixedRateFigures(
         rate_hz=rate, duration_s=sizes.fixed_rate_s, warmup_s=warmup_s, bare=bare, runtime=runtime.run,
         sut_us_ratio=round(runtime.run.cpu.sut_us / bare.cpu.sut_us, 3), runtime_loop_lag=runtime.loop_lag,
-        runtime_batches=runtime.batches, footprint=footprint,
+        runtime_batches=runtime.batches, footprint=footprint, footprint_leaf=footprint_leaf,
     )

@@ -239,6 +239,7 @@ class Footprint(msgspec.Struct, kw_only=True):
     # Written to storage by the process during the run (WAL frames, checkpoints; /proc/self/io).
     disk_written_bytes: int = 0
     disk_written_per_decision: float = 0.0
+    mode: str = "client"  # how the runtime reaches upstream: "client" (its own connections) or "leaf"
 
 
 class FixedRateFigures(msgspec.Struct, kw_only=True):
@@ -253,6 +254,7 @@ class FixedRateFigures(msgspec.Struct, kw_only=True):
     runtime_loop_lag: LoopLag  # over the run, warm-up included
     runtime_batches: BatchSizes | None = None  # of the measured inputs
     footprint: Footprint
+    footprint_leaf: Footprint | None = None  # the same run in leaf mode (the embedded server a leaf of a hub)
 
 
 class AuditFigures(msgspec.Struct, kw_only=True):

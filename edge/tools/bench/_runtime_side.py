@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,31 +126,50 @@ async def fixed_rate_runtime(work: Path, driver: Driver, rate: float, count: int
 
 
 async def runtime_footprint(work: Path, driver: Driver, rate: float, count: int, seed: int,
-                            warmup_s: float) -> Footprint:
-    """Bytes per decision on disk (audit log) and on the upstream wire, from a dedicated run at `rate`.
+                            warmup_s: float, *, leaf: bool = False) -> Footprint:
+    """Bytes per decision on disk (audit log), written to storage, and on the upstream wire, from a
+    dedicated run at `rate`.
 
     A run of its own because the counting proxy runs on this process's event loop, which would
-    add its own CPU to the runtime's in the CPU run.
+    add its own CPU to the runtime's in the CPU run. Client mode: the runtime's upstream
+    connections go through the proxy to the server. Leaf mode: the runtime's embedded server joins
+    a hub (JetStream domain "hub") as a leaf node through the proxy, both sides compressing
+    (`s2_fast`, what a hub's `s2_auto` does over a WAN: on loopback it would not compress).
     """
-    from edge import Runtime
+    from edge import NatsServer, Runtime, decode_config
     from edge.tools.chaos import FaultProxy
 
-    device = device_name("bytes")
-    async with fresh_server(work, "runtime") as server, FaultProxy("127.0.0.1", server.port) as proxy:
-        async with Runtime(runtime_config(work, server.url, device=device, upstream_url=proxy.url)) as rt:
-            audit = rt.audit
-            if audit is None:
-                raise BenchError("the runtime has no audit log to measure")
-            job = OpenLoopJob(url=server.url, out_subject=decisions_subject(device), rate_hz=rate, count=count,
-                              seed=seed, key="sha256")
-            written_before = _storage_bytes_written()
-            await measured_open_loop(driver, server, job, warmup_s=warmup_s)
-            # Every record upstream, so the wire carried all it will for these decisions.
-            await poll_until(lambda: audit.backlog == 0, 30, "the audit backlog to reach upstream")
-            written = _storage_bytes_written() - written_before
-            status = rt.status()
-            db_bytes, wal_bytes = await asyncio.to_thread(_sqlite_file_bytes, Path(status["audit"]["path"]))
-            sent, received = proxy.bytes_to_target, proxy.bytes_to_client
+    device = device_name("leaf" if leaf else "bytes")
+    async with contextlib.AsyncExitStack() as stack:
+        if leaf:
+            store = Path(tempfile.mkdtemp(prefix="nats-hub-", dir=work))
+            hub = await stack.enter_async_context(NatsServer(
+                name="hub", store_dir=store, jetstream_domain="hub", leafnode_port=-1, leafnode_compression="s2_fast"))
+            proxy = await stack.enter_async_context(FaultProxy("127.0.0.1", hub.leafnode_port or 0))
+            data = runtime_config_data(work, "embedded", device=device)
+            data["nats"] = {"local": "embedded", "embedded_port": -1, "upstream": f"nats-leaf://127.0.0.1:{proxy.port}",
+                            "upstream_domain": "hub"}
+            config = decode_config(data, source="bench", base_dir=work, env={})
+        else:
+            server = await stack.enter_async_context(fresh_server(work, "runtime"))
+            proxy = await stack.enter_async_context(FaultProxy("127.0.0.1", server.port))
+            config = runtime_config(work, server.url, device=device, upstream_url=proxy.url)
+        rt = await stack.enter_async_context(Runtime(config))
+        local = rt.server if leaf else server
+        audit = rt.audit
+        if audit is None or local is None:
+            raise BenchError("the runtime has no audit log (or local server) to measure")
+        await poll_until(lambda: rt.link.connected, 30, "the upstream link")
+        job = OpenLoopJob(url=local.url, out_subject=decisions_subject(device), rate_hz=rate, count=count,
+                          seed=seed, key="sha256")
+        written_before = _storage_bytes_written()
+        await measured_open_loop(driver, local, job, warmup_s=warmup_s)
+        # Every record upstream, so the wire carried all it will for these decisions.
+        await poll_until(lambda: audit.backlog == 0, 30, "the audit backlog to reach upstream")
+        written = _storage_bytes_written() - written_before
+        status = rt.status()
+        db_bytes, wal_bytes = await asyncio.to_thread(_sqlite_file_bytes, Path(status["audit"]["path"]))
+        sent, received = proxy.bytes_to_target, proxy.bytes_to_client
     decisions = int(status["pipelines"][PIPELINE]["decisions"])
     if decisions <= 0:
         raise BenchError("the footprint run made no decision")
@@ -162,7 +183,8 @@ async def runtime_footprint(work: Path, driver: Driver, rate: float, count: int,
                      wire_sent_bytes=sent, wire_received_bytes=received, wire_sent_per_decision=per_decision(sent),
                      wire_received_per_decision=per_decision(received),
                      wire_bytes_per_decision=per_decision(sent + received),
-                     disk_written_bytes=written, disk_written_per_decision=per_decision(written))
+                     disk_written_bytes=written, disk_written_per_decision=per_decision(written),
+                     mode="leaf" if leaf else "client")
 
 
 def _storage_bytes_written() -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._constants import DRAINED_BACKLOG, FSYNC_MODES, SYNC_WINDOW, WINDOW
-from ._results import BatchSizes, BenchResult, Comparison, Latency, LoopLag, Summary
+from ._results import BatchSizes, BenchResult, Comparison, Footprint, Latency, LoopLag, Summary
 
 
 def _n(value: float, digits: int = 0) -> str:
@@ -90,6 +90,7 @@ def format_table(r: BenchResult) -> str:
             "/proc/self/io: WAL frames and checkpoints at the file system's block size)",
             f"     upstream wire      {fp.wire_bytes_per_decision:>8.1f} B  (sent {fp.wire_sent_per_decision:.1f} + "
             f"received {fp.wire_received_per_decision:.1f}; counted by a proxy between runtime and upstream)",
+            *_leaf_lines(f.footprint_leaf),
             "",
         ]
     if r.audit is not None:
@@ -255,3 +256,11 @@ def _runs(values: list[float]) -> str:
 def _lat_row(lat: Latency) -> str:
     return (f"{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}{lat.count:>8}{lat.lost:>6}"
             f"{lat.send_lag_p99_ms:>9.2f}")
+
+
+def _leaf_lines(fp: Footprint | None) -> list[str]:
+    if fp is None:
+        return []
+    return [f"     upstream wire, leaf mode {fp.wire_bytes_per_decision:>6.1f} B  (sent {fp.wire_sent_per_decision:.1f}"
+            f" + received {fp.wire_received_per_decision:.1f}: all traffic on the leaf link, S2 both ways; that run's"
+            f" disk {fp.disk_bytes_per_decision:.1f} B, written {fp.disk_written_per_decision:.1f} B)"]
