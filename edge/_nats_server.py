@@ -21,8 +21,10 @@ leaf remote may carry an nkey seed), which includes `config_file` when there is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
+import logging
 import os
 import re
 import shutil
@@ -118,6 +120,8 @@ def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Pa
     if include:
         lines.append(f"include {_q(include)}")
     return "\n".join(lines) + "\n"
+log = logging.getLogger("edge.nats_server")
+
 _READY = b"Server is ready"
 _RELOADED = b"Reloaded server configuration"
 _RELOAD_FAILED = b"Failed to reload server configuration"
@@ -140,6 +144,36 @@ def _read_if_exists(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         return b""
+
+
+ORPHAN_GRACE_S = 5.0
+
+
+def _orphan_pid(pid_file: Path, store_dir: Path) -> int | None:
+    """The pid in `pid_file` if it is a live nats-server whose command line names `store_dir`."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None  # no pid file, no such process, or no /proc to tell whose it is: leave it
+    if pid == os.getpid() or not cmdline or not cmdline[0].endswith(b"nats-server"):
+        return None
+    store = str(store_dir).encode()
+    return pid if any(arg == store or arg.startswith(store + b"/") for arg in cmdline) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (an exited child of a parent that never reaps it) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -235,13 +269,19 @@ class NatsServer:
         if self.state is ServerState.RUNNING:
             return
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        await self._stop_orphan()
         self._starts += 1
         log_file = self._log_file = self.store_dir / f"nats-server-{self._starts}.log"
+        if log_file.exists():
+            # An earlier process's log (nats-server appends): readiness is read from this file, and
+            # its old "ready" line would name the old port. One generation is kept.
+            log_file.replace(log_file.with_name(log_file.name + ".old"))
         args = [
             nats_server_binary(),
             "--addr", self.host,
             "--port", str(self.port),
             "--log", str(log_file),
+            "--pid", str(self._pid_file),
         ]
         config_file = self._generated_config()
         if config_file is None:
@@ -288,6 +328,30 @@ class NatsServer:
             out.write(text)
         os.chmod(path, 0o600)
         return path
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    async def _stop_orphan(self) -> None:
+        """Stop a server a previous owner of this store dir left running (its owner was killed with
+        SIGKILL, so nothing stopped its child): two servers must never share one JetStream store,
+        and a fixed port would still be taken. Only a live nats-server whose command line names this
+        store dir is stopped (a pid file is only a hint: the pid may be someone else's by now)."""
+        pid = _orphan_pid(self._pid_file, self.store_dir)
+        if pid is None:
+            return
+        log.warning("a nats-server (pid %d) left running on %s by an earlier owner: stopping it", pid, self.store_dir)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + ORPHAN_GRACE_S
+            await asyncio.sleep(0.02)  # poll with deadline: it is not our child, so not waitable
+        self._pid_file.unlink(missing_ok=True)
 
     async def _wait_ready(self, log_file: Path) -> tuple[int, int]:
         # Poll the log with a deadline: the server writes the port, then "ready".

@@ -407,3 +407,75 @@ def test_provisioned_devices_may_use_the_hubs_domain_and_nothing_more() -> None:
     assert added == {s.replace("$JS.API.", f"$JS.{HUB_DOMAIN}.API.") for s in api} | {
         f"$JS.{HUB_DOMAIN}.API.INFO", "_INBOX.>"}
     assert leaf.subscribe == plain.subscribe
+
+
+async def test_kill_9_of_a_leaf_device_loses_and_duplicates_nothing_and_its_orphaned_server_is_stopped(
+        nats_servers: ServerFactory, tmp_path: Path) -> None:
+    """SIGKILL of `edge run` mid-sync leaves its embedded nats-server running (nothing stopped the
+    child). On restart that orphan is stopped before a new server takes the same store, the device
+    decides on, and the hub's stream holds every record once, in order."""
+    import signal
+
+    from sync import read_summary
+    from tests.runtime_harness import config_data, start_runtime_process, wait_until_answering, write_config
+
+    hub = await leaf_hub(nats_servers)
+    admin = await nats.connect(hub.url)
+    await create_audit_stream(admin)
+    data = config_data(tmp_path, "embedded", device=DEVICE, nats=leaf_upstream(hub.leaf_url), link=LINK,
+                       pipeline={"ladder": ["model", "rules"]})
+    data["audit"] = {"create_stream": False}
+    config_path = write_config(tmp_path, data)
+    data_dir = Path(data["data_dir"])
+    pid_file = data_dir / "nats" / "nats-server.pid"
+    sent = 0
+
+    async def decide_some(count: int) -> None:
+        nonlocal sent
+        url = await asyncio.to_thread((data_dir / "local.url").read_text)
+        sensors = await connect(url)
+        try:
+            await wait_until_answering(sensors, "sensors.p1.pump", encode(dict(NORMAL, asset="probe")))
+            for _ in range(count):
+                await sensors.publish("sensors.p1.pump", encode(dict(NORMAL, asset=f"a{sent}")))
+                sent += 1
+                await asyncio.sleep(0.002)  # pace: a steady stream, so the kill lands mid-sync
+            await server_barrier(sensors)
+        finally:
+            await sensors.close()
+
+    first = start_runtime_process(config_path)
+    try:
+        await wait_until(lambda: (data_dir / "local.url").exists(), within=20, what="the device up")
+        await decide_some(300)
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait)
+        orphan = int(pid_file.read_text())
+        assert running(orphan)  # the embedded server outlived the runtime that started it
+        (data_dir / "local.url").unlink()
+        second = start_runtime_process(config_path)
+        try:
+            await wait_until(lambda: (data_dir / "local.url").exists(), within=20, what="the device back")
+            await decide_some(100)
+            assert not running(orphan)  # stopped before the new server took the store
+            assert int(pid_file.read_text()) != orphan
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(second.wait, 30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    last = (await asyncio.to_thread(read_summary, data_dir / "audit.db")).last_seq
+    report = (await verify_upstream(admin.jetstream(), STREAM, DEVICE, idle_timeout=5.0))[DEVICE]
+    await admin.close()
+    assert report.ok, report.summary()
+    assert (report.records, report.first_seq, report.last_seq) == (last, 1, last), report.summary()
+    assert report.duplicates == 0 and report.missing == []
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (an exited one nobody reaped, a zombie, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
