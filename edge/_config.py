@@ -41,6 +41,27 @@ _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 NUMERIC_TYPES = ("float", "int")  # the input types a model can read
 TIERS = ("model", "cloud", "rules")
+TIER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class TierRef(msgspec.Struct, frozen=True):
+    """A ladder entry read: its kind (model, cloud, rules) and name. `"model"` names the pipeline's
+    `model`, `"cloud"` its single `cloud` (name "cloud"), `"model:NAME"` and `"cloud:NAME"` their NAME."""
+
+    kind: str
+    name: str
+    entry: str
+
+
+def parse_tier(entry: str, model: str = "") -> TierRef | None:
+    """A ladder entry as a TierRef (`model`: the pipeline's model, the name of a plain "model"), or
+    None when it is not a tier at all."""
+    if entry in TIERS:
+        return TierRef(entry, model if entry == "model" else entry, entry)
+    kind, sep, name = entry.partition(":")
+    if sep and kind in ("model", "cloud") and TIER_NAME.fullmatch(name):
+        return TierRef(kind, name, entry)
+    return None
 # Lower bounds for timing settings: below them a timer fires so often that it is a busy loop (a
 # heartbeat every nanosecond floods the hub, a 0 ms probe spins), which no deployment wants.
 MIN_HEARTBEAT_S = 0.1
@@ -185,6 +206,8 @@ class ModelConfig(_Strict):
     # SPEC's `models.warmup_timeout_ms`, per model (`models` is the list of model tables).
     warmup_timeout_ms: Annotated[int, _doc("milliseconds the warm-up run may take; longer is refused "
                                            "(warmup_timeout)")] = 5000
+    min_confidence: Annotated[float | None, _doc(
+        "its tier's confidence floor (model:NAME in a ladder); unset: the pipeline's min_confidence")] = None
 
 
 class CloudConfig(_Strict):
@@ -192,6 +215,8 @@ class CloudConfig(_Strict):
 
     subject: Annotated[str, _doc("the upstream subject of its requests")]
     timeout_ms: Annotated[int, _doc("milliseconds a decision waits for its answer")] = 200
+    min_confidence: Annotated[float | None, _doc(
+        "its answers' confidence floor; unset: the pipeline's min_confidence")] = None
 
 
 class ActionPolicy(_Strict):
@@ -219,11 +244,24 @@ class PipelineConfig(_Strict):
     guards: Annotated[list[RuleSpec], _doc("hard limits, checked before any tier; no default")
                       ] = msgspec.field(default_factory=list)
     queue_group: Annotated[str, _doc("a queue group: several runtimes share the inputs")] = ""
-    ladder: Annotated[list[str], _doc("the tiers asked in order: model, cloud, rules (always last)")
-                      ] = msgspec.field(default_factory=lambda: ["model", "cloud", "rules"])
+    ladder: Annotated[list[str], _doc(
+        "the tiers asked in order: model, cloud, model:NAME (a model of [[models]]), cloud:NAME (of clouds), "
+        "rules (always last)")] = msgspec.field(default_factory=lambda: ["model", "cloud", "rules"])
     model: Annotated[str, _doc("the model (of [[models]]) the model tier runs")] = ""
     shadow: Annotated[str, _doc("a candidate model run beside, recorded, never acted on")] = ""
     cloud: Annotated[CloudConfig | None, _doc("the cloud tier {subject, timeout_ms}")] = None
+    clouds: Annotated[dict[str, CloudConfig], _doc(
+        "named cloud providers {subject, timeout_ms, min_confidence}, for cloud:NAME in the ladder")
+    ] = msgspec.field(default_factory=dict)
+    race: Annotated[list[str], _doc(
+        'consecutive cloud tiers of the ladder asked at once ("cloud:a", "cloud:b"): the first acceptable '
+        "answer decides")] = msgspec.field(default_factory=list)
+    cross_check: Annotated[str, _doc(
+        'a second opinion asked after the deciding tier: "rules", "model:NAME" or "cloud:NAME"; empty: none')
+    ] = ""
+    on_disagreement: Annotated[Literal["record", "approval", "instead"], _doc(
+        "when the cross-check's action differs: record it, ask a human (approval), or take the action's "
+        "instead")] = "record"
     min_confidence: Annotated[float, _doc(
         "a model's or the cloud's answer below this falls through to the next tier")] = 0.8
     labels: Annotated[dict[str, str], _doc("model or cloud label -> action; an unlisted label is its own action")
@@ -743,22 +781,18 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
         if kind.removesuffix("?") not in FIELD_TYPES:
             expected = ", ".join(FIELD_TYPES)
             yield Problem(f"{where}.input.{name}", f"expected one of {expected} (with '?' if optional), got {kind!r}")
-    # The ladder: known tiers, each once, rules last (it always answers).
-    for i, tier in enumerate(p.ladder):
-        if tier not in TIERS:
-            yield Problem(f"{where}.ladder[{i}]", f"unknown tier {tier!r} (expected model, cloud or rules)")
-    if len(set(p.ladder)) != len(p.ladder):
-        yield Problem(f"{where}.ladder", "a tier appears twice")
-    if not p.ladder or p.ladder[-1] != "rules":
-        yield Problem(f"{where}.ladder", "expected 'rules' as the last tier: it is the one that always answers")
+    yield from _check_ladder(p, where, model_features)
     if "model" in p.ladder and not p.model:
         yield Problem(f"{where}.model", "the ladder has 'model' but no model is named")
-    for key in ("model", "shadow"):
-        name = getattr(p, key)
+    named = [(key, getattr(p, key)) for key in ("model", "shadow")]
+    named += [(f"ladder[{i}]", ref.name) for i, ref in enumerate(map(parse_tier, p.ladder))
+              if ref is not None and ref.kind == "model" and ref.entry != "model"]
+    for key, name in named:
         if not name:
             continue
         if name not in model_features:
-            yield Problem(f"{where}.{key}", f"unknown model {name!r} (define it under [[models]])")
+            if not key.startswith("ladder"):  # the ladder's own check names it
+                yield Problem(f"{where}.{key}", f"unknown model {name!r} (define it under [[models]])")
             continue
         for feature in model_features[name]:
             wanted = p.input.get(feature)
@@ -767,13 +801,20 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
                               f"model {name!r} needs input field {feature!r}, which the pipeline's input lacks")
             elif wanted not in NUMERIC_TYPES:
                 yield Problem(f"{where}.input.{feature}", f"model {name!r} needs a required number, got {wanted!r}")
-    if "cloud" in p.ladder and p.cloud is None:
+    if "cloud" in p.ladder and p.cloud is None:  # (a named cloud's table is checked with the ladder)
         yield Problem(f"{where}.cloud", "the ladder has 'cloud' but no cloud = {subject, timeout_ms} is set")
-    if p.cloud is not None:
-        if not valid_subject(p.cloud.subject, wildcards=False):
-            yield Problem(f"{where}.cloud.subject", f"malformed subject {p.cloud.subject!r}")
-        if p.cloud.timeout_ms < 1:
-            yield Problem(f"{where}.cloud.timeout_ms", "expected at least 1 millisecond")
+    clouds = [("cloud", p.cloud)] if p.cloud is not None else []
+    clouds += [(f"clouds.{name}", cloud) for name, cloud in p.clouds.items()]
+    for key, cloud in clouds:
+        if not valid_subject(cloud.subject, wildcards=False):
+            yield Problem(f"{where}.{key}.subject", f"malformed subject {cloud.subject!r}")
+        if cloud.timeout_ms < 1:
+            yield Problem(f"{where}.{key}.timeout_ms", "expected at least 1 millisecond")
+        if cloud.min_confidence is not None and not 0.0 <= cloud.min_confidence <= 1.0:
+            yield Problem(f"{where}.{key}.min_confidence", "expected 0..1")
+    for name in p.clouds:
+        if not TIER_NAME.fullmatch(name):
+            yield Problem(f"{where}.clouds.{name}", "a cloud's name must be [A-Za-z0-9_-]{1,64}")
     if not 0.0 <= p.min_confidence <= 1.0:
         yield Problem(f"{where}.min_confidence", "expected 0..1")
     try:
@@ -792,6 +833,54 @@ def check_pipeline(p: PipelineConfig, where: str, model_features: Mapping[str, l
     for key, message in check_guards(p.guards, p.input, f"{where}.guards"):
         yield Problem(key, message)
     yield from _check_actions(p, where)
+
+
+def _check_ladder(p: PipelineConfig, where: str, model_features: Mapping[str, list[str]]) -> Iterator[Problem]:
+    """Known tiers, each once, rules last (it always answers); named ones defined; races and the
+    cross-check made of tiers that can be."""
+    seen: set[tuple[str, str]] = set()
+    refs: list[TierRef | None] = []
+    for i, entry in enumerate(p.ladder):
+        ref = parse_tier(entry, p.model)
+        refs.append(ref)
+        if ref is None:
+            yield Problem(f"{where}.ladder[{i}]", f"unknown tier {entry!r} (expected model, cloud, rules, "
+                                                  "model:NAME or cloud:NAME)")
+            continue
+        if ref.kind == "model" and entry != "model" and ref.name not in model_features:
+            yield Problem(f"{where}.ladder[{i}]", f"no model named {ref.name!r} (define it under [[models]])")
+        if ref.kind == "cloud" and entry != "cloud" and ref.name not in p.clouds:
+            yield Problem(f"{where}.ladder[{i}]", f"no cloud named {ref.name!r} (define it as "
+                                                  f"[pipelines.clouds.{ref.name}])")
+        if (ref.kind, ref.name) in seen:
+            yield Problem(f"{where}.ladder[{i}]", f"{entry!r} appears twice")
+        seen.add((ref.kind, ref.name))
+    if not p.ladder or p.ladder[-1] != "rules":
+        yield Problem(f"{where}.ladder", "expected 'rules' as the last tier: it is the one that always answers")
+    if p.race:
+        places = [p.ladder.index(entry) if entry in p.ladder else -1 for entry in p.race]
+        for i, (entry, place) in enumerate(zip(p.race, places, strict=True)):
+            ref = refs[place] if place >= 0 else None
+            if place < 0:
+                yield Problem(f"{where}.race[{i}]", f"{entry!r} is not in the ladder")
+            elif ref is None or ref.kind != "cloud":
+                yield Problem(f"{where}.race[{i}]", f"{entry!r} is not a cloud tier: only clouds are raced")
+        if len(p.race) < 2 or len(set(p.race)) != len(p.race):
+            yield Problem(f"{where}.race", "expected two or more different cloud tiers")
+        elif min(places) >= 0 and sorted(places) != list(range(min(places), min(places) + len(places))):
+            yield Problem(f"{where}.race", "raced tiers must stand next to each other in the ladder")
+    if p.cross_check:
+        ref = parse_tier(p.cross_check, p.model)
+        if ref is None or ref.entry in ("model", "cloud"):
+            yield Problem(f"{where}.cross_check", f"expected 'rules', 'model:NAME' or 'cloud:NAME', "
+                                                  f"got {p.cross_check!r}")
+        elif ref.kind == "model" and ref.name not in model_features:
+            yield Problem(f"{where}.cross_check", f"no model named {ref.name!r} (define it under [[models]])")
+        elif ref.kind == "cloud" and ref.name not in p.clouds:
+            yield Problem(f"{where}.cross_check", f"no cloud named {ref.name!r} (define it as "
+                                                  f"[pipelines.clouds.{ref.name}])")
+    elif p.on_disagreement != "record":
+        yield Problem(f"{where}.on_disagreement", "set without a cross_check to disagree with")
 
 
 def _check_actions(p: PipelineConfig, where: str) -> Iterator[Problem]:

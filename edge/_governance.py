@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 
@@ -98,7 +98,7 @@ class Verdict(msgspec.Struct, frozen=True):
     """Governance's answer: `action` is what to do now; `requested_action` what the decision asked for.
 
     `status` is one of auto, threshold, tier_not_allowed, rate_limited, paused, approval_pending,
-    approved, denied, timeout, unreachable, approval_backlog, audit_full. While `approval_pending`,
+    approved, denied, timeout, unreachable, approval_backlog, audit_full, disagreement. While `approval_pending`,
     `action` is already the safe `instead`, so a caller that acts without settling still acts safely.
     """
 
@@ -140,6 +140,18 @@ class Backlog(msgspec.Struct, frozen=True):
 
 
 ApprovalOutcome = Approved | Denied | TimedOut | Unreachable | Backlog
+
+DISAGREEMENT_APPROVAL_MS: Final = 30_000  # how long a disagreement waits for a human, for an action with no policy
+
+
+class CrossCheckLike(Protocol):
+    """What `disagree` reads of a cross-check (edge's CrossCheck message)."""
+
+    @property
+    def tier_name(self) -> str: ...
+
+    @property
+    def action(self) -> str: ...
 
 
 class _Plan:
@@ -215,6 +227,28 @@ class Governor:
         if plan.pending is not None:
             return plan.pending
         return plan.auto
+
+    def disagree(self, verdict: Verdict, policy: str, check: CrossCheckLike) -> Verdict:
+        """The verdict when the pipeline's cross-check chose another action than the decision's
+        (`on_disagreement`): "approval" asks a human first (the AI may be wrong), "instead" takes the
+        action's `instead` at once (status `disagreement`). Only a verdict that would act as asked
+        (auto, or already waiting for approval) changes: one already refused stays refused."""
+        requested = verdict.requested_action
+        why = f"cross-check {check.tier_name} chose {check.action!r}"
+        plan = self._plans.get(requested)
+        instead = plan.instead if plan is not None else requested
+        if verdict.status not in ("auto", "approval_pending"):
+            return verdict
+        if policy == "instead":
+            if verdict.status == "approval_pending":
+                self._put_back(requested)  # nobody will be asked
+            return Verdict(instead, "disagreement", requested, reason=why)
+        if policy == "approval" and verdict.status == "auto":
+            timeout_ms = plan.approval.timeout_ms if plan is not None and plan.approval is not None else (
+                DISAGREEMENT_APPROVAL_MS)
+            return Verdict(instead, "approval_pending", requested, reason=why,
+                           approval=ApprovalNeeded(timeout_ms, instead))
+        return verdict
 
     def _unpoliced(self, action: str, paused: bool) -> Verdict:
         cache = self._paused if paused else self._auto

@@ -10,10 +10,21 @@ import msgspec
 
 
 class Fallback(msgspec.Struct, frozen=True):
-    """A tier tried or skipped before the one that decided, and why."""
+    """A tier tried or skipped before the one that decided, and why (`tier`: its kind; `tier_name`:
+    which one, e.g. the model's name or the cloud provider's)."""
 
     tier: str
     reason: str
+    tier_name: str = ""
+
+
+class CrossCheck(msgspec.Struct, frozen=True):
+    """The second opinion a pipeline's `cross_check` tier gave on a decision."""
+
+    tier: str
+    tier_name: str
+    action: str
+    agreed: bool
 
 
 class ModelRef(msgspec.Struct, frozen=True):
@@ -59,6 +70,8 @@ class Decision(msgspec.Struct, frozen=True):
     governance: Governance
     audit_seq: int | None
     input_sha256: str
+    tier_name: str = ""  # which tier of its kind decided: the model's or the cloud provider's name
+    cross_check: CrossCheck | None = None
 
 
 class Rejected(msgspec.Struct, frozen=True):

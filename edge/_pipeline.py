@@ -23,7 +23,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -129,6 +129,7 @@ class PipelineStats:
 
     def __init__(self) -> None:
         self.by_tier: Counter[str] = Counter()
+        self.by_tier_name: Counter[str] = Counter()  # "kind:name", e.g. model:pump-small, cloud:b
         self.fallbacks: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.governance: Counter[str] = Counter()
@@ -140,6 +141,9 @@ class PipelineStats:
         self.batches = 0
         self.batched = 0  # inputs taken in batches (rejected ones included)
         self.batch_sizes: Counter[str] = Counter()
+        # cross-checks per "decider/checker" pair: {True: agreed, False: disagreed}
+        self.cross_checks: defaultdict[str, Counter[bool]] = defaultdict(Counter)
+        self.race_late: Counter[str] = Counter()  # a race's other answers recorded, per tier
 
     def batch(self, size: int) -> None:
         self.batches += 1
@@ -158,6 +162,7 @@ class PipelineStats:
         return {
             "decisions": self.decisions,
             "by_tier": dict(self.by_tier),
+            "by_tier_name": dict(self.by_tier_name),
             "fallbacks": dict(self.fallbacks),
             "rejected": dict(self.rejected),
             "unpublished": self.unpublished,
@@ -168,6 +173,10 @@ class PipelineStats:
                 "mean": round(self.batched / self.batches, 2) if self.batches else None,
                 "sizes": {name: self.batch_sizes[name] for _, name in BATCH_SIZE_BUCKETS},
             },
+            "cross_checks": {pair: {"agreed": c[True], "disagreed": c[False],
+                                    "agreement": round(c[True] / (c[True] + c[False]), 4)}
+                             for pair, c in self.cross_checks.items()},
+            "race_late": dict(self.race_late),
             "shadow": {
                 "compared": self.shadow_total,
                 "agreed": self.shadow_agree,  # exact, so a staged rollout can measure agreement over a window
@@ -466,7 +475,14 @@ class Pipeline:
         """Governance's verdict on an answer: the decision ready to audit, or None when it waits for a human."""
         shadow = self._shadow_result(logic, prediction, answer) if logic.shadow is not None else None
         verdict = logic.governor.review(answer.action, answer.tier, answer.confidence, paused=paused)
+        check = answer.cross_check
+        if check is not None:
+            self.stats.cross_checks[f"{answer.tier_name or answer.tier}/{check.tier_name}"][check.agreed] += 1
+            if not check.agreed and logic.config.on_disagreement != "record":
+                verdict = logic.governor.disagree(verdict, logic.config.on_disagreement, check)
         decision = self._decision(item, answer, fallbacks, shadow, verdict, decided)
+        if answer.late:
+            self._record_late(decision, answer.late)
         if verdict.status == "approval_pending":
             if self.approver is None:
                 decision = self._settled(logic, decision, verdict, Unreachable())
@@ -495,6 +511,29 @@ class Pipeline:
         decision = self._settled(logic, decision, verdict, outcome)
         await self._commit_and_publish([_Ready(logic, decision, item.reply, item.content_type, item.arrived,
                                                item.values)])
+
+    def _record_late(self, decision: Decision, late: tuple[Any, ...]) -> None:
+        """A race's other answers, each recorded (kind `race`) when it ends, within its own timeout."""
+        assert self._tasks is not None
+        for tier_name, request in late:
+            task = self._tasks.create_task(self._logged(self._record_race(decision, tier_name, request)))
+            self._approvals.add(task)  # drained like an approval: it ends within the tier's timeout
+            task.add_done_callback(self._approvals.discard)
+
+    async def _record_race(self, decision: Decision, tier_name: str, request: asyncio.Future[Any]) -> None:
+        result = await request
+        body: dict[str, Any] = {"decision_id": decision.id, "pipeline": self.name, "tier_name": tier_name,
+                                "winner": decision.tier_name}
+        if isinstance(result, Answer):
+            body.update(label=result.label, action=result.action, confidence=result.confidence,
+                        agreed=result.action == decision.governance.requested_action)
+        else:
+            body["reason"] = getattr(result, "reason", "error")
+        self.stats.race_late[tier_name] += 1
+        try:
+            self.audit.append("race", body)
+        except Exception as exc:  # the decision is recorded; a lost race result only costs itself
+            log.warning("pipeline %s: race result not audited: %s", self.name, exc)
 
     def _settled(self, logic: PipelineLogic, decision: Decision, verdict: Verdict,
                  outcome: ApprovalOutcome) -> Decision:
@@ -535,6 +574,8 @@ class Pipeline:
                                   by=verdict.by, reason=verdict.reason),
             audit_seq=None,
             input_sha256=hashlib.sha256(item.data).hexdigest(),
+            tier_name=answer.tier_name or answer.tier,
+            cross_check=answer.cross_check,
         )
 
     async def _commit_and_publish(self, ready: Sequence[_Ready]) -> None:
@@ -586,6 +627,7 @@ class Pipeline:
                     log.error("pipeline %s: decision %s not published: %s", self.name, decision.id, exc)
             stats.decisions += 1
             stats.by_tier[decision.tier] += 1
+            stats.by_tier_name[f"{decision.tier}:{decision.tier_name}"] += 1
             for fb in decision.fallbacks:
                 stats.fallbacks[f"{fb.tier}:{fb.reason}"] += 1
             stats.governance[decision.governance.status] += 1

@@ -29,7 +29,7 @@ import msgspec
 
 from sync import AuditRecord
 
-from ._messages import Decision, Fallback, Governance, ModelRef, ShadowResult
+from ._messages import CrossCheck, Decision, Fallback, Governance, ModelRef, ShadowResult
 
 DECISION_KIND = "decision"
 MODEL_KIND = "model"
@@ -54,6 +54,8 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     fallbacks: list[Fallback] = []
     model: int | None = None  # the seq of the `model` record naming the model that decided
     shadow: ShadowResult | None = None
+    tier_name: str | None = None  # None: the tier's kind, or the model's name when a model decided
+    cross_check: CrossCheck | None = None
 
 
 class ModelInUse(msgspec.Struct, frozen=True):
@@ -87,8 +89,13 @@ def decision_record(decision: Decision, model_seq: int | None,
         governance=decision.governance, input=dict(values) if values is not None else None,
         input_sha256=decision.input_sha256 if values is None else "", confidence=decision.confidence,
         fallbacks=decision.fallbacks, model=model_seq if decision.model is not None else None,
-        shadow=decision.shadow,
+        shadow=decision.shadow, tier_name=_recorded_tier_name(decision), cross_check=decision.cross_check,
     )
+
+
+def _recorded_tier_name(decision: Decision) -> str | None:
+    implied = decision.model.name if decision.model is not None and decision.tier == "model" else decision.tier
+    return None if decision.tier_name in (implied, "") else decision.tier_name
 
 
 def model_in_use(pipeline: str, model: ModelRef) -> ModelInUse:
@@ -164,4 +171,6 @@ class DecisionReader:
             decided_at=body.decided_at if body.decided_at is not None else record.ts, action=body.action,
             label=body.label, confidence=body.confidence, tier=body.tier, fallbacks=body.fallbacks, model=model,
             shadow=body.shadow, governance=body.governance, audit_seq=seq, input_sha256=body.input_sha256,
+            tier_name=body.tier_name or (model.name if model is not None and body.tier == "model" else body.tier),
+            cross_check=body.cross_check,
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
 import os
@@ -49,12 +50,14 @@ from ._config import (
     Auth,
     Config,
     PipelineConfig,
+    TierRef,
     check_pushed_models,
     config_sha256,
     connect_options,
     local_jetstream_domain,
     parse_duration,
     parse_size,
+    parse_tier,
     read_persisted_config,
     redact_url,
     write_persisted_config,
@@ -63,7 +66,7 @@ from ._deployments import Deployments
 from ._errors import CommandError, ConfigError, Problem
 from ._files import write_atomically
 from ._governance import Governor
-from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RulesTier, Tier
+from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RaceTier, RulesTier, Tier
 from ._link import CircuitBreaker, CloudLink, LinkState
 from ._looplag import LoopLagMonitor
 from ._messages import Heartbeat
@@ -128,6 +131,7 @@ class Runtime:
             CircuitBreaker(config.link.breaker_failures, config.link.breaker_reset_ms / 1000),
             on_change=self._on_link_change,
         )
+        self.provider_links: dict[str, CloudLink] = {}  # other cloud providers, by subject (_provider_link)
         self.pipelines: dict[str, Pipeline] = {}
         self.fleet: Fleet | None = None
         self._upstream_ready = asyncio.Event()
@@ -197,7 +201,7 @@ class Runtime:
             self.upstream_url = self.local_url
             self.upstream = self.local
             self._upstream_ready.set()
-            self.link.connection_restored()
+            self._links_restored()
 
         await stack.enter_async_context(self.registry)
         await self.deployments.load_configured()  # each verified (in the store) and warmed up within its bound
@@ -392,7 +396,7 @@ class Runtime:
                 continue
             self.upstream = nc
             self._upstream_ready.set()
-            self.link.connection_restored()
+            self._links_restored()
             return
 
     async def wait_upstream(self) -> NATS:
@@ -453,13 +457,13 @@ class Runtime:
                 return  # our own drain closing it
             log.warning("%s connection lost", role)
             if upstream_role or self.upstream is self.local:
-                self.link.connection_lost()
+                self._links_lost()
 
         async def reconnected() -> None:
             log.info("%s connection restored", role)
             # In leaf mode the local server is back, the leaf link not yet: the probe says when.
             if upstream_role or (self.upstream is self.local and not self.config.nats.leaf):
-                self.link.connection_restored()
+                self._links_restored()
 
         async def error(exc: Exception) -> None:
             log.debug("%s connection: %s", role, exc)
@@ -533,7 +537,8 @@ class Runtime:
             try:
                 # A request, not flush()/rtt(): in nats-py 2.16 a timed-out PING leaves a cancelled
                 # future in the PONG queue and the next PONG kills the read loop.
-                await upstream.request(subject or f"_edge.probe.{self.device}", b"", timeout=timeout,
+                await upstream.request(subject or f"_edge.probe.{self.device}", b"",
+                                       timeout=self._probe_timeout(subject) if subject else timeout,
                                        headers={"Edge-Probe": "1"})
             except nats.errors.NoRespondersError:
                 if subject:  # the cloud service itself is gone, whatever the server says
@@ -562,7 +567,7 @@ class Runtime:
             await nc.request(subject, b"", timeout=wait_s)
         except nats.errors.NoRespondersError:
             if self.link.connected:
-                self.link.connection_lost()
+                self._links_lost()
             return None
         except (TimeoutError, nats.errors.Error) as exc:
             if self.link.connected and self.link.begin_probe():
@@ -573,7 +578,7 @@ class Runtime:
             # What a client's reconnect means: JetStream consumers made over the old link (the
             # desired-state watch) are gone or stale, and are made again.
             self.link_epoch += 1
-            self.link.connection_restored()
+            self._links_restored()
         return rtt
 
     def _probe_subject(self) -> str:
@@ -603,23 +608,117 @@ class Runtime:
 
     def _build_logic(self, p: PipelineConfig) -> PipelineLogic:
         tiers: list[Tier] = []
-        for tier in p.ladder:
-            if tier == "model":
-                tiers.append(ModelTier(self.registry.slot(p.model), min_confidence=p.min_confidence, labels=p.labels))
-            elif tier == "cloud" and p.cloud is not None:
-                tiers.append(CloudTier(self.link, self._cloud_request, subject=p.cloud.subject,
-                                       timeout_ms=p.cloud.timeout_ms, min_confidence=p.min_confidence,
-                                       labels=p.labels))
+        raced: list[CloudTier] = []
+        for entry in p.ladder:
+            ref = parse_tier(entry, p.model)
+            if ref is None or ref.kind == "rules":
+                continue
+            tier = self._tier(p, ref)
+            if tier is None:
+                continue
+            if entry in p.race and isinstance(tier, CloudTier):
+                raced.append(tier)  # config checks keep raced tiers next to each other
+                if len(raced) == len(p.race):
+                    tiers.append(RaceTier(raced))
+                continue
+            tiers.append(tier)
+        cross: RulesTier | ModelTier | None = None
+        if p.cross_check:
+            cross_ref = parse_tier(p.cross_check, p.model)
+            if cross_ref is not None and cross_ref.kind == "model":
+                found = self._tier(p, cross_ref)
+                cross = found if isinstance(found, ModelTier) else None
         rules = RulesTier(compile_rules(p.rules, p.input))
+        if p.cross_check == "rules":
+            cross = rules
         guards = compile_guards(p.guards, p.input)
         # A candidate deployed in shadow mode wins over the config's own `shadow`.
         shadow_slot_name = self.deployments.shadow_slot(p.model) if p.model else None
         if shadow_slot_name is None and p.shadow:
             shadow_slot_name = p.shadow
         shadow = Shadow(slot=self.registry.slot(shadow_slot_name)) if shadow_slot_name else None
-        return PipelineLogic(p, device=self.device, ladder=Ladder(tiers, rules, guards),
+        return PipelineLogic(p, device=self.device, ladder=Ladder(tiers, rules, guards, cross),
                              record_inputs=self.config.audit.inputs == "full",
                              governor=Governor(p.actions), shadow=shadow)
+
+    def _tier(self, p: PipelineConfig, ref: TierRef) -> ModelTier | CloudTier | None:
+        """One model or cloud tier of a pipeline's ladder, with its own confidence floor (and, for a
+        cloud, the link of its own provider)."""
+        if ref.kind == "model":
+            model = self.config.model(ref.name)
+            floor = model.min_confidence if model is not None and model.min_confidence is not None else None
+            return ModelTier(self.registry.slot(ref.name), min_confidence=p.min_confidence if floor is None else floor,
+                             labels=p.labels, tier_name=ref.name)
+        cloud = p.cloud if ref.entry == "cloud" else p.clouds.get(ref.name)
+        if cloud is None:
+            return None
+        floor = p.min_confidence if cloud.min_confidence is None else cloud.min_confidence
+        return CloudTier(self._provider_link(cloud.subject), self._cloud_request, subject=cloud.subject,
+                         timeout_ms=cloud.timeout_ms, min_confidence=floor, labels=p.labels, tier_name=ref.name)
+
+    def _provider_link(self, subject: str) -> CloudLink:
+        """The link of the cloud provider that answers on `subject`: the runtime's own link for the
+        subject its probe asks, else one of its own (own breaker, own probe): one provider's outage
+        never opens another's breaker."""
+        if subject == self._probe_subject():
+            return self.link
+        link = self.provider_links.get(subject)
+        if link is None:
+            link = self.provider_links[subject] = CloudLink(
+                CircuitBreaker(self.config.link.breaker_failures, self.config.link.breaker_reset_ms / 1000),
+                on_change=functools.partial(self._on_provider_change, subject))
+            if self.link.connected:
+                link.connection_restored()
+            if self._tasks is not None:
+                self._spawn(self._probe_provider_forever(subject, link), f"probe-{subject}")
+        return link
+
+    def _links_lost(self) -> None:
+        self.link.connection_lost()
+        for link in self.provider_links.values():
+            link.connection_lost()
+
+    def _links_restored(self) -> None:
+        self.link.connection_restored()
+        for link in self.provider_links.values():
+            link.connection_restored()
+
+    def _probe_timeout(self, subject: str) -> float:
+        """A probe waits no longer than a decision would: a provider slower than its tiers' timeout
+        is down for them, so its probe must fail too, or the breaker would close on every trial
+        and every decision would wait the timeout again."""
+        limit = self.config.link.probe_timeout_ms
+        for p in self.config.pipelines:
+            for cloud in ([p.cloud] if p.cloud is not None else []) + list(p.clouds.values()):
+                if cloud.subject == subject:
+                    limit = min(limit, cloud.timeout_ms)
+        return limit / 1000
+
+    async def _probe_provider_forever(self, subject: str, link: CloudLink) -> None:
+        interval = self.config.link.probe_interval_ms / 1000
+        while not self._stop.is_set():
+            await asyncio.sleep(interval)  # pace: the probe interval
+            upstream = self.upstream
+            if upstream is None or not link.connected or not link.begin_probe():
+                continue
+            started = time.perf_counter()
+            try:
+                await upstream.request(subject, b"", timeout=self._probe_timeout(subject), headers={"Edge-Probe": "1"})
+            except nats.errors.NoRespondersError:
+                link.probe_failed("no_responders")
+                continue
+            except (TimeoutError, nats.errors.Error) as exc:
+                link.probe_failed(type(exc).__name__)
+                continue
+            link.probe_succeeded(time.perf_counter() - started)
+
+    def _on_provider_change(self, subject: str, old: LinkState, new: LinkState, reason: str) -> None:
+        log.warning("cloud %s: %s -> %s (%s)", subject, old.value, new.value, reason)
+        if self.state in (RuntimeState.STOPPING, RuntimeState.STOPPED):
+            return
+        link = self.provider_links.get(subject)
+        self.record("link", {"subject": subject, "from": old.value, "to": new.value, "reason": reason,
+                              "breaker": link.breaker.state.value if link is not None else ""})
 
     async def _start_pipeline(self, p: PipelineConfig) -> Pipeline:
         assert self.audit is not None and self.local is not None
@@ -765,9 +864,9 @@ class Runtime:
             "state": self.state.value,
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "paused": self.paused,
-            "link": {"state": self.link.state.value, "breaker": self.link.breaker.state.value,
-                     "rtt_ms": round(self.link.last_rtt_s * 1000, 3) if self.link.last_rtt_s else None,
-                     "last_failure": self.link.last_failure},
+            "link": _link_status(self.link),
+            "clouds": {subject: _link_status(link) for subject, link in
+                       [(self._probe_subject(), self.link), *self.provider_links.items()] if subject},
             "local": redact_url(self.local_url),
             "pipelines": {name: p.status() for name, p in self.pipelines.items()},
             "approvals": self.approvals.status(),
@@ -778,6 +877,11 @@ class Runtime:
             "sync": self.uploader.status() if self.uploader is not None else None,
             "loop_lag": self.loop_lag.snapshot(),
         }
+
+
+def _link_status(link: CloudLink) -> dict[str, Any]:
+    return {"state": link.state.value, "breaker": link.breaker.state.value,
+            "rtt_ms": round(link.last_rtt_s * 1000, 3) if link.last_rtt_s else None, "last_failure": link.last_failure}
 
 
 async def run(config: Config, *, ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:

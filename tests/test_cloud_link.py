@@ -235,10 +235,12 @@ async def test_cloud_misbehaviour_falls_through_with_the_reason(rig: Rig) -> Non
     assert (await decide())["tier"] == "cloud"
     rig.sim.wrong()
     wrong = await decide()
-    assert wrong["tier"] == "model" and wrong["fallbacks"] == [{"tier": "cloud", "reason": "invalid_reply"}]
+    assert wrong["tier"] == "model"
+    assert wrong["fallbacks"] == [{"tier": "cloud", "reason": "invalid_reply", "tier_name": "cloud"}]
     rig.sim.slow(2 * TIMEOUT_MS)
     slow = await decide()
-    assert slow["tier"] == "model" and slow["fallbacks"] == [{"tier": "cloud", "reason": "timeout"}]
+    assert slow["tier"] == "model"
+    assert slow["fallbacks"] == [{"tier": "cloud", "reason": "timeout", "tier_name": "cloud"}]
     assert latency_ms(slow) >= TIMEOUT_MS * 0.9
     rig.sim.normal()
     await wait_until(lambda: rig.runtime.link.skip_reason() is None, within=10,
@@ -247,7 +249,8 @@ async def test_cloud_misbehaviour_falls_through_with_the_reason(rig: Rig) -> Non
     # A bar above any possible answer: the cloud's answer is always too doubtful.
     rig.runtime.pipelines["pump"].logic.ladder.tiers[0].min_confidence = 1.01  # type: ignore[attr-defined]
     doubtful = await decide()
-    assert doubtful["tier"] == "model" and doubtful["fallbacks"] == [{"tier": "cloud", "reason": "low_confidence"}]
+    assert doubtful["tier"] == "model"
+    assert doubtful["fallbacks"] == [{"tier": "cloud", "reason": "low_confidence", "tier_name": "cloud"}]
     rig.sim.silent()
     # Silence is caught by live requests and by the probe (which asks the cloud subject itself):
     # at most `breaker_failures` decisions wait, then the breaker is open and nobody waits.

@@ -65,7 +65,7 @@ async def test_out_of_range_and_low_confidence_fall_to_rules(nats_servers: Serve
         await nc.publish("sensors.p1.pump", encode(out_of_range))
         (first,) = await decisions.wait_for(1)
         assert first["tier"] == "rules"
-        assert first["fallbacks"] == [{"tier": "model", "reason": "out_of_range"}]
+        assert first["fallbacks"] == [{"tier": "model", "reason": "out_of_range", "tier_name": "pump-anomaly"}]
         assert first["action"] == "shutdown" and first["label"] == "critical"
         await nc.close()
 
@@ -80,7 +80,7 @@ async def test_low_confidence_reason(nats_servers: ServerFactory, tmp_path: Path
         reply = await nc.request("sensors.p9.pump", encode(borderline), timeout=5)
         decision = msgspec.json.decode(reply.data)
         assert decision["tier"] == "rules"
-        assert decision["fallbacks"] == [{"tier": "model", "reason": "low_confidence"}]
+        assert decision["fallbacks"] == [{"tier": "model", "reason": "low_confidence", "tier_name": "pump-anomaly"}]
         await nc.close()
 
 
@@ -195,7 +195,7 @@ async def test_a_corrupt_model_is_unavailable_and_rules_decide(nats_servers: Ser
         nc = await connect(server.url)
         decision = msgspec.json.decode((await nc.request("sensors.p1.pump", encode(ANOMALY), timeout=5)).data)
         assert decision["tier"] == "rules" and decision["label"] == "anomaly"
-        assert decision["fallbacks"] == [{"tier": "model", "reason": "unavailable"}]
+        assert decision["fallbacks"] == [{"tier": "model", "reason": "unavailable", "tier_name": "pump-anomaly"}]
         (model,) = runtime.status()["models"]
         assert model["state"] == "unavailable" and "sha256" in model["why"].lower()
         await nc.close()

@@ -27,7 +27,7 @@ def _decision(i: int, model: ModelRef | None = MODEL) -> Decision:
         fallbacks=[Fallback(tier="cloud", reason="unreachable")], model=model,
         shadow=ShadowResult(label="normal", confidence=0.6, version="2") if i % 2 else None,
         governance=Governance(status="auto", requested_action="inspect"), audit_seq=None,
-        input_sha256=f"{i:064x}",
+        input_sha256=f"{i:064x}", tier_name=model.name if model else "rules",
     )
 
 

@@ -120,7 +120,7 @@ def test_config_reference_lists_every_key_the_structs_accept(capsys: pytest.Capt
         assert entry["required"] == (entry["default"] is None and entry["key"] in {
             "pipelines", "pipelines[].name", "pipelines[].subscribe", "pipelines[].input", "pipelines[].rules",
             "pipelines[].rules[].action", "pipelines[].guards[].action", "pipelines[].cloud.subject",
-            "models[].name", "models[].path"}), entry
+            "pipelines[].clouds.<name>.subject", "models[].name", "models[].path"}), entry
     by_key = {entry["key"]: entry for entry in listed}
     assert by_key["link.probe_interval_ms"]["default"] == 1000
     assert by_key["audit.fsync"]["type"] == '"always" | "batch" | "off"'
