@@ -19,7 +19,8 @@ from edge.tools.bench._results import BatchSizes, BenchError
 
 # Figures that are counts of bad things, or deltas, and so may rightly be zero or negative.
 MAY_BE_ZERO = {"lost", "waited_on_dead_cloud", "unreachable", "runtime_sync_backlog", "server_us", "driver_us",
-               "send_lag_p99_ms", "lag_p99_ms", "disk_wal_bytes", "sut_system_us"}
+               "send_lag_p99_ms", "lag_p99_ms", "disk_wal_bytes", "sut_system_us",
+               "answered_b", "race_records"}  # the fast provider B is never asked while A answers first
 MAY_BE_NEGATIVE = {"rss_growth_mib", "rss_growth_per_100k_mib"}
 # Batch counts by size (when the runtime reports them): most buckets are rightly empty in a run.
 MAY_BE_ZERO_UNDER = "batches"
@@ -104,6 +105,16 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     for batches in (saturation.runtime_batches, fixed.runtime_batches, *latency_batches):
         if batches is not None:
             assert sum(batches.sizes.values()) == batches.count
+    race = result.race
+    assert race is not None and race.sequential.race == [] and race.raced.race == ["cloud:a", "cloud:b"]
+    # In ladder order the slow provider decides everything and B is never asked; raced, B (fast)
+    # decides and A is asked as well, its answer recorded after the decision.
+    assert race.sequential.by_tier_name == {"cloud:a": race.sequential.decisions}
+    assert race.sequential.answered_a == race.sequential.decisions and race.sequential.answered_b == 0
+    assert race.raced.by_tier_name == {"cloud:b": race.raced.decisions}
+    assert race.raced.answered_a == race.raced.answered_b == race.raced.race_records == race.raced.decisions
+    assert race.sequential.latency.p50_ms >= race.slow_ms > race.raced.latency.p99_ms
+    assert race.extra_requests_per_decision == pytest.approx(1.0)
     memory = result.memory
     assert memory is not None and memory.rss_checkpoints_mib[-1][0] == memory.decisions == 20_000
     assert memory.startup_aenter_s < memory.startup_first_decision_s
@@ -112,7 +123,7 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     summary = msgspec.to_builtins(result.summary)
     assert set(summary) == {"decisions_per_s", "decisions_per_s_fsync_always", "sut_cpu_us_per_decision",
                             "half_saturation_hz", "p99_ms_at_half_saturation", "fixed_rate_hz",
-                            "sut_cpu_us_at_fixed_rate", "sut_cores_at_fixed_rate"}
+                            "sut_cpu_us_at_fixed_rate", "sut_cores_at_fixed_rate", "race_p99_ms"}
     for path, value in _numbers(summary):
         assert math.isfinite(value) and value > 0, path
     assert result.summary.decisions_per_s is not None
@@ -121,7 +132,8 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     table = (tmp_path / "bench.txt").read_text()
     assert table == format_table(result)
     for heading in ("Summary: bare vs runtime", "1. Saturation", "2. Latency", "3. Fixed rate", "4. Audit", "5. Sync",
-                    "6. Blackholed", "7. Backlog drain", "8. Memory", "9. Inputs that need no approval"):
+                    "6. Blackholed", "7. Backlog drain", "8. Memory", "9. Inputs that need no approval",
+                    "10. Two cloud providers"):
         assert heading in table
 
 

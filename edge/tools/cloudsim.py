@@ -2,7 +2,8 @@
 
 `CloudSimulator` answers `cloud.infer.*` requests with a model of its own (by default the bundled
 pump model, with a stricter view of what is an anomaly, so its decisions are recognisably the
-cloud's) and can be told to be `slow`, `wrong` (replies that are not a valid answer) or `silent`.
+cloud's) and can be told to be `slow` (every request, probes too), `wrong` (replies that are not a
+valid answer) or `silent` (blackholed: nothing is answered).
 `AutoApprover` answers approval requests after a human-like delay with a fixed policy.
 """
 
@@ -86,14 +87,16 @@ class CloudSimulator:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, msg: Msg) -> None:
+        if self.delay_s:
+            # The simulated cloud's think time, probes included: a slow (overloaded) service is slow
+            # for every request, and a probe that skipped the queue would call it healthy.
+            await asyncio.sleep(self.delay_s)
         if msg.headers and msg.headers.get("Edge-Probe"):
             await self.nc.publish(msg.reply, b'{"ok": true}')  # the link probe: alive is all it asks
             return
         if self.mode is CloudMode.WRONG:
             await self.nc.publish(msg.reply, b'{"verdict": "probably fine"}')
             return
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)  # the simulated cloud's think time
         assert self._model is not None
         features = self._model.manifest.features
         try:

@@ -11,10 +11,15 @@
 The device runs in leaf mode (`nats.upstream = "nats-leaf://..."`): its embedded server is a leaf
 node of the cloud server and carries audit sync, cloud requests, approvals and commands over one
 compressed link. Everything runs in this process except the two nats-servers (the runtime's
-embedded one and the cloud), which are children it owns. Simulated
-pumps publish on an open-loop schedule; at `outage_at_s` the proxy blackholes the cloud link for
-`outage_s` seconds. While it runs, a live view shows decisions per second by tier, the link, the
-audit backlog and approvals. At the end the driver stops, the audit backlog drains, the runtime
+embedded one and the cloud), which are children it owns. The pipeline's ladder is two cloud
+providers, "primary" and "backup" (two CloudSimulators on their own subjects, each with its own
+link and breaker on the device), the bundled model, a "small" fallback model and the rules.
+Simulated pumps publish on an open-loop schedule; at `outage_at_s` the outage begins, in three
+stages over `outage_s` seconds, each failing differently: the primary is blackholed (its requests
+are never answered; the backup decides), then the backup turns slow past its timeout (the models
+decide), then the proxy blackholes the whole cloud link (the audit backlog grows); then all
+recover together. While it runs, a live view shows decisions per second by tier, the providers,
+the link, the audit backlog and approvals. At the end the driver stops, the audit backlog drains, the runtime
 stops, and the upstream stream is verified against the local log: seqs 1..last exactly once, the
 chain intact, and every published decision in the log. The summary goes to `summary.json`, a
 timeline to `timeline.png` when matplotlib is installed.
@@ -70,6 +75,20 @@ T = TypeVar("T")
 DEVICE = "demo-gw"
 TIERS = ("model", "cloud", "rules")
 PHASES = ("before", "during", "after")
+# The outage's stages, each a fraction of `outage_s` from its start: the cloud fails a piece at a time.
+STAGES = ("before", "primary_out", "backup_slow", "network_cut", "after")
+STAGE_AT = {"primary_out": 0.0, "backup_slow": 0.25, "network_cut": 0.5}
+STAGE_LABELS = {"before": "before", "primary_out": "primary out", "backup_slow": "backup slow",
+                "network_cut": "network cut", "after": "after"}
+PRIMARY, BACKUP = "primary", "backup"
+PROVIDER_SUBJECTS = {PRIMARY: "cloud.infer.a", BACKUP: "cloud.infer.b"}
+CLOUD_TIMEOUT_MS = 200  # the example's cloud timeout, for each provider
+BACKUP_SLOW_MS = CLOUD_TIMEOUT_MS + 150  # slow past its timeout: answers that come, but too late
+SMALL_MODEL = "small"
+# A small model trusted a little lower than the main one: when the main model is unsure, its
+# fairly sure answer still beats the rules' (the bundled model stands in for it: the repo has one).
+SMALL_MIN_CONFIDENCE = 0.6
+LADDER = [f"cloud:{PRIMARY}", f"cloud:{BACKUP}", "model", f"model:{SMALL_MODEL}", "rules"]
 SAMPLE_S = 0.1  # how often the backlog and the link are sampled (the timeline's resolution)
 DRAIN_LIMIT_S = 20.0  # how long the end waits for the last decisions, then for the audit backlog to reach 0
 ONLINE_LIMIT_S = 15.0  # how long the start waits for the cloud link
@@ -235,6 +254,14 @@ def demo_config(local_url: str, upstream_url: str, data_dir: Path, *, operator_k
     for model in data.get("models", []):
         if model.get("name") == "pump-anomaly":
             model["path"] = str(bundled_model_path())
+    data.setdefault("models", []).append({"name": SMALL_MODEL, "path": str(bundled_model_path()),
+                                          "min_confidence": SMALL_MIN_CONFIDENCE})
+    # Two cloud providers first, then the models, then the rules: the providers' story is the demo's.
+    for pipeline in data.get("pipelines", []):
+        timeout_ms = pipeline.pop("cloud", {}).get("timeout_ms", CLOUD_TIMEOUT_MS)
+        pipeline["clouds"] = {name: {"subject": subject, "timeout_ms": timeout_ms}
+                              for name, subject in PROVIDER_SUBJECTS.items()}
+        pipeline["ladder"] = list(LADDER)
     # env={}: EDGE_DEVICE_ID in the caller's environment must not rename the demo's device.
     return decode_config(data, source=f"{BUNDLED_CONFIG} (demo)", base_dir=BUNDLED_CONFIG.parent, env={})
 
@@ -254,10 +281,20 @@ class SeenDecision(msgspec.Struct):
     fallbacks: list[Fallback]
     governance: Governance
     audit_seq: int | None = None
+    tier_name: str = ""
 
     @property
     def latency_ms(self) -> float:
         return (self.decided_at - self.received_at) / 1e6
+
+    @property
+    def named_tier(self) -> str:
+        return named_tier(self.tier, self.tier_name)
+
+
+def named_tier(tier: str, tier_name: str) -> str:
+    """"cloud:backup", "model:small", "model:pump-anomaly"; "rules" and "guard" as they are."""
+    return tier if tier_name in ("", tier) else f"{tier}:{tier_name}"
 
 
 _DECISION = msgspec.json.Decoder(SeenDecision)
@@ -269,6 +306,7 @@ class Sample(msgspec.Struct, array_like=True):
     link: str
     breaker: str
     approvals_pending: int
+    providers: dict[str, str] = msgspec.field(default_factory=dict)  # name -> link state (breaker if not closed)
 
 
 class Clock:
@@ -282,6 +320,10 @@ class Clock:
         self.outage_start_s: float | None = None
         self.outage_end_s: float | None = None
         self.driver_done_s: float | None = None
+        self.stage_starts: dict[str, tuple[int, float]] = {}  # stage -> (wall ns, seconds) it began
+
+    def mark_stage(self, stage: str) -> None:
+        self.stage_starts[stage] = (time.time_ns(), self.now())
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -301,6 +343,14 @@ class Clock:
             return "during"
         return "after"
 
+    def stage_of(self, wall_ns: int) -> str:
+        """The outage stage (or "before"/"after") an input received at `wall_ns` belongs to."""
+        phase = self.phase_of(wall_ns)
+        if phase != "during":
+            return phase
+        begun = [stage for stage, (ns, _) in self.stage_starts.items() if ns <= wall_ns]
+        return begun[-1] if begun else STAGES[1]
+
     def phase_now(self) -> str:
         if self.driver_done_s is not None:
             return "draining"
@@ -317,6 +367,7 @@ class Recorder:
         self.undecodable = 0
         self.samples: list[Sample] = []
         self.link_changes: list[tuple[float, str]] = []
+        self.provider_changes: dict[str, list[tuple[float, str]]] = {name: [] for name in PROVIDER_SUBJECTS}
 
     async def on_decision(self, msg: Msg) -> None:
         try:
@@ -332,12 +383,22 @@ class Recorder:
         audit = runtime.audit
         backlog = audit.last_seq - audit.synced_seq if audit is not None else 0
         link = runtime.link.state.value
+        providers = {}
+        for name, subject in PROVIDER_SUBJECTS.items():
+            provider = runtime.provider_links.get(subject)
+            if provider is not None:
+                providers[name] = provider.state.value
         sample = Sample(t=round(self.clock.now(), 3), backlog=backlog, link=link,
                         breaker=runtime.link.breaker.state.value,
-                        approvals_pending=sum(p.pending_approvals for p in runtime.pipelines.values()))
+                        approvals_pending=sum(p.pending_approvals for p in runtime.pipelines.values()),
+                        providers=providers)
         self.samples.append(sample)
         if not self.link_changes or self.link_changes[-1][1] != link:
             self.link_changes.append((sample.t, link))
+        for name, state in providers.items():
+            changes = self.provider_changes[name]
+            if not changes or changes[-1][1] != state:
+                changes.append((sample.t, state))
         return sample
 
     def recent(self, window_s: float = 1.0) -> list[SeenDecision]:
@@ -361,6 +422,8 @@ def render_view(options: DemoOptions, clock: Clock, recorder: Recorder, sample: 
         phase = f"OUTAGE ({t - clock.outage_start_s:.1f}s of {options.outage_s:g}s)"
     elif phase == "draining":
         phase = "draining (sensors stopped; waiting for decisions and the audit backlog)"
+    if phase.startswith("OUTAGE"):
+        phase += f": {STAGE_LABELS[clock.stage_of(time.time_ns())]}"
     recent = recorder.recent()
     reasons = Counter(f"{f.tier}:{f.reason}" for d in recent for f in d.fallbacks)
     lat = sorted(d.latency_ms for d in recent)
@@ -373,9 +436,10 @@ def render_view(options: DemoOptions, clock: Clock, recorder: Recorder, sample: 
         f"edge demo  {DEVICE}   t {t:5.1f}s of {options.duration_s:g}s   {phase}",
         f"  decisions/s  {_tiers(Counter(d.tier for d in recent), len(recent))}",
         f"  so far       {_tiers(Counter(d.tier for d in recorder.decisions), len(recorder.decisions))}",
+        f"  deciding/s   {_named(Counter(d.named_tier for d in recent))}",
         f"  fallbacks/s  {fallbacks}",
         f"  latency      {latency}",
-        f"  cloud link   {sample.link}{breaker}",
+        f"  cloud link   {sample.link}{breaker}   providers: {_providers(sample)}",
         f"  audit        backlog {sample.backlog} records (last_seq - synced_seq)",
         f"  approvals    pending {sample.approvals_pending}   governance: {outcomes}",
     ]
@@ -388,7 +452,15 @@ def render_line(clock: Clock, recorder: Recorder, sample: Sample) -> str:
     rates = " + ".join(f"{per_tier.get(tier, 0)} {tier}" for tier in TIERS)
     breaker = "" if sample.breaker == "closed" else f" ({sample.breaker})"
     return (f"t={clock.now():5.1f}s {clock.phase_now():<8} {rates} /s   link {sample.link}{breaker}   "
-            f"backlog {sample.backlog}   approvals pending {sample.approvals_pending}")
+            f"{_providers(sample)}   backlog {sample.backlog}   approvals pending {sample.approvals_pending}")
+
+
+def _named(counts: Counter[str]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common(4)) or "-"
+
+
+def _providers(sample: Sample) -> str:
+    return " ".join(f"{name} {state}" for name, state in sample.providers.items()) or "-"
 
 
 class LiveView:
@@ -429,11 +501,35 @@ class PhaseSummary(msgspec.Struct, kw_only=True):
     end_s: float
     decisions: int
     by_tier: dict[str, int]
+    by_tier_name: dict[str, int]  # "cloud:primary", "cloud:backup", "model:pump-anomaly", "model:small", "rules"
     fallbacks: dict[str, int]
     governance: dict[str, int]
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     latency_max_ms: float | None
+
+
+class StageSummary(msgspec.Struct, kw_only=True):
+    """Decisions on inputs received in one stage of the outage (or before or after it), by named tier."""
+
+    start_s: float
+    end_s: float
+    what: str
+    decisions: int
+    by_tier_name: dict[str, int]
+
+
+class ProviderSummary(msgspec.Struct, kw_only=True):
+    """One cloud provider's link on the device: how it failed, when the device noticed, and its return."""
+
+    name: str
+    subject: str
+    failure: str  # what the script did to it
+    failed_at_s: float | None
+    offline_after_s: float | None  # from its failure to its link no longer online
+    online_after_s: float | None  # from the outage's end to its link online again
+    final_state: str
+    changes: list[tuple[float, str]]
 
 
 class BacklogSummary(msgspec.Struct, kw_only=True):
@@ -508,6 +604,9 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     backlog: BacklogSummary
     approvals: dict[str, int]  # asked (as the approver saw them), then the outcomes
     governance: dict[str, int]  # every outcome other than `auto`, by status
+    stages: dict[str, StageSummary]  # STAGES: before, the outage's three, after
+    providers: list[ProviderSummary]
+    by_tier_name: dict[str, int]  # the runtime's own count (status by_tier_name), all inputs
     verification: Verification
     timeline: list[Second]
 
@@ -530,14 +629,57 @@ def summarize_phases(clock: Clock, decisions: Sequence[SeenDecision], end_s: flo
     for phase, items in grouped.items():
         latencies = [d.latency_ms for d in items]
         by_tier = Counter(d.tier for d in items)
+        by_tier_name = Counter(d.named_tier for d in items)
         out[phase] = PhaseSummary(
             start_s=round(bounds[phase][0], 3), end_s=round(bounds[phase][1], 3), decisions=len(items),
             by_tier={tier: by_tier.get(tier, 0) for tier in TIERS},
+            by_tier_name=dict(by_tier_name.most_common()),
             fallbacks=dict(Counter(f"{f.tier}:{f.reason}" for d in items for f in d.fallbacks).most_common()),
             governance=dict(Counter(d.governance.status for d in items).most_common()),
             latency_p50_ms=_pct(latencies, 0.5), latency_p99_ms=_pct(latencies, 0.99),
             latency_max_ms=_pct(latencies, 1.0),
         )
+    return out
+
+
+def summarize_stages(clock: Clock, decisions: Sequence[SeenDecision], end_s: float) -> dict[str, StageSummary]:
+    starts = {"before": 0.0, **{stage: s for stage, (_, s) in clock.stage_starts.items()},
+              "after": end_s if clock.outage_end_s is None else clock.outage_end_s}
+    what = {"before": "every provider answers",
+            "primary_out": f"{PRIMARY} blackholed (its requests never answered)",
+            "backup_slow": f"and {BACKUP} slow ({BACKUP_SLOW_MS} ms, past its {CLOUD_TIMEOUT_MS} ms timeout)",
+            "network_cut": "and the cloud link blackholed", "after": "all back"}
+    grouped: dict[str, Counter[str]] = {stage: Counter() for stage in STAGES}
+    for d in decisions:
+        grouped[clock.stage_of(d.received_at)][d.named_tier] += 1
+    out = {}
+    for i, stage in enumerate(STAGES):
+        later = [starts[s] for s in STAGES[i + 1:] if s in starts]
+        counts = grouped[stage]
+        out[stage] = StageSummary(start_s=round(starts.get(stage, end_s), 3),
+                                  end_s=round(later[0] if later else end_s, 3), what=what[stage],
+                                  decisions=sum(counts.values()), by_tier_name=dict(counts.most_common()))
+    return out
+
+
+def summarize_providers(clock: Clock, changes: dict[str, list[tuple[float, str]]]) -> list[ProviderSummary]:
+    failed = {PRIMARY: clock.stage_starts.get("primary_out"), BACKUP: clock.stage_starts.get("backup_slow")}
+    failure = {PRIMARY: "blackholed", BACKUP: f"slow ({BACKUP_SLOW_MS} ms, timeout {CLOUD_TIMEOUT_MS} ms)"}
+    end = clock.outage_end_s
+    out = []
+    for name, subject in PROVIDER_SUBJECTS.items():
+        mark = failed[name]
+        at = mark[1] if mark is not None else None
+        history = changes.get(name, [])
+        offline = next((t for t, state in history if at is not None and t >= at
+                        and state != LinkState.ONLINE.value), None)
+        online = next((t for t, state in history if end is not None and t >= end
+                       and state == LinkState.ONLINE.value), None)
+        out.append(ProviderSummary(
+            name=name, subject=subject, failure=failure[name], failed_at_s=round(at, 3) if at is not None else None,
+            offline_after_s=round(offline - at, 3) if offline is not None and at is not None else None,
+            online_after_s=round(online - end, 3) if online is not None and end is not None else None,
+            final_state=history[-1][1] if history else "", changes=[(round(t, 3), s) for t, s in history]))
     return out
 
 
@@ -562,7 +704,9 @@ def summarize_backlog(clock: Clock, samples: Sequence[Sample], final: int) -> Ba
 
 
 def summarize_link(clock: Clock, changes: Sequence[tuple[float, str]]) -> LinkSummary:
-    start, end = clock.outage_start_s, clock.outage_end_s
+    # The link itself is cut only in the outage's last stage; the providers failed before it.
+    cut = clock.stage_starts.get("network_cut")
+    start, end = (cut[1] if cut is not None else clock.outage_start_s), clock.outage_end_s
     offline = next((t for t, state in changes if start is not None and t >= start
                     and state != LinkState.ONLINE.value), None)
     online = next((t for t, state in changes if end is not None and t >= end and state == LinkState.ONLINE.value), None)
@@ -596,8 +740,9 @@ def format_summary(s: DemoSummary, out_dir: Path, png: str) -> str:
     lines = [
         "",
         "edge demo: verified summary",
-        f"  device {s.device}, seed {s.seed}: {s.duration_s:g}s of input at {s.rate_hz:g} Hz from {s.pumps} pumps; "
-        f"cloud link cut {s.outage_start_s:.1f}s..{s.outage_end_s:.1f}s",
+        f"  device {s.device}, seed {s.seed}: {s.duration_s:g}s of input at {s.rate_hz:g} Hz from {s.pumps} pumps",
+        f"  outage {s.outage_start_s:.1f}s..{s.outage_end_s:.1f}s: {PRIMARY} blackholed, {BACKUP} slow from "
+        f"{s.stages['backup_slow'].start_s:.1f}s, cloud link cut from {s.stages['network_cut'].start_s:.1f}s",
         "",
         f"  {'decisions':<19}{'model':>6}{'cloud':>7}{'rules':>7}{'total':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}",
     ]
@@ -608,14 +753,18 @@ def format_summary(s: DemoSummary, out_dir: Path, png: str) -> str:
         lat = "".join(f"{x:>9.1f}" if x is not None else f"{'-':>9}"
                       for x in (p.latency_p50_ms, p.latency_p99_ms, p.latency_max_ms))
         lines.append(f"  {phase:<7}{span:>11}{nums}{p.decisions:>7}{lat}")
+    lines += ["", *_named_tier_table(s)]
     reasons = ", ".join(f"{k} {n}" for k, n in s.phases["during"].fallbacks.items()) or "none"
     drain = (f"drained {s.backlog.drain_s:.1f}s after the network came back" if s.backlog.drain_s is not None
              else "NOT drained after the network came back")
     paragraphs = [
         f"fallbacks during the outage: {reasons}",
         "",
-        f"latency during the outage: longest {_ms(s.outage_max_latency_ms)} (decisions that waited on the "
-        f"cloud until the breaker opened); {_ms(s.outage_max_latency_after_breaker_ms)} at most once it was open",
+        f"latency during the outage: longest {_ms(s.outage_max_latency_ms)} (decisions that waited on a "
+        f"provider until its breaker opened); {_ms(s.outage_max_latency_after_breaker_ms)} at most once both "
+        "were open",
+        *(f"cloud {p.name} ({p.subject}, {p.failure}): offline {_secs(p.offline_after_s)} after it failed; online "
+          f"again {_secs(p.online_after_s)} after the outage; now {p.final_state}" for p in s.providers),
         f"cloud link: offline {_secs(s.link.offline_after_s)} after the cut; online again "
         f"{_secs(s.link.online_after_s)} after the network came back",
         f"audit backlog: peak {s.backlog.peak} records (at {s.backlog.peak_at_s:.1f}s); {drain}; "
@@ -638,6 +787,35 @@ def format_summary(s: DemoSummary, out_dir: Path, png: str) -> str:
         lines.append(textwrap.fill(text.strip(), width=99, initial_indent=indent, subsequent_indent=indent + "  ")
                      if text else "")
     return "\n".join(lines)
+
+
+def _named_tier_table(s: DemoSummary) -> list[str]:
+    """Decisions by named tier, a column per stage of the outage (and before, after)."""
+    st = s.stages
+    names = sorted({name for stage in st.values() for name in stage.by_tier_name}, key=_tier_order)
+    lines = [f"  {'decided by':<20}" + "".join(f"{STAGE_LABELS[stage]:>12}" for stage in STAGES) + f"{'total':>8}",
+             f"  {'(inputs received)':<20}" + "".join(f"{f'{st[x].start_s:.1f}-{st[x].end_s:.1f}s':>12}"
+                                                       for x in STAGES)]
+    for name in names:
+        counts = [st[stage].by_tier_name.get(name, 0) for stage in STAGES]
+        lines.append(f"  {name:<20}" + "".join(f"{n:>12}" for n in counts) + f"{sum(counts):>8}")
+    agree = "agrees" if s.by_tier_name == {k: v for k, v in _totals(st).items() if v} else "DIFFERS"
+    runtime_count = (f"the runtime's own count (status by_tier_name) {agree}: "
+                     + ", ".join(f"{k} {v}" for k, v in s.by_tier_name.items()))
+    return [line[:99] for line in lines] + textwrap.wrap(runtime_count, width=97, initial_indent="  ",
+                                                         subsequent_indent="    ")
+
+
+def _tier_order(name: str) -> tuple[int, str]:
+    order = [f"cloud:{PRIMARY}", f"cloud:{BACKUP}", "model", "model:", "rules", "guard"]
+    return next((i for i, prefix in enumerate(order) if name.startswith(prefix)), len(order)), name
+
+
+def _totals(stages: dict[str, StageSummary]) -> dict[str, int]:
+    totals: Counter[str] = Counter()
+    for stage in stages.values():
+        totals.update(stage.by_tier_name)
+    return dict(totals)
 
 
 def _ms(value: float | None) -> str:
@@ -769,7 +947,8 @@ def write_timeline_png(path: Path, summary: DemoSummary, samples: Sequence[Sampl
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax1.set_ylabel("decisions / s\n(by input's second)")
     ax1.set_title(f"edge demo: {summary.device}, {summary.rate_hz:g} Hz from {summary.pumps} pumps; "
-                  f"cloud link blackholed {summary.outage_start_s:.1f}-{summary.outage_end_s:.1f}s", pad=16)
+                  f"cloud outage {summary.outage_start_s:.1f}-{summary.outage_end_s:.1f}s "
+                  f"(link cut from {summary.stages['network_cut'].start_s:.1f}s)", pad=16)
     ax1.set_ylim(0, max(bottom, default=1) * 1.12 or 1)
     mids = [s.t + 0.5 for s in secs]
     for attr, color, label in (("latency_max_ms", "#C44E52", "max"), ("latency_p50_ms", "#333333", "p50")):
@@ -873,21 +1052,49 @@ async def _drive(nc: NATS, story: SensorStory, clock: Clock, duration_s: float) 
         k += 1
 
 
-async def _cut_link(proxy: FaultProxy, clock: Clock, options: DemoOptions) -> None:
-    """The scripted outage: blackhole the cloud link, then let it pass again."""
+async def _script_outage(proxy: FaultProxy, providers: dict[str, CloudSimulator], clock: Clock,
+                         options: DemoOptions) -> None:
+    """The scripted outage, a piece at a time: the primary provider blackholed (its requests never
+    answered), then the backup slow past its timeout, then the whole cloud link blackholed; then
+    everything passes again at once."""
     start = options.outage_start_s
-    await asyncio.sleep(max(0.0, start - clock.now()))  # pace: the script's schedule
-    proxy.blackhole()
-    clock.outage_start_ns, clock.outage_start_s = time.time_ns(), clock.now()
+    for stage, at in STAGE_AT.items():
+        await asyncio.sleep(max(0.0, start + at * options.outage_s - clock.now()))  # pace: the script's schedule
+        if stage == "primary_out":
+            providers[PRIMARY].silent()
+        elif stage == "backup_slow":
+            providers[BACKUP].slow(BACKUP_SLOW_MS)
+        else:
+            proxy.blackhole()
+        # Marked after the change: an input received after the mark met it.
+        clock.mark_stage(stage)
+        if stage == "primary_out":
+            clock.outage_start_ns, clock.outage_start_s = clock.stage_starts[stage]
     await asyncio.sleep(max(0.0, start + options.outage_s - clock.now()))  # pace: the script's schedule
     # Marked before the link passes again: an input received after the mark is "after" the outage.
     clock.outage_end_ns, clock.outage_end_s = time.time_ns(), clock.now()
+    for provider in providers.values():
+        provider.normal()
     # The blackhole discarded bytes of connections it kept open; no TCP connection can go on after
     # losing bytes, and the nats-py clients on them would carry on out of step (publishes missing
     # from the audit stream, PONGs matched to the wrong PINGs). So the network comes back the way a
     # NAT or firewall that lost its state brings it back: the old connections are reset, new ones pass.
     proxy.reset()
     proxy.pass_through()
+
+
+def _all_online(runtime: Runtime) -> bool:
+    links = [runtime.link, *(runtime.provider_links.get(s) for s in PROVIDER_SUBJECTS.values())]
+    return all(link is not None and link.state is LinkState.ONLINE for link in links)
+
+
+def _runtime_by_tier_name(status: dict[str, Any]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for pipeline in status["pipelines"].values():
+        for key, n in pipeline["by_tier_name"].items():
+            tier, _, name = key.partition(":")
+            counts[named_tier(tier, name)] += n
+    return dict(counts.most_common())
 
 
 async def _watch(runtime: Runtime, clock: Clock, recorder: Recorder, view: LiveView, stop: asyncio.Event) -> None:
@@ -931,7 +1138,8 @@ async def run_demo(options: DemoOptions) -> int:
                                  operator_key=public_key_of(operator_seed), approver_key=public_key_of(approver_seed),
                                  upstream_domain=CLOUD_DOMAIN)
             cloud_nc = await _connect(stack, cloud.url, "demo-cloud-sim")
-            await _enter(stack, CloudSimulator(cloud_nc), "the cloud simulator")
+            providers = {name: await _enter(stack, CloudSimulator(cloud_nc, subject=subject), f"the {name} cloud")
+                         for name, subject in PROVIDER_SUBJECTS.items()}
             approver = await _enter(stack, AutoApprover(cloud_nc, delay_s=APPROVAL_DELAY_S, seed=options.seed,
                                                                 key=approver_seed),
                                     "the approver")
@@ -944,15 +1152,16 @@ async def run_demo(options: DemoOptions) -> int:
                 await local_nc.flush()
                 print(f"edge demo: device {DEVICE} on its embedded bus {runtime.local_url}, a leaf node of the cloud "
                       f"at {cloud.url},\n           linked through a fault proxy at {proxy.url}", flush=True)
-                if not await _until(lambda: runtime.link.state is LinkState.ONLINE, ONLINE_LIMIT_S):
-                    print(f"edge demo: the cloud link did not come up within {ONLINE_LIMIT_S:g}s", file=sys.stderr)
+                if not await _until(lambda: _all_online(runtime), ONLINE_LIMIT_S):
+                    print(f"edge demo: the cloud link and providers did not come up within {ONLINE_LIMIT_S:g}s",
+                          file=sys.stderr)
                     return 1
                 view = LiveView(options, clock, recorder, tty=tty)
                 stop = asyncio.Event()
                 clock.start()
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(_watch(runtime, clock, recorder, view, stop), name="demo-watch")
-                    tasks.create_task(_cut_link(proxy, clock, options), name="demo-outage")
+                    tasks.create_task(_script_outage(proxy, providers, clock, options), name="demo-outage")
                     sent = await _drive(local_nc, story, clock, options.duration_s)
                     clock.driver_done_s = clock.now()
                     # Every input decided (approvals take up to APPROVAL_DELAY_S), then every record upstream.
@@ -960,6 +1169,9 @@ async def run_demo(options: DemoOptions) -> int:
                     await _until(lambda: len(recorder.decisions) >= sent, DRAIN_LIMIT_S)
                     await _until(lambda: runtime.audit is not None and runtime.audit.backlog == 0, DRAIN_LIMIT_S)
                     stop.set()
+                # The runtime's own count by named tier, before it stops: the summary's are the
+                # published decisions', and the two must agree.
+                runtime_by_tier_name = _runtime_by_tier_name(runtime.status())
                 final_backlog = recorder.samples[-1].backlog if recorder.samples else 0
             # The runtime has drained and stopped: every decision it made was published (and heard
             # before its embedded server stopped).
@@ -975,9 +1187,8 @@ async def run_demo(options: DemoOptions) -> int:
 
     phases = summarize_phases(clock, recorder.decisions, options.duration_s)
     during = [d for d in recorder.decisions if clock.phase_of(d.received_at) == "during"]
-    first_skip = min((d.received_at for d in during
-                      if any(f.tier == "cloud" and f.reason in ("breaker_open", "unreachable") for f in d.fallbacks)),
-                     default=None)
+    # Once every provider was skipped at once (breakers open), no decision waits on the cloud.
+    first_skip = min((d.received_at for d in during if _skipped_every_cloud(d)), default=None)
     after_breaker = [d.latency_ms for d in during if first_skip is not None and d.received_at >= first_skip]
     governance = Counter(d.governance.status for d in recorder.decisions if d.governance.status != "auto")
     approvals = {"asked": approvals_asked, **{k: governance[k] for k in APPROVAL_OUTCOMES if governance[k]}}
@@ -990,6 +1201,9 @@ async def run_demo(options: DemoOptions) -> int:
         link=summarize_link(clock, recorder.link_changes),
         backlog=summarize_backlog(clock, recorder.samples, final_backlog),
         approvals=approvals, governance=dict(governance.most_common()),
+        stages=summarize_stages(clock, recorder.decisions, options.duration_s),
+        providers=summarize_providers(clock, recorder.provider_changes),
+        by_tier_name=runtime_by_tier_name,
         verification=verification,
         timeline=timeline(clock, recorder.decisions, recorder.samples, options.duration_s),
     )
@@ -999,6 +1213,11 @@ async def run_demo(options: DemoOptions) -> int:
     if not png:
         print("  (no timeline.png: matplotlib is not installed; `pip install matplotlib` to get one)")
     return 0 if verification.ok else 1
+
+
+def _skipped_every_cloud(d: SeenDecision) -> bool:
+    skipped = [f for f in d.fallbacks if f.tier == "cloud" and f.reason in ("breaker_open", "unreachable")]
+    return len(skipped) == len(PROVIDER_SUBJECTS)
 
 
 def _copy_log(src: Path, dst: Path) -> None:

@@ -47,6 +47,9 @@ Sections (all in one run; `--sections` picks some):
 8. memory      RSS of `python -m edge run` over 1M decisions (20k quick; --rss-decisions), start-up
                times in process (server already running) and as a process
 9. approvals   round trips of inputs that need no approval while 100 wait for a human
+10. race       two cloud providers, A slow (300 ms, timeout 1 s) and B fast, at 50/s: ladder
+               cloud:a, cloud:b (every decision waits for A) against race = [cloud:a, cloud:b];
+               p50/p99 of each, the gain, and the cost (cloud requests and CPU per decision)
    --profile   cProfile of the event-loop thread at saturation: top functions by tottime
 
 A summary (issue 15's table: decisions/s, CPU µs per decision, p99 at 50% of saturation, CPU at
@@ -63,7 +66,7 @@ Only Linux is supported: CPU and memory figures come from /proc.
 Modules (all private; the names above are the public ones): _constants, _results (the Structs of
 bench.json), _inputs, _measure, _servers, _driver (the child process and its handle), _bare and
 _runtime_side (the two systems under test), one module a section (_saturation_latency,
-_fixed_rate, _audit_sync, _blackhole, _backlog, _memory, _approvals, _profile), _summary, _run,
+_fixed_rate, _audit_sync, _blackhole, _backlog, _memory, _approvals, _race, _profile), _summary, _run,
 _table and _cli.
 """
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-SECTIONS = ("saturation", "latency", "fixed_rate", "audit", "sync", "blackhole", "backlog", "memory", "approvals")
+SECTIONS = ("saturation", "latency", "fixed_rate", "audit", "sync", "blackhole", "backlog", "memory", "approvals",
+            "race")
 FSYNC_MODES: tuple[Literal["off", "batch", "always"], ...] = ("off", "batch", "always")
 INPUT_SUBJECT = "sensors.p1.pump"
 BARE_RESULT_SUBJECT = "bench.bare.result"
@@ -18,6 +19,11 @@ FIXED_RATE_HZ = 400.0  # issue 15's fixed offered load: CPU per decision, bytes 
 # steady state keeps a handful in flight, so 0 exactly may never be seen by a poll.
 DRAINED_BACKLOG = 64
 CLOUD_TIMEOUT_MS = 200
+# The race section: provider A thinks 300 ms, well inside its 1 s timeout (slow, not down), B at once;
+# a moderate load, so that what is measured is the waiting, not a queue.
+RACE_RATE_HZ = 50.0
+RACE_SLOW_MS = 300.0
+RACE_TIMEOUT_MS = 1000
 MIB = 1024 * 1024
 SINK_PENDING_MSGS = 1 << 20  # a sink (or the bare service) must never be the slow consumer
 SINK_PENDING_BYTES = 512 * MIB

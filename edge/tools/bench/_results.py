@@ -45,6 +45,7 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
     rss_decisions: int
     startup_repeats: int
     profile_n: int
+    race_s: float = 2.0  # each open-loop run of the race section (after a 0.5 s warm-up)
 
     @classmethod
     def pick(cls, options: BenchOptions) -> Sizes:
@@ -52,12 +53,13 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
             sizes = cls(repeats=1, saturation_n=2000, warmup=300, latency_s=1.5, fixed_rate_s=2.0, audit_n=1500,
                         append_n=5000, sequential_n=40, sync_records=20_000, blackhole_phases_s=(1.5, 2.5, 7.5),
                         blackhole_runs=1, backlog_phases_s=(1.5, 2.5, 4.0), rss_decisions=20_000,
-                        startup_repeats=1, profile_n=3000)
+                        startup_repeats=1, profile_n=3000, race_s=2.0)
         else:
             sizes = cls(repeats=3, saturation_n=20_000, warmup=2000, latency_s=10.0, fixed_rate_s=10.0,
                         audit_n=15_000, append_n=50_000, sequential_n=300, sync_records=200_000,
                         blackhole_phases_s=(5.0, 8.0, 10.0), blackhole_runs=3, backlog_phases_s=(5.0, 10.0, 10.0),
-                        rss_decisions=1_000_000, startup_repeats=3, profile_n=20_000)
+                        rss_decisions=1_000_000, startup_repeats=3, profile_n=20_000,
+                        race_s=10.0)
         if options.rss_decisions is not None:
             sizes = msgspec.structs.replace(sizes, rss_decisions=options.rss_decisions)
         return sizes
@@ -340,10 +342,50 @@ class BacklogFigures(msgspec.Struct, kw_only=True):
     lost: int
 
 
+class RaceRun(msgspec.Struct, kw_only=True):
+    """One run of section 10: the runtime with a slow provider A and a fast one B, raced or not."""
+
+    ladder: list[str]
+    race: list[str]  # empty: asked in ladder order
+    latency: Latency
+    decisions: int
+    by_tier_name: dict[str, int]  # the measured decisions by deciding tier ("cloud:a", ...)
+    answered_a: int  # inference requests the slow provider answered for the measured decisions
+    answered_b: int  # ... and the fast one
+    requests_per_decision: float  # (answered_a + answered_b) / decisions
+    race_records: int  # `race` audit records: a raced provider's answer after its decision was made
+    cpu: CpuUse  # the runtime (this process; the providers run in a child) per decision
+    cloud_cpu_us: float  # the simulated providers' process, per decision
+
+
+class RaceFigures(msgspec.Struct, kw_only=True):
+    """Section 10: what racing two cloud providers gains in latency and costs in load."""
+
+    offered_hz: float
+    duration_s: float
+    slow_ms: float  # provider A's think time
+    timeout_ms: int  # both providers' timeout
+    sequential: RaceRun  # ladder cloud:a, cloud:b, model, rules: every decision waits for A
+    raced: RaceRun  # the same with race = ["cloud:a", "cloud:b"]
+    p50_gain: float  # sequential p50 / raced p50
+    p99_gain: float  # sequential p99 / raced p99
+    extra_requests_per_decision: float  # raced - sequential cloud requests per decision
+    sut_us_ratio: float  # raced / sequential runtime CPU per decision
+
+
 class Comparison(msgspec.Struct, kw_only=True):
     bare: float
     runtime: float
     ratio: float  # runtime / bare
+
+
+class RaceSummary(msgspec.Struct, kw_only=True):
+    """The race section in the summary: not bare against runtime, but ladder order against a race."""
+
+    sequential: float
+    raced: float
+    gain: float  # sequential / raced
+    extra_requests_per_decision: float
 
 
 class Summary(msgspec.Struct, kw_only=True):
@@ -357,6 +399,8 @@ class Summary(msgspec.Struct, kw_only=True):
     fixed_rate_hz: float | None = None
     sut_cpu_us_at_fixed_rate: Comparison | None = None
     sut_cores_at_fixed_rate: Comparison | None = None  # fraction of one core
+    # Two cloud providers, A slow: p99 waiting for A (ladder order) against racing A and B.
+    race_p99_ms: RaceSummary | None = None
 
 
 class MemoryFigures(msgspec.Struct, kw_only=True):
@@ -424,6 +468,7 @@ class BenchResult(msgspec.Struct, kw_only=True):
     backlog: BacklogFigures | None = None
     approvals: ApprovalFigures | None = None
     memory: MemoryFigures | None = None
+    race: RaceFigures | None = None
     profile: ProfileFigures | None = None
     elapsed_s: float = 0.0
 

@@ -24,6 +24,7 @@ from ._fixed_rate import bench_fixed_rate
 from ._measure import ContentionMeter, machine_info
 from ._memory import bench_memory
 from ._profile import profile_runtime
+from ._race import bench_race
 from ._results import NOTES, BenchError, BenchOptions, BenchResult, Sizes
 from ._runtime_side import saturate_runtime
 from ._saturation_latency import bench_latency, bench_saturation
@@ -82,13 +83,16 @@ async def run_bench(options: BenchOptions) -> BenchResult:
             async def approvals() -> None:
                 result.approvals = await bench_approvals(work, sizes)
 
+            async def race() -> None:
+                result.race = await bench_race(work, driver, sizes, seed)
+
             async def profile() -> None:
                 result.profile = await profile_runtime(work, driver, sizes, seed)
 
             steps: dict[str, Callable[[], Awaitable[None]]] = {
                 "saturation": saturation, "latency": latency, "fixed_rate": fixed_rate, "audit": audit, "sync": sync,
                 "blackhole": blackhole, "backlog": backlog, "memory": memory, "approvals": approvals,
-                "profile": profile,
+                "race": race, "profile": profile,
             }
             chosen = [name for name in SECTIONS if name in options.sections] + (["profile"] if options.profile else [])
             for name in chosen:

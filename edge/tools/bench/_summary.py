@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._results import BenchResult, Comparison, Summary
+from ._results import BenchResult, Comparison, RaceSummary, Summary
 
 
 def _compare(bare: float, runtime: float) -> Comparison:
@@ -23,4 +23,7 @@ def build_summary(result: BenchResult) -> Summary:
         summary.fixed_rate_hz = f.rate_hz
         summary.sut_cpu_us_at_fixed_rate = _compare(f.bare.cpu.sut_us, f.runtime.cpu.sut_us)
         summary.sut_cores_at_fixed_rate = _compare(f.bare.cpu.sut_cores, f.runtime.cpu.sut_cores)
+    if (r := result.race) is not None:
+        summary.race_p99_ms = RaceSummary(sequential=r.sequential.latency.p99_ms, raced=r.raced.latency.p99_ms,
+                                          gain=r.p99_gain, extra_requests_per_decision=r.extra_requests_per_decision)
     return summary

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._constants import DRAINED_BACKLOG, FSYNC_MODES, SYNC_WINDOW, WINDOW
-from ._results import BatchSizes, BenchResult, Comparison, Footprint, Latency, LoopLag, Summary
+from ._results import BatchSizes, BenchResult, Comparison, Footprint, Latency, LoopLag, RaceRun, Summary
 
 
 def _n(value: float, digits: int = 0) -> str:
@@ -193,6 +193,22 @@ def format_table(r: BenchResult) -> str:
         for name, lat in rows:
             lines.append(f"   {name:30}{lat.p50_ms:>9.2f}{lat.p99_ms:>9.2f}{lat.p999_ms:>9.2f}{lat.max_ms:>9.2f}")
         lines.append("")
+    if r.race is not None:
+        rc = r.race
+        lines += [
+            f"10. Two cloud providers at {_n(rc.offered_hz)}/s offered, {rc.duration_s:g}s open loop: A answers "
+            f"in {rc.slow_ms:g} ms, B at once",
+            f"    (timeout {rc.timeout_ms} ms each; ladder cloud:a, cloud:b, model, rules; raced: race = "
+            "[cloud:a, cloud:b])",
+            f"   {'':30}{_LAT_HEADER}",
+            f"   {'in ladder order (waits for A)':30}{_lat_row(rc.sequential.latency)}",
+            f"   {'raced (A and B at once)':30}{_lat_row(rc.raced.latency)}",
+            f"   p50 gain {rc.p50_gain:.1f}x, p99 gain {rc.p99_gain:.1f}x; the cost: "
+            f"{rc.extra_requests_per_decision:+.2f} cloud requests per decision, runtime CPU x{rc.sut_us_ratio:.2f}",
+            *_race_lines("in ladder order", rc.sequential),
+            *_race_lines("raced", rc.raced),
+            "",
+        ]
     if r.profile is not None:
         p = r.profile
         lines += [
@@ -227,13 +243,26 @@ def _summary(s: Summary) -> list[str]:
         (f"SUT cores @ {_n(s.fixed_rate_hz or 0)}/s", s.sut_cores_at_fixed_rate, ".3f"),
     ]
     present = [(label, c, fmt) for label, c, fmt in rows if c is not None]
-    if not present:
+    if not present and s.race_p99_ms is None:
         return []
     lines = ["Summary: bare vs runtime (issue 15)", f"   {'':38}{'bare':>10}{'runtime':>10}{'ratio':>9}"]
     for label, c, fmt in present:
         assert c is not None
         lines.append(f"   {label:38}{format(c.bare, fmt):>10}{format(c.runtime, fmt):>10}{c.ratio:>9.3f}")
+    if (race := s.race_p99_ms) is not None:
+        # Not bare against runtime: the runtime against itself, a slow provider waited for or raced.
+        lines.append(f"   race (section 10): p99 {race.sequential:.2f} ms waiting for the slow cloud A, "
+                     f"{race.raced:.2f} ms racing A and B ({race.gain:.1f}x), "
+                     f"{race.extra_requests_per_decision:+.2f} cloud requests per decision")
     return [*lines, ""]
+
+
+def _race_lines(name: str, run: RaceRun) -> list[str]:
+    tiers = ", ".join(f"{tier} {n:,}" for tier, n in sorted(run.by_tier_name.items())) or "none"
+    return [f"   {name}: decided by {tiers}; cloud requests answered A {run.answered_a:,} + B {run.answered_b:,} = "
+            f"{run.requests_per_decision:.2f} per decision; race records {run.race_records:,}",
+            f"     CPU us/decision: runtime {run.cpu.sut_us:.1f}, simulated clouds {run.cloud_cpu_us:.1f}, "
+            f"nats-server {run.cpu.server_us:.1f}"]
 
 
 def _lag(lag: LoopLag) -> str:
