@@ -257,7 +257,7 @@ class PipelineConfig(_Strict):
         'consecutive cloud tiers of the ladder asked at once ("cloud:a", "cloud:b"): the first acceptable '
         "answer decides")] = msgspec.field(default_factory=list)
     cross_check: Annotated[str, _doc(
-        'a second opinion asked after the deciding tier: "rules", "model:NAME" or "cloud:NAME"; empty: none')
+        'a second opinion asked after the deciding tier: "rules" or "model:NAME"; empty: none')
     ] = ""
     on_disagreement: Annotated[Literal["record", "approval", "instead"], _doc(
         "when the cross-check's action differs: record it, ask a human (approval), or take the action's "
@@ -871,14 +871,12 @@ def _check_ladder(p: PipelineConfig, where: str, model_features: Mapping[str, li
             yield Problem(f"{where}.race", "raced tiers must stand next to each other in the ladder")
     if p.cross_check:
         ref = parse_tier(p.cross_check, p.model)
-        if ref is None or ref.entry in ("model", "cloud"):
-            yield Problem(f"{where}.cross_check", f"expected 'rules', 'model:NAME' or 'cloud:NAME', "
+        if ref is None or ref.entry == "model" or ref.kind == "cloud":
+            # A second opinion is a cheap, local one: a cloud's would make every decision wait a round trip.
+            yield Problem(f"{where}.cross_check", f"expected 'rules' or 'model:NAME' (a local second opinion), "
                                                   f"got {p.cross_check!r}")
         elif ref.kind == "model" and ref.name not in model_features:
             yield Problem(f"{where}.cross_check", f"no model named {ref.name!r} (define it under [[models]])")
-        elif ref.kind == "cloud" and ref.name not in p.clouds:
-            yield Problem(f"{where}.cross_check", f"no cloud named {ref.name!r} (define it as "
-                                                  f"[pipelines.clouds.{ref.name}])")
     elif p.on_disagreement != "record":
         yield Problem(f"{where}.on_disagreement", "set without a cross_check to disagree with")
 

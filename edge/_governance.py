@@ -158,7 +158,7 @@ class _Plan:
     """One policed action: its policy digested once, and every verdict that does not vary prebuilt."""
 
     __slots__ = ("tiers", "min_confidence", "bucket", "approval", "auto", "paused", "tier_not_allowed",
-                 "threshold", "rate_limited", "pending", "instead", "final_instead")
+                 "threshold", "rate_limited", "pending", "instead", "final_instead", "approval_timeout_ms")
 
     def __init__(self, action: str, policy: ActionPolicy, final_instead: str, clock: Clock) -> None:
         self.tiers = frozenset(policy.tiers)
@@ -168,6 +168,7 @@ class _Plan:
             self.bucket = TokenBucket(*parse_rate(policy.rate_limit), clock)
         self.instead = policy.instead or action
         self.final_instead = final_instead
+        self.approval_timeout_ms = policy.approval_timeout_ms
         self.approval = (ApprovalNeeded(policy.approval_timeout_ms, self.instead)
                          if policy.approval == "required" else None)
         self.auto = Verdict(action, "auto", action)
@@ -244,8 +245,7 @@ class Governor:
                 self._put_back(requested)  # nobody will be asked
             return Verdict(instead, "disagreement", requested, reason=why)
         if policy == "approval" and verdict.status == "auto":
-            timeout_ms = plan.approval.timeout_ms if plan is not None and plan.approval is not None else (
-                DISAGREEMENT_APPROVAL_MS)
+            timeout_ms = plan.approval_timeout_ms if plan is not None else DISAGREEMENT_APPROVAL_MS
             return Verdict(instead, "approval_pending", requested, reason=why,
                            approval=ApprovalNeeded(timeout_ms, instead))
         return verdict

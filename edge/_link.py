@@ -155,6 +155,7 @@ class CloudLink:
         self._skip: str | None = "unreachable"
         self.last_rtt_s: float | None = None
         self.last_failure: str | None = None
+        self._live_failures = 0  # live requests failed since one last succeeded
         self._update("initial", notify=False)
 
     @property
@@ -196,10 +197,20 @@ class CloudLink:
         self._connected = True
         self._update("connected")
 
-    def probe_succeeded(self, rtt_s: float) -> None:
-        """The probe was answered in `rtt_s` seconds."""
+    def probe_succeeded(self, rtt_s: float, *, as_a_request: bool = False) -> None:
+        """The probe was answered in `rtt_s` seconds. `as_a_request`: it was a real request (a
+        half-open trial made with a recent input, within the tiers' deadline), which vouches for
+        live requests too.
+
+        A plain probe does not erase live requests' failures: a provider that answers its health
+        probe at once but is slower than the tiers' timeout for real requests must still open the
+        breaker, and a trial by such a probe must not close it for more than one live request.
+        """
         self.last_rtt_s = rtt_s
-        self.breaker.record_success()
+        if as_a_request:
+            self._live_failures = 0
+        if self._live_failures == 0 or self.breaker.state is BreakerState.HALF_OPEN:
+            self.breaker.record_success()
         self._update("probe_ok")
 
     def probe_failed(self, reason: str) -> None:
@@ -210,12 +221,14 @@ class CloudLink:
 
     def request_succeeded(self) -> None:
         """A live cloud request was answered."""
+        self._live_failures = 0
         self.breaker.record_success()
         self._update("request_ok")
 
     def request_failed(self, reason: str) -> None:
         """A live cloud request failed; a timeout counts too."""
         self.last_failure = reason
+        self._live_failures += 1
         self.breaker.record_failure()
         self._update(f"request_failed: {reason}")
 

@@ -67,7 +67,7 @@ from ._errors import CommandError, ConfigError, Problem
 from ._files import write_atomically
 from ._governance import Governor
 from ._ladder import CloudRequestFailed, CloudTier, Ladder, ModelTier, RaceTier, RulesTier, Tier
-from ._link import CircuitBreaker, CloudLink, LinkState
+from ._link import BreakerState, CircuitBreaker, CloudLink, LinkState
 from ._looplag import LoopLagMonitor
 from ._messages import Heartbeat
 from ._nats_server import LeafRemote, NatsServer
@@ -132,6 +132,7 @@ class Runtime:
             on_change=self._on_link_change,
         )
         self.provider_links: dict[str, CloudLink] = {}  # other cloud providers, by subject (_provider_link)
+        self._trial_inputs: dict[str, bytes] = {}  # the last input each cloud subject was asked
         self.pipelines: dict[str, Pipeline] = {}
         self.fleet: Fleet | None = None
         self._upstream_ready = asyncio.Event()
@@ -533,18 +534,16 @@ class Runtime:
                 # Leaf mode without a cloud subject: the hub's JetStream answering is the round trip.
                 self.link.probe_succeeded(leaf_rtt)
                 continue
+            if subject:  # the cloud service itself: "no responders" is its absence, whatever the server says
+                await self._probe_once(upstream, self.link, subject)
+                continue
             started = time.perf_counter()
             try:
                 # A request, not flush()/rtt(): in nats-py 2.16 a timed-out PING leaves a cancelled
                 # future in the PONG queue and the next PONG kills the read loop.
-                await upstream.request(subject or f"_edge.probe.{self.device}", b"",
-                                       timeout=self._probe_timeout(subject) if subject else timeout,
-                                       headers={"Edge-Probe": "1"})
+                await upstream.request(f"_edge.probe.{self.device}", b"", timeout=timeout, headers={"Edge-Probe": "1"})
             except nats.errors.NoRespondersError:
-                if subject:  # the cloud service itself is gone, whatever the server says
-                    self.link.probe_failed("no_responders")
-                    continue
-                # No cloud subject to ask: the server's own answer proves the round trip.
+                pass  # no cloud subject to ask: the server's own answer proves the round trip
             except (TimeoutError, nats.errors.Error) as exc:
                 self.link.probe_failed(type(exc).__name__)
                 continue
@@ -701,16 +700,24 @@ class Runtime:
             upstream = self.upstream
             if upstream is None or not link.connected or not link.begin_probe():
                 continue
-            started = time.perf_counter()
-            try:
-                await upstream.request(subject, b"", timeout=self._probe_timeout(subject), headers={"Edge-Probe": "1"})
-            except nats.errors.NoRespondersError:
-                link.probe_failed("no_responders")
-                continue
-            except (TimeoutError, nats.errors.Error) as exc:
-                link.probe_failed(type(exc).__name__)
-                continue
-            link.probe_succeeded(time.perf_counter() - started)
+            await self._probe_once(upstream, link, subject)
+
+    async def _probe_once(self, upstream: NATS, link: CloudLink, subject: str) -> None:
+        """One probe of a cloud provider within its tiers' deadline. The half-open trial asks, when
+        there is one, the last real input the provider was sent (its answer is dropped): a provider
+        that answers health probes at once but real requests too slowly must fail its trial."""
+        trial = link.breaker.state is BreakerState.HALF_OPEN and subject in self._trial_inputs
+        payload, headers = (self._trial_inputs[subject], None) if trial else (b"", {"Edge-Probe": "1"})
+        started = time.perf_counter()
+        try:
+            await upstream.request(subject, payload, timeout=self._probe_timeout(subject), headers=headers)
+        except nats.errors.NoRespondersError:
+            link.probe_failed("no_responders")
+            return
+        except (TimeoutError, nats.errors.Error) as exc:
+            link.probe_failed(type(exc).__name__)
+            return
+        link.probe_succeeded(time.perf_counter() - started, as_a_request=trial)
 
     def _on_provider_change(self, subject: str, old: LinkState, new: LinkState, reason: str) -> None:
         log.warning("cloud %s: %s -> %s (%s)", subject, old.value, new.value, reason)
@@ -827,6 +834,7 @@ class Runtime:
         write_persisted_config(folder / "applied.json", new)
 
     async def _cloud_request(self, subject: str, payload: bytes, deadline_s: float) -> bytes:
+        self._trial_inputs[subject] = payload  # what a half-open trial of this provider will ask
         upstream = self.upstream
         if upstream is None:
             raise CloudRequestFailed("unreachable")
