@@ -3,6 +3,7 @@ nats-servers, real ONNX models, a simulated cloud per provider."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import time
@@ -223,3 +224,55 @@ def test_existing_single_tier_configs_are_unchanged(tmp_path: Path) -> None:
     p = config.pipelines[0]
     assert (p.clouds, p.race, p.cross_check, p.on_disagreement) == ({}, [], "", "record")
 
+
+
+def named_model(tmp_path: Path, name: str, version: str) -> Path:
+    """The bundled model under another name and version (its sha256 is of model.onnx: still valid)."""
+    folder = tmp_path / f"{name}-{version}"
+    shutil.copytree(bundled_model_path(), folder)
+    manifest = folder / "manifest.toml"
+    text = manifest.read_text().replace('name = "pump-anomaly"', f'name = "{name}"')
+    manifest.write_text(text.replace('version = "1"', f'version = "{version}"'))
+    return folder
+
+
+async def test_a_named_model_is_deployed_and_rolled_back_with_no_decision_lost(
+    nats_servers: ServerFactory, tmp_path: Path
+) -> None:
+    from edge.cli._operator import fleet_deploy_model, send_command
+    from tests.fleet_helpers import Decisions, Inputs, every_decision_heard, fleet_of, ops
+    from tests.runtime_harness import OPERATOR_SEED
+
+    server = await nats_servers("hub")
+    small = {"name": "small", "path": str(named_model(tmp_path, "small", "1"))}
+    nc = await connect(server.url)
+    decisions = await Decisions().start(nc)
+    async with fleet_of(tmp_path, server.url, 1, pipeline={"ladder": ["model:small", "model", "rules"]},
+                        models=[{"name": "pump-anomaly", "path": str(bundled_model_path())}, small]) as fleet:
+        inputs = Inputs(nc)
+        stop = asyncio.Event()
+        sender = asyncio.create_task(inputs.run(stop, every=0.002))
+
+        def small_at(version: str) -> Any:
+            return lambda: any(d["tier_name"] == "small" and d["model"]["version"] == version
+                               for d in decisions.all[-5:])
+
+        await decisions.wait_for(small_at("1"))
+        v2 = named_model(tmp_path, "small", "2")
+        assert await fleet_deploy_model(ops(server.url, target="gw-000", folder=str(v2), name="small", version="2",
+                                            shadow=False, bucket="models", expect=1, timeout=30)) == 0
+        await decisions.wait_for(small_at("2"))
+        got = await send_command(nc, "gw-000", "model.rollback", {"name": "small"}, expect=1, seed=OPERATOR_SEED)
+        assert got.all_ok and got.replies[0].result["version"] == "1"
+        await decisions.wait_for(small_at("1"))
+        stop.set()
+        await sender
+        await decisions.wait_for(lambda: len(decisions.all) >= len(inputs.sent))
+        await every_decision_heard(fleet, decisions)
+        status = fleet[0][0].status()
+    assert set(decisions.per_input["gw-000"]) == set(inputs.sent)  # every input decided ...
+    assert set(decisions.per_input["gw-000"].values()) == {1}  # ... once
+    assert {d["tier_name"] for d in decisions.all} == {"small"}  # the other model tier never had to answer
+    versions = {m["name"]: m["version"] for m in status["models"]}
+    assert versions == {"pump-anomaly": "1", "small": "1"}
+    await nc.close()
