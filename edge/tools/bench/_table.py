@@ -245,7 +245,9 @@ def _summary(s: Summary) -> list[str]:
     present = [(label, c, fmt) for label, c, fmt in rows if c is not None]
     if not present and s.race_p99_ms is None:
         return []
-    lines = ["Summary: bare vs runtime (issue 15)", f"   {'':38}{'bare':>10}{'runtime':>10}{'ratio':>9}"]
+    lines = ["Summary: bare vs runtime (issue 15)"]
+    if present:
+        lines.append(f"   {'':38}{'bare':>10}{'runtime':>10}{'ratio':>9}")
     for label, c, fmt in present:
         assert c is not None
         lines.append(f"   {label:38}{format(c.bare, fmt):>10}{format(c.runtime, fmt):>10}{c.ratio:>9.3f}")
