@@ -357,11 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ._operator import register
     from ._reference import register_reference
     from ._send import register_send
+    from ._value import register_value
 
     register(sub, add)
     register_send(sub, add)
     register_reference(sub, add)
     register_keys(sub, add)
+    register_value(sub, add)
 
     p = add("check", cmd_check, "validate a config file")
     p.add_argument("file")
