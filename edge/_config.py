@@ -181,6 +181,14 @@ class AuditConfig(_Strict):
     stream_replicas: Annotated[int, _doc("a stream this device creates: its replicas on a clustered hub (1..5)")] = 1
 
 
+class ValueConfig(_Strict):
+    """What `edge report` prices."""
+
+    cloud_call_cost: Annotated[float, _doc("the price of one cloud call: edge report prices the calls avoided")
+                               ] = 0.0
+    currency: Annotated[str, _doc('the price\'s currency, as shown ("EUR", "USD")')] = ""
+
+
 class FleetConfig(_Strict):
     """Fleet commands, approvals and the device's own key."""
 
@@ -288,6 +296,7 @@ class Config(_Strict):
     link: Annotated[LinkConfig, _doc("how the cloud's reachability is judged")
                     ] = msgspec.field(default_factory=LinkConfig)
     audit: Annotated[AuditConfig, _doc("the audit log and its sync")] = msgspec.field(default_factory=AuditConfig)
+    value: Annotated[ValueConfig, _doc("what edge report prices")] = msgspec.field(default_factory=ValueConfig)
     fleet: Annotated[FleetConfig, _doc("fleet commands, approvals, the device's key")
                      ] = msgspec.field(default_factory=FleetConfig)
     models: Annotated[list[ModelConfig], _doc("the models pipelines may run")] = msgspec.field(default_factory=list)

@@ -79,6 +79,30 @@ def replay_text(r: ReplayReport) -> str:
     return "\n".join(lines)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .._report import plot_report, report_text, value_report
+    from ._main import _since_ns
+
+    config = load_config(Path(args.device_config) if args.device_config else None)
+    since = _since_ns(args.since)
+    args.since = None  # the period is the report's: records before it still say whether the link was up
+    cost = args.cloud_call_cost if args.cloud_call_cost is not None else config.value.cloud_call_cost
+    report = value_report(_records(args), since_ns=since, cloud_call_cost=cost, currency=config.value.currency)
+    if args.png:
+        try:
+            plot_report(report, args.png)
+        except RuntimeError as exc:
+            print(f"edge: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        print(report_text(report))
+        if args.png:
+            print(f"  timeline and tier shares: {args.png}")
+    return EXIT_OK
+
+
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", dest="device_config", metavar="FILE",
                    help="the device's config: where its log is, and its pipelines (default: the bundled example)")
@@ -98,3 +122,9 @@ def register_value(sub: Any, add: Add) -> None:
     p.add_argument("--config", dest="candidate_config", metavar="FILE",
                    help="the candidate config (rules, ladder, thresholds; default: -c's)")
     p.add_argument("--changes", type=int, default=20, metavar="N", help="list at most N changed decisions")
+    p = add("report", cmd_report, "what the AI was worth over a period: decisions by tier, cloud calls avoided, "
+                                  "fallbacks, approvals and overrides, time offline, agreement")
+    _source_args(p)
+    p.set_defaults(since="7d")
+    p.add_argument("--png", metavar="FILE", help="also draw the timeline and tier shares (needs matplotlib)")
+    p.add_argument("--cloud-call-cost", type=float, help="price one cloud call (default: value.cloud_call_cost)")

@@ -102,10 +102,17 @@ class AuditResend(_Command, tag="audit.resend"):
     to_seq: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
+class Report(_Command, tag="report"):
+    """What the AI was worth over the last `since` (a duration: "7d", "24h"), from the device's log."""
+
+    since: str = "7d"
+
+
 Command = (Status | ConfigGet | ConfigApply | ConfigRollback | ModelDeploy | ModelPromote | ModelRollback | Pause
-           | Resume | SyncNow | AuditResend)
+           | Resume | SyncNow | AuditResend | Report)
 _COMMAND_TYPES: tuple[type[_Command], ...] = (Status, ConfigGet, ConfigApply, ConfigRollback, ModelDeploy,
-                                              ModelPromote, ModelRollback, Pause, Resume, SyncNow, AuditResend)
+                                              ModelPromote, ModelRollback, Pause, Resume, SyncNow, AuditResend,
+                                              Report)
 VERBS: dict[str, type[_Command]] = {str(t.__struct_config__.tag): t for t in _COMMAND_TYPES}
 _JSON_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {verb: msgspec.json.Decoder(t) for verb, t in VERBS.items()}
 _MSGPACK_DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {verb: msgspec.msgpack.Decoder(t)

@@ -22,12 +22,14 @@ import enum
 import hashlib
 import logging
 import shutil
+import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, assert_never
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -72,6 +74,7 @@ from ._protocol import (
     ModelRollback,
     Pause,
     Reply,
+    Report,
     Resume,
     Status,
     SyncNow,
@@ -521,8 +524,27 @@ class Fleet:
             case AuditResend(from_seq=from_seq, to_seq=to_seq):
                 queued = self._uploader().resend(from_seq, to_seq)
                 return {"queued": queued}
+            case Report(since=since):
+                return await asyncio.to_thread(self._value_report, since)
             case _:
                 assert_never(command)
+
+    def _value_report(self, since: str) -> dict[str, Any]:
+        """`edge report`'s JSON for the last `since`, read from the local log (a reader of its own)."""
+        from sync import iter_records
+
+        from .._config import parse_duration
+        from .._report import value_report
+
+        try:
+            since_ns = time.time_ns() - int(parse_duration(since) * 1e9)
+        except ValueError as exc:
+            raise CommandError("bad_command", f"report: since: {exc}") from None
+        value = self.host.config.value
+        report = value_report(iter_records(self.host.data_dir / "audit.db"), since_ns=since_ns,
+                              cloud_call_cost=value.cloud_call_cost, currency=value.currency)
+        result: dict[str, Any] = msgspec.to_builtins(report)
+        return result
 
     async def _change(self, command: ConfigApply | ConfigRollback | ModelDeploy | ModelPromote | ModelRollback,
                       by: str) -> dict[str, Any]:
