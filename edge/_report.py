@@ -16,6 +16,7 @@ report comes from the device's own log, from an `edge audit export`, or over the
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -226,24 +227,29 @@ def _timeline(decided: list[tuple[int, str]], offline: list[tuple[int, int]], fi
     return Timeline(start_ns=first, bucket_s=width / 1e9, by_tier=dict(by_tier), offline=offline)
 
 
-def report_text(r: ValueReport) -> str:
-    """The report for people."""
+def report_text(r: ValueReport, width: int = 100) -> str:
+    """The report for people, within `width` columns."""
     if not r.decisions:
         return f"device {r.device or '?'}: no decision in the period"
     span = ((r.last_ns or 0) - (r.first_ns or 0)) / 1e9
     lines = [f"device {r.device}: {r.decisions:,} decisions over {_span(span)}"]
-    shares = (f"{k} {v.decisions:,} ({v.share:.0%})" for k, v in r.by_tier_name.items())
-    lines.append("  decided by: " + ", ".join(shares))
-    cost = (f", {r.cloud_cost_avoided:,.2f} {r.currency}".rstrip() if r.cloud_cost_avoided is not None else "")
-    lines.append(f"  cloud calls avoided by the model and rules: {r.cloud_calls_avoided:,} of {r.decisions:,}"
-                 f"{cost} (cloud asked {r.cloud_calls:,} times)")
+
+    def add(head: str, parts: Iterable[str]) -> None:
+        lines.extend(textwrap.wrap(", ".join(parts), width, initial_indent=f"  {head}: ",
+                                   subsequent_indent=" " * (len(head) + 4), break_on_hyphens=False))
+
+    add("decided by", (f"{_tier(k)} {v.decisions:,} ({v.share:.0%})" for k, v in r.by_tier_name.items()))
+    cost = f", {r.cloud_cost_avoided:,.2f} {r.currency}".rstrip() if r.cloud_cost_avoided is not None else ""
+    add("cloud calls avoided by the model and rules",
+        [f"{r.cloud_calls_avoided:,} of {r.decisions:,}{cost} (the cloud was asked {r.cloud_calls:,} times)"])
     if r.fallbacks:
-        lines.append("  fallbacks: " + ", ".join(f"{k} {n:,}" for k, n in r.fallbacks.items()))
+        add("fallbacks", (f"{k} {n:,}" for k, n in r.fallbacks.items()))
     a = r.approvals
     if a.asked:
-        lines.append(f"  approvals: {a.asked} asked, {a.approved} approved, {a.denied} denied (human overrides), "
-                     f"{a.timeout} timed out, {a.unreachable} unreachable; latency p50 {a.latency_ms_p50} ms, "
-                     f"p99 {a.latency_ms_p99} ms")
+        latency = (f"; answered in {a.latency_ms_p50:.0f} ms at p50, {a.latency_ms_p99:.0f} ms at p99"
+                   if a.latency_ms_p50 is not None and a.latency_ms_p99 is not None else "")
+        add("approvals", [f"{a.asked} asked", f"{a.approved} approved", f"{a.denied} denied (human overrides)",
+                          f"{a.timeout} timed out", f"{a.unreachable} unreachable{latency}"])
     lines.append(f"  offline {_span(r.offline_s)}, {r.decisions_offline:,} decisions made meanwhile")
     for pair, c in r.cross_checks.items():
         n = c.get("agreed", 0) + c.get("disagreed", 0)
@@ -251,6 +257,11 @@ def report_text(r: ValueReport) -> str:
     if r.shadow.get("compared"):
         lines.append(f"  shadow model: agreed {r.shadow['agreed']:,} of {r.shadow['compared']:,}")
     return "\n".join(lines)
+
+
+def _tier(key: str) -> str:
+    kind, _, name = key.partition(":")
+    return kind if name in (kind, "") else key
 
 
 def _span(seconds: float) -> str:

@@ -86,6 +86,11 @@ async def test_short_demo_keeps_deciding_through_the_outage_and_verifies(
     assert "status by_tier_name) agrees" in printed
     assert "cloud primary (cloud.infer.a, blackholed): offline" in printed
     assert "0 gaps, 0 duplicates" in printed
+    # It ends with what the AI was worth, as `edge report` says it from the run's own log.
+    worth = printed[printed.index("what the AI was worth"):]
+    total = sum(summary["by_tier_name"].values())
+    assert f"{total:,} decisions over" in worth and "cloud calls avoided by the model and rules" in worth
+    assert max(len(line) for line in worth.splitlines()) <= 100
     assert summary["link"]["offline_after_s"] is not None and summary["link"]["online_after_s"] is not None
 
     backlog = summary["backlog"]
@@ -95,6 +100,7 @@ async def test_short_demo_keeps_deciding_through_the_outage_and_verifies(
     assert (tmp_path / "audit.db").stat().st_size > 0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "timeline.png").read_bytes().startswith(b"\x89PNG")
+        assert (tmp_path / "value.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_sensor_story_is_seeded() -> None:

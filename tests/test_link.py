@@ -272,3 +272,31 @@ def test_link_on_change_once_per_change_over_a_whole_outage(clock: FakeClock) ->
     link.probe_succeeded(0.01)
     transitions = [(old, new) for old, new, _ in changes]
     assert transitions == [(ONLINE, DEGRADED), (DEGRADED, OFFLINE), (OFFLINE, ONLINE)]
+
+
+def test_a_probe_answered_at_once_does_not_erase_live_requests_timing_out(clock: FakeClock) -> None:
+    """A provider whose health probe answers at once while every real request times out: live
+    timeouts still open the breaker, and a trial by a plain probe closes it for one request only;
+    a trial made as a real request (`as_a_request`) vouches for live requests again."""
+    link, _ = make_link(clock, failures=3)
+    for _ in range(3):
+        link.request_failed("timeout")
+        link.probe_succeeded(0.001)  # the health endpoint is fine
+    assert link.breaker.state is OPEN and link.skip_reason() == "breaker_open"
+    clock.advance(5.0)
+    assert link.begin_probe()  # the half-open trial
+    link.probe_succeeded(0.001)  # a plain probe: closes, as a trial may
+    assert link.breaker.state is CLOSED
+    link.request_failed("timeout")
+    link.probe_succeeded(0.001)
+    assert link.state is DEGRADED  # the live failure stands: the probe did not clear it
+    clock.advance(5.0)
+    link.request_succeeded()
+    assert link.state is ONLINE
+    for _ in range(3):
+        link.request_failed("timeout")
+    clock.advance(5.0)
+    assert link.begin_probe()
+    link.probe_succeeded(0.2, as_a_request=True)  # a real input answered within the deadline
+    link.probe_succeeded(0.001)
+    assert link.state is ONLINE and link.breaker.state is CLOSED

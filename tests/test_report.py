@@ -97,6 +97,7 @@ async def test_the_report_counts_tiers_cloud_calls_avoided_approvals_overrides_a
     assert await asyncio.to_thread(main, ["report", "-c", str(config_path)]) == 0
     text = capsys.readouterr().out
     assert "cloud calls avoided by the model and rules: 4 of 12, 0.04 EUR" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
     assert "1 denied (human overrides)" in text
 
 

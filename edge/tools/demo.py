@@ -1212,7 +1212,24 @@ async def run_demo(options: DemoOptions) -> int:
     print(format_summary(summary, out_dir, png))
     if not png:
         print("  (no timeline.png: matplotlib is not installed; `pip install matplotlib` to get one)")
+    print(await asyncio.to_thread(value_paragraph, out_dir / "audit.db", out_dir / "value.png" if png else None))
     return 0 if verification.ok else 1
+
+
+def value_paragraph(db: Path, png: Path | None) -> str:
+    """What the AI was worth in this run, as `edge report -c ... --png` says it, from the run's log."""
+    from edge._report import plot_report, report_text, value_report
+    from sync import iter_records
+
+    report = value_report(iter_records(db), cloud_call_cost=DEMO_CLOUD_CALL_COST, currency="EUR")
+    lines = ["", "what the AI was worth (edge report, from the audit log):", report_text(report)]
+    if png is not None:
+        plot_report(report, png)
+        lines.append(f"  timeline and tier shares: {png}")
+    return "\n".join(lines)
+
+
+DEMO_CLOUD_CALL_COST = 0.002  # an illustrative price per cloud inference call, to show what avoiding one is worth
 
 
 def _skipped_every_cloud(d: SeenDecision) -> bool:
