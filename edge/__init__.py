@@ -30,6 +30,8 @@ from ._messages import (
 if TYPE_CHECKING:  # imported on first use (below), so `edge fleet ls` does not pay for the runtime
     from ._nats_server import NatsServer, nats_server_binary
     from ._natsutil import server_barrier
+    from ._replay import Replayer, ReplayReport
+    from ._report import ValueReport, plot_report, report_text, value_report
     from ._runtime import Runtime, RuntimeState, run
 
 _LAZY = {
@@ -39,6 +41,12 @@ _LAZY = {
     "Runtime": "._runtime",
     "RuntimeState": "._runtime",
     "run": "._runtime",
+    "Replayer": "._replay",
+    "ReplayReport": "._replay",
+    "ValueReport": "._report",
+    "plot_report": "._report",
+    "report_text": "._report",
+    "value_report": "._report",
 }
 
 
@@ -74,16 +82,22 @@ __all__ = [
     "NatsServer",
     "Problem",
     "Rejected",
+    "ReplayReport",
+    "Replayer",
     "RuleError",
     "Runtime",
     "RuntimeState",
     "ServerError",
     "ShadowResult",
+    "ValueReport",
     "config_to_toml",
     "decode_config",
     "encode_config",
     "load_config",
     "nats_server_binary",
+    "plot_report",
+    "report_text",
     "run",
     "server_barrier",
+    "value_report",
 ]

@@ -90,7 +90,7 @@ async def test_short_demo_keeps_deciding_through_the_outage_and_verifies(
     worth = printed[printed.index("what the AI was worth"):]
     total = sum(summary["by_tier_name"].values())
     assert f"{total:,} decisions over" in worth and "cloud calls avoided by the model and rules" in worth
-    assert max(len(line) for line in worth.splitlines()) <= 100
+    assert max(len(line) for line in worth.splitlines() if "value.png" not in line) <= 100  # (a path may be long)
     assert summary["link"]["offline_after_s"] is not None and summary["link"]["online_after_s"] is not None
 
     backlog = summary["backlog"]

@@ -23,6 +23,12 @@ INPUTS = [NORMAL] * 6 + [ANOMALY] * 3 + [CRITICAL]
 
 async def record_decisions(nats_servers: ServerFactory, tmp_path: Path,
                            **audit: Any) -> tuple[Path, list[dict[str, Any]]]:
+    path, decisions, _ = await record_on_a_bus(nats_servers, tmp_path, **audit)
+    return path, decisions
+
+
+async def record_on_a_bus(nats_servers: ServerFactory, tmp_path: Path,
+                          **audit: Any) -> tuple[Path, list[dict[str, Any]], str]:
     """A device that decided INPUTS (model + rules), stopped; its config file and its decisions."""
     await asyncio.to_thread(tmp_path.mkdir, exist_ok=True)
     server = await nats_servers(f"local-{tmp_path.name}")
@@ -37,7 +43,7 @@ async def record_decisions(nats_servers: ServerFactory, tmp_path: Path,
                      for values in INPUTS]
         await nc.close()
         assert runtime.audit is not None
-    return path, decisions
+    return path, decisions, server.url
 
 
 def replay(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
@@ -126,3 +132,43 @@ def test_replay_needs_a_candidate_and_a_readable_source(tmp_path: Path, capsys: 
     assert "bad.jsonl:1: not an exported audit record" in capsys.readouterr().err
     assert main(["replay", "--from-export", str(bad)]) == 2
     assert "needs a candidate" in capsys.readouterr().err
+
+
+def always_anomaly(folder: Path) -> Path:
+    """A candidate built here that answers "anomaly" for every pump: logits rpm x (0, 1, 0), softmax."""
+    import numpy as np
+
+    from tests.model_builders import matmul_model, write_model
+
+    weights = np.zeros((4, 3), dtype=np.float32)
+    weights[3, 1] = 1.0  # rpm (900..3000) into the anomaly logit: probability ~1
+    return write_model(folder, matmul_model(weights, softmax=True, output="probabilities"),
+                       features=["rms", "kurtosis", "temp_c", "rpm"], labels=["normal", "anomaly", "critical"],
+                       name="pump-anomaly", version="99", task="classifier", scores="probabilities")
+
+
+async def test_a_candidate_that_always_says_anomaly_changes_exactly_the_decisions_predicted_and_publishes_nothing(
+    nats_servers: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, decisions, bus = await record_on_a_bus(nats_servers, tmp_path)
+    candidate = always_anomaly(tmp_path / "candidate")
+    listener = await connect(bus)  # the device's bus: replay must stay off it
+    heard: list[bytes] = []
+
+    async def hear(msg: Any) -> None:
+        heard.append(msg.data)
+
+    await listener.subscribe(">", cb=hear)
+    report = await asyncio.to_thread(replay, capsys, "-c", str(config), "--model", str(candidate),
+                                     "--changes", "100")
+    await listener.flush()
+    await listener.close()
+    assert heard == []
+    # Every input reaches the model tier (no guard, no training range on the candidate) and gets
+    # "anomaly" -> inspect: exactly the decisions that requested anything else change.
+    expected = sorted(d["audit_seq"] for d in decisions if d["governance"]["requested_action"] != "inspect")
+    assert report["changed"] == len(expected) > 0
+    assert sorted(c["seq"] for c in report["changes"]) == expected
+    assert all(c["replayed"] == {"tier": "model", "tier_name": "pump-anomaly", "label": "anomaly",
+                                 "action": "inspect", "confidence": 1.0} for c in report["changes"])
+    assert report["candidate"]["version"] == "99" and report["by_tier"] == {"model:pump-anomaly": len(INPUTS)}

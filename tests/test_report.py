@@ -94,6 +94,29 @@ async def test_the_report_counts_tiers_cloud_calls_avoided_approvals_overrides_a
                                                                "by_tier", "by_tier_name", "cloud_calls",
                                                                "governance", "offline_s")}
 
+    # The same figures, counted here from the exported records themselves.
+    export = tmp_path / "all.jsonl"
+    assert main(["audit", "export", "-c", str(config_path), "--out", str(export)]) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in export.read_text().splitlines()]
+    bodies = [r["body"] for r in records if r["kind"] == "decision"]
+    by_tier: dict[str, int] = {}
+    for body in bodies:
+        by_tier[body["tier"]] = by_tier.get(body["tier"], 0) + 1
+    asked = [b for b in bodies if b["tier"] == "cloud" or any(
+        f["tier"] == "cloud" and f["reason"] in ("timeout", "invalid_reply", "low_confidence", "error")
+        for f in b.get("fallbacks", []))]
+    outcomes = [r["body"]["status"] for r in records if r["kind"] == "approval"]
+    assert {k: v["decisions"] for k, v in report["by_tier"].items()} == by_tier
+    assert (report["cloud_calls"], report["cloud_calls_avoided"]) == (len(asked), len(bodies) - len(asked))
+    assert (report["approvals"]["approved"], report["approvals"]["denied"]) == (
+        outcomes.count("approved"), outcomes.count("denied"))
+    from_export = await asyncio.to_thread(main, ["report", "--from-export", str(export), "--json", "--since", "1d"])
+    assert from_export == 0
+    assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if k not in ("since_ns", "currency",
+                                                                                      "cloud_cost_avoided")
+            } == {k: v for k, v in report.items() if k not in ("since_ns", "currency", "cloud_cost_avoided")}
+
     assert await asyncio.to_thread(main, ["report", "-c", str(config_path)]) == 0
     text = capsys.readouterr().out
     assert "cloud calls avoided by the model and rules: 4 of 12, 0.04 EUR" in text

@@ -1218,7 +1218,7 @@ async def run_demo(options: DemoOptions) -> int:
 
 def value_paragraph(db: Path, png: Path | None) -> str:
     """What the AI was worth in this run, as `edge report -c ... --png` says it, from the run's log."""
-    from edge._report import plot_report, report_text, value_report
+    from edge import plot_report, report_text, value_report
     from sync import iter_records
 
     report = value_report(iter_records(db), cloud_call_cost=DEMO_CLOUD_CALL_COST, currency="EUR")

@@ -50,6 +50,7 @@ Sections (all in one run; `--sections` picks some):
 10. race       two cloud providers, A slow (300 ms, timeout 1 s) and B fast, at 50/s: ladder
                cloud:a, cloud:b (every decision waits for A) against race = [cloud:a, cloud:b];
                p50/p99 of each, the gain, and the cost (cloud requests and CPU per decision)
+11. replay     `edge replay` over a log of 1M decision records (20k quick): records/s, the model's share
    --profile   cProfile of the event-loop thread at saturation: top functions by tottime
 
 A summary (issue 15's table: decisions/s, CPU µs per decision, p99 at 50% of saturation, CPU at

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 SECTIONS = ("saturation", "latency", "fixed_rate", "audit", "sync", "blackhole", "backlog", "memory", "approvals",
-            "race")
+            "race", "replay")
 FSYNC_MODES: tuple[Literal["off", "batch", "always"], ...] = ("off", "batch", "always")
 INPUT_SUBJECT = "sensors.p1.pump"
 BARE_RESULT_SUBJECT = "bench.bare.result"

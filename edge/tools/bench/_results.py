@@ -46,6 +46,7 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
     startup_repeats: int
     profile_n: int
     race_s: float = 2.0  # each open-loop run of the race section (after a 0.5 s warm-up)
+    replay_records: int = 20_000  # decision records edge replay reads (the issue: 1M "in well under a minute")
 
     @classmethod
     def pick(cls, options: BenchOptions) -> Sizes:
@@ -59,7 +60,7 @@ class Sizes(msgspec.Struct, frozen=True, kw_only=True):
                         audit_n=15_000, append_n=50_000, sequential_n=300, sync_records=200_000,
                         blackhole_phases_s=(5.0, 8.0, 10.0), blackhole_runs=3, backlog_phases_s=(5.0, 10.0, 10.0),
                         rss_decisions=1_000_000, startup_repeats=3, profile_n=20_000,
-                        race_s=10.0)
+                        race_s=10.0, replay_records=1_000_000)
         if options.rss_decisions is not None:
             sizes = msgspec.structs.replace(sizes, rss_decisions=options.rss_decisions)
         return sizes
@@ -448,6 +449,17 @@ class ApprovalFigures(msgspec.Struct, kw_only=True):
     signed: Latency | None = None
 
 
+class ReplayFigures(msgspec.Struct, kw_only=True):
+    """Section 11: `edge replay` over a log of `records` decision records (the bundled model)."""
+
+    records: int
+    replayed: int
+    elapsed_s: float
+    records_per_s: float
+    model_us_per_input: float | None  # the model's share, batched
+    log_written_s: float  # making the log (not part of the figure)
+
+
 class BenchResult(msgspec.Struct, kw_only=True):
     """Everything one run measured; written as bench.json."""
 
@@ -467,6 +479,7 @@ class BenchResult(msgspec.Struct, kw_only=True):
     blackhole: BlackholeFigures | None = None
     backlog: BacklogFigures | None = None
     approvals: ApprovalFigures | None = None
+    replay: ReplayFigures | None = None
     memory: MemoryFigures | None = None
     race: RaceFigures | None = None
     profile: ProfileFigures | None = None

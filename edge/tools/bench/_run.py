@@ -25,6 +25,7 @@ from ._measure import ContentionMeter, machine_info
 from ._memory import bench_memory
 from ._profile import profile_runtime
 from ._race import bench_race
+from ._replay import bench_replay
 from ._results import NOTES, BenchError, BenchOptions, BenchResult, Sizes
 from ._runtime_side import saturate_runtime
 from ._saturation_latency import bench_latency, bench_saturation
@@ -86,13 +87,16 @@ async def run_bench(options: BenchOptions) -> BenchResult:
             async def race() -> None:
                 result.race = await bench_race(work, driver, sizes, seed)
 
+            async def replay() -> None:
+                result.replay = await bench_replay(work, sizes, seed)
+
             async def profile() -> None:
                 result.profile = await profile_runtime(work, driver, sizes, seed)
 
             steps: dict[str, Callable[[], Awaitable[None]]] = {
                 "saturation": saturation, "latency": latency, "fixed_rate": fixed_rate, "audit": audit, "sync": sync,
                 "blackhole": blackhole, "backlog": backlog, "memory": memory, "approvals": approvals,
-                "race": race, "profile": profile,
+                "race": race, "replay": replay, "profile": profile,
             }
             chosen = [name for name in SECTIONS if name in options.sections] + (["profile"] if options.profile else [])
             for name in chosen:

@@ -181,6 +181,14 @@ def format_table(r: BenchResult) -> str:
             f"SIGTERM -> exit {mm.process_stop_s * 1e3:.0f} ms",
             "",
         ]
+    if r.replay is not None:
+        rp = r.replay
+        lines += [
+            f"11. edge replay: {rp.replayed:,} decision records decided again by the bundled model in "
+            f"{rp.elapsed_s:.2f} s: {rp.records_per_s:,.0f} records/s (the model's share "
+            f"{rp.model_us_per_input} us per input, batched; the log took {rp.log_written_s} s to write)",
+            "",
+        ]
     if r.approvals is not None:
         ap = r.approvals
         lines += [
