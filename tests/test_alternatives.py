@@ -276,3 +276,38 @@ async def test_a_named_model_is_deployed_and_rolled_back_with_no_decision_lost(
     versions = {m["name"]: m["version"] for m in status["models"]}
     assert versions == {"pump-anomaly": "1", "small": "1"}
     await nc.close()
+
+
+async def test_config_apply_adds_and_removes_tiers_with_no_input_lost_or_doubled(
+    nats_servers: ServerFactory, tmp_path: Path
+) -> None:
+    from tests.fleet_helpers import Decisions, Inputs
+
+    local = await nats_servers("local")
+    cloud = await nats_servers("cloud")
+    base = config_data(tmp_path, local.url, upstream_url=cloud.url, link=LINK, pipeline={"ladder": ["model", "rules"]})
+    base["models"].append({"name": "small", "path": str(named_model(tmp_path, "small", "1"))})
+    cloud_nc = await connect(cloud.url)
+    async with CloudSimulator(cloud_nc, subject=A), Runtime(decode_config(base, base_dir=tmp_path, env={})) as runtime:
+        nc = await connect(local.url)
+        decisions = await Decisions().start(nc)
+        inputs = Inputs(nc)
+        stop = asyncio.Event()
+        sender = asyncio.create_task(inputs.run(stop, every=0.002))
+        await decisions.wait_for(lambda: len(decisions.all) >= 20)
+        wider = config_data(tmp_path, local.url, upstream_url=cloud.url, link=LINK, pipeline={
+            "ladder": ["cloud:a", "model:small", "model", "rules"], "clouds": {"a": {"subject": A}}})
+        wider["models"] = base["models"]
+        await runtime.apply_config(decode_config(wider, base_dir=tmp_path, env={}))
+        await decisions.wait_for(lambda: any(d["tier_name"] == "a" for d in decisions.all[-5:]), within=10)
+        await runtime.apply_config(decode_config(base, base_dir=tmp_path, env={}))  # and back
+        mark = len(decisions.all)
+        await decisions.wait_for(lambda: len(decisions.all) >= mark + 20)
+        stop.set()
+        await sender
+        await decisions.wait_for(lambda: len(decisions.all) >= len(inputs.sent))
+        await nc.close()
+    await cloud_nc.close()
+    counts = decisions.per_input["gw-test"]
+    assert set(counts) == set(inputs.sent) and set(counts.values()) == {1}  # each input once
+    assert {d["tier_name"] for d in decisions.all[mark + 5:]} <= {"pump-anomaly", "rules"}  # the a tier is gone
