@@ -299,16 +299,8 @@ class Driver:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop_child(proc)
 
     async def run(self, job: Job, timeout_s: float) -> SaturateReport | OpenLoopReport:
         async with self._lock:
@@ -378,3 +370,16 @@ def saturation_from_report(report: SaturateReport, meter: CpuMeter) -> Saturatio
 def latency_from_report(report: OpenLoopReport) -> Latency:
     got = [x for x in report.latency_s if x >= 0]
     return summarize(got, lost=report.count - len(got), send_lag_p99_s=report.send_lag_p99_s)
+
+
+async def stop_child(proc: asyncio.subprocess.Process, grace_s: float = 10.0) -> None:
+    """End a child that serves commands on its stdin: close stdin (its signal to finish), wait,
+    and kill it if it has not finished within `grace_s`."""
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        async with asyncio.timeout(grace_s):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

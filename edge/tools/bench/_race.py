@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from ._constants import MIB, PIPELINE, RACE_RATE_HZ, RACE_SLOW_MS, RACE_TIMEOUT_MS
-from ._driver import REPO_ROOT, Driver, OpenLoopJob, latency_from_report
+from ._driver import REPO_ROOT, Driver, OpenLoopJob, latency_from_report, stop_child
 from ._measure import CpuMeter, poll_until, proc_cpu_s
 from ._results import BenchError, RaceFigures, RaceRun, Sizes
 from ._runtime_side import decisions_subject, device_name, runtime_config_data
@@ -151,16 +151,8 @@ class CloudProcess:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop_child(proc)
 
     async def answered(self) -> dict[str, int]:
         assert self._proc is not None and self._proc.stdin is not None
