@@ -480,7 +480,8 @@ async def device_status(args: argparse.Namespace) -> int:
 
 def _health_exit(status: dict[str, Any]) -> int:
     """0 healthy, 1 degraded (the reasons on stderr): the device's own verdict (`health` in its status)."""
-    health = status.get("health") if isinstance(status.get("health"), dict) else {}
+    reported = status.get("health")
+    health: dict[str, Any] = reported if isinstance(reported, dict) else {}
     verdict = str(health.get("verdict", "degraded"))
     reasons = health.get("reasons") or ([] if "verdict" in health else ["the device does not report its health"])
     for reason in reasons:
