@@ -458,6 +458,7 @@ EXIT_DOWN = 2
 
 async def device_status(args: argparse.Namespace) -> int:
     """`edge status [-c FILE]`: ask the device of this config, on its local bus, for its status."""
+    health_exit = bool(getattr(args, "exit_code", False))  # callers building their own Namespace leave it out
     config = await asyncio.to_thread(load_config, Path(args.config) if args.config else None)
     args.server = await asyncio.to_thread(local_url, config)
     try:
@@ -465,12 +466,12 @@ async def device_status(args: argparse.Namespace) -> int:
             got = await send_command(nc, config.device_id, "status", timeout=args.timeout, seed=_seed(args),
                                      discover=False)
     except CommandError as exc:
-        if not args.exit_code or exc.code != "unreachable":
+        if not health_exit or exc.code != "unreachable":
             raise
         print(f"edge: down: {exc.message}", file=sys.stderr)
         return EXIT_DOWN
     code = _report_status(args, got)
-    if not args.exit_code:
+    if not health_exit:
         return code
     if code != EXIT_OK:
         return EXIT_DOWN  # no answer, or an error instead of a status: nothing says it runs
