@@ -68,6 +68,7 @@ MIN_HEARTBEAT_S = 0.1
 MIN_TIMER_MS = 10  # link probes and breaker reset, approval timeouts, model warm-up
 MAX_WARMUP_MS = 600_000
 BUNDLED_CONFIG = Path(__file__).parent / "bundled" / "example.toml"
+DEFAULT_DATA_DIR = "./var"
 # Who may command the device, settle approvals, and which key it signs with: only the config FILE
 # says so. A pushed config cannot change them, and the applied config kept in data_dir never
 # holds them (a key removed from the file and a restart is a revocation).
@@ -289,7 +290,8 @@ class Config(_Strict):
     device_id: Annotated[str, _doc("the device's name; env EDGE_DEVICE_ID overrides; empty: the hostname")] = ""
     groups: Annotated[list[str], _doc("the groups whose commands the device receives")
                       ] = msgspec.field(default_factory=list)
-    data_dir: Annotated[str, _doc("audit log, applied config, model store")] = "./var"
+    data_dir: Annotated[str, _doc(
+        "audit log, applied config, model store; left at ./var, $STATE_DIRECTORY when set (systemd)")] = "./var"
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc(
         "the log level of edge run (--log-level wins)")] = "info"
     nats: Annotated[NatsConfig, _doc("the connections")] = msgspec.field(default_factory=NatsConfig)
@@ -387,8 +389,10 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
     """Read, decode and check a TOML config file (the bundled example when `path` is None)."""
     if path is None:
         # The bundled example lives inside the package: its data goes to ./var of the working
-        # directory, never next to the installed file.
+        # directory (or systemd's state directory), never next to the installed file.
         bundled = load_config(BUNDLED_CONFIG, env=env)
+        if bundled.data_dir != DEFAULT_DATA_DIR:
+            return bundled
         return msgspec.structs.replace(bundled, data_dir=str(Path.cwd() / "var"))
     source = str(path)
     try:
@@ -399,7 +403,16 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem("", f"not valid TOML: {exc}")], source) from None
-    return decode_config(data, source=source, base_dir=path.resolve().parent, env=env)
+    config = decode_config(data, source=source, base_dir=path.resolve().parent, env=env)
+    return _in_state_directory(config, os.environ if env is None else env)
+
+
+def _in_state_directory(config: Config, env: Mapping[str, str]) -> Config:
+    """Under systemd (StateDirectory=), data goes to `$STATE_DIRECTORY` unless the file names a data_dir."""
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]  # systemd lists one per StateDirectory= entry
+    if not state or config.data_dir != DEFAULT_DATA_DIR:
+        return config
+    return msgspec.structs.replace(config, data_dir=state)
 
 
 def encode_config(config: Config, *, redact: bool = True) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from models import Model, ModelRegistry
-from sync import AuditLog, AuditSigner, SyncError, Uploader, connect_for_upload
+from sync import AuditLog, AuditSigner, LogState, SyncError, Uploader, connect_for_upload
 
 from ._approvals import ApprovalDesk
 from ._config import (
@@ -54,6 +54,7 @@ from ._config import (
     check_pushed_models,
     config_sha256,
     connect_options,
+    load_config,
     local_jetstream_domain,
     parse_duration,
     parse_size,
@@ -74,6 +75,7 @@ from ._nats_server import LeafRemote, NatsServer
 from ._pipeline import AuditSink, Pipeline, PipelineLogic, Shadow
 from ._replies import ReplyPolicy
 from ._rules import compile_guards, compile_rules
+from ._sdnotify import DecisionRate, ServiceNotifier, status_line
 from ._version import version
 from .fleet import Fleet, load_seed, new_seed
 
@@ -860,7 +862,58 @@ class Runtime:
         except SyncError as exc:
             log.warning("%s not audited: %s", kind, exc)
 
-    # -- status ----------------------------------------------------------------------------------
+    # -- SIGHUP: the config file again ----------------------------------------------------------
+
+    async def reload_from_file(self, path: Path | None) -> dict[str, Any]:
+        """Read the config file again (`path`; None: the bundled example) and apply it as `config.apply`
+        would: all or nothing, the same keys refused (the connections, the audit log, data_dir,
+        device_id and the trust roots change with a restart only: `restart_required`). A reload
+        is the operator's own word, so it replaces a config applied over NATS (and is kept as the
+        applied config, as a push is)."""
+        new = await asyncio.to_thread(load_config, path)
+        if new.resolve(new.data_dir).resolve() == self.data_dir.resolve():
+            # The same folder, as the file says it: the running config holds it resolved.
+            new = msgspec.structs.replace(new, data_dir=self.config.data_dir)
+        return await self.apply_config(new, by="SIGHUP")
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def decisions_total(self) -> int:
+        """Decisions made by the running pipelines so far (for decisions/s)."""
+        return sum(p.stats.decisions for p in self.pipelines.values())
+
+    def audit_problem(self, *, failing_longer_than_s: float) -> str | None:
+        """Why the audit log cannot keep records now, or None: its writer thread died (nothing will
+        ever commit), or every commit has failed for longer than `failing_longer_than_s`."""
+        audit = self.audit
+        if audit is None or self.state is not RuntimeState.RUNNING:
+            return None
+        if not audit.writer_alive:
+            return "the audit log's writer thread is not running"
+        since = audit.failing_since
+        if since is not None and time.monotonic() - since > failing_longer_than_s:
+            return f"the audit log has failed to commit for {time.monotonic() - since:.0f}s: {audit.last_error}"
+        return None
+
+    def health(self) -> dict[str, Any]:
+        """`healthy` or `degraded`, and why (for `edge status --exit-code`): running, the cloud link
+        online (when there is an upstream), the audit log writing."""
+        reasons: list[str] = []
+        if self.state is not RuntimeState.RUNNING:
+            reasons.append(f"the runtime is {self.state.value}")
+        if self.config.nats.upstream and self.link.state is not LinkState.ONLINE:
+            reasons.append(f"the cloud link is {self.link.state.value}")
+        audit = self.audit
+        if audit is not None:
+            if not audit.writer_alive and self.state is RuntimeState.RUNNING:
+                reasons.append("the audit log's writer thread is not running")
+            elif audit.state is LogState.FAILING:
+                reasons.append(f"the audit log is failing: {audit.last_error}")
+            if audit.full:
+                reasons.append("the audit log is full (on_full = block)")
+        return {"verdict": "degraded" if reasons else "healthy", "reasons": reasons}
+
+        # -- status ----------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         audit = self.audit.status() if self.audit is not None else None
@@ -884,6 +937,7 @@ class Runtime:
             "audit": audit,
             "sync": self.uploader.status() if self.uploader is not None else None,
             "loop_lag": self.loop_lag.snapshot(),
+            "health": self.health(),
         }
 
 
@@ -892,30 +946,98 @@ def _link_status(link: CloudLink) -> dict[str, Any]:
             "rtt_ms": round(link.last_rtt_s * 1000, 3) if link.last_rtt_s else None, "last_failure": link.last_failure}
 
 
-async def run(config: Config, *, ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
-    """Run until SIGINT/SIGTERM, then drain (what `edge run` does)."""
+async def run(config: Config, *, config_path: Path | None = None,
+              ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then drain (what `edge run` does); SIGHUP reloads `config_path`.
+
+    Under systemd (`NOTIFY_SOCKET`), speaks the notify protocol (see edge/_sdnotify.py): READY=1
+    once every pipeline is subscribed, STATUS, watchdog pings while healthy, RELOADING=1/READY=1
+    around a reload, STOPPING=1 on SIGTERM.
+    """
     import signal
 
     loop = asyncio.get_running_loop()
+    service = ServiceNotifier()
     # Handled from before the start: pipelines answer before the start has finished, and a
-    # SIGTERM in that window must still drain rather than kill the process.
+    # SIGTERM in that window must still drain rather than kill the process. A SIGHUP then (its
+    # default would end the process) waits for the start to finish.
     stop_early = asyncio.Event()
+    reload_wanted = asyncio.Event()
+
+    def stop_before_start() -> None:
+        service.stopping()
+        stop_early.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_early.set)
-    async with Runtime(config) as runtime:
+        loop.add_signal_handler(sig, stop_before_start)
+    loop.add_signal_handler(signal.SIGHUP, reload_wanted.set)
+    async with service, Runtime(config) as runtime:
+
+        def stop() -> None:
+            service.stopping()
+            runtime.request_stop()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runtime.request_stop)
+            loop.add_signal_handler(sig, stop)
         if stop_early.is_set():
             runtime.request_stop()
         log.info("edge %s running: device %s, local bus %s", version(), runtime.device,
                  redact_url(runtime.local_url))
+        # A stalled audit log for a whole watchdog period is a failure a restart may cure.
+        failing_limit_s = 2 * service.watchdog_s if service.watchdog_s is not None else 60.0
+        rate = DecisionRate(runtime.decisions_total(), time.monotonic())
+
+        def status_text() -> str:
+            problem = runtime.audit_problem(failing_longer_than_s=failing_limit_s)
+            return status_line(runtime.link.state.value, rate.update(runtime.decisions_total(), time.monotonic()),
+                               problem)
+
+        service.ready(health=lambda: runtime.audit_problem(failing_longer_than_s=failing_limit_s), status=status_text)
         if ready is not None:
             await ready(runtime)
-        await runtime.wait()
+        reloading = asyncio.Lock()  # held through a reload: a stop waits for it, never cuts an apply in two
+        async with asyncio.TaskGroup() as tasks:
+            reloader = tasks.create_task(_reload_on_sighup(runtime, service, config_path, reload_wanted, reloading),
+                                         name="sighup-reload")
+            await runtime.wait()
+            async with reloading:
+                reloader.cancel()
         log.info("stopping: draining in-flight decisions")
         stopping = time.monotonic()
     log.info("stopped: drain finished in %.2fs (decisions audited, log closed, connections drained)",
              time.monotonic() - stopping)
+
+
+async def _reload_on_sighup(runtime: Runtime, service: ServiceNotifier, path: Path | None,
+                            wanted: asyncio.Event, busy: asyncio.Lock) -> None:
+    """Each SIGHUP: the config file again, applied whole, or the running config kept and why logged."""
+    while True:
+        await wanted.wait()
+        async with busy:
+            wanted.clear()
+            await _reload_once(runtime, service, path)
+
+
+async def _reload_once(runtime: Runtime, service: ServiceNotifier, path: Path | None) -> None:
+    source = str(path) if path is not None else "the bundled example config"
+    service.reloading()
+    log.info("SIGHUP: reloading %s", source)
+    try:
+        summary = await runtime.reload_from_file(path)
+    except ConfigError as exc:
+        reason = "; ".join(str(p) for p in exc.problems)
+        log.error("SIGHUP: %s is not valid, the running config is kept: %s", source, reason)
+        service.reloaded(f"reload refused (invalid config): {reason}")
+    except CommandError as exc:
+        log.error("SIGHUP: %s cannot be applied, the running config is kept: %s: %s", source, exc.code,
+                  exc.message)
+        service.reloaded(f"reload refused ({exc.code}): {exc.message}")
+    except Exception as exc:  # a reload must never take the running device down with it
+        log.exception("SIGHUP: reloading %s failed, the running config is kept", source)
+        service.reloaded(f"reload failed: {exc}")
+    else:
+        log.info("SIGHUP: %s applied (sha256 %s)", source, summary["sha256"])
+        service.reloaded(f"config reloaded (sha256 {summary['sha256'][:12]})")
 
 
 def _restrict(path: Path, mode: int) -> None:

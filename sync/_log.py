@@ -254,6 +254,8 @@ class AuditLog:
         self.protected_kinds = tuple(sorted(set(protected_kinds)))
         self.state = LogState.NEW
         self.last_error: str | None = None
+        # When the current run of failed commits began (monotonic); None while commits succeed.
+        self.failing_since: float | None = None
 
         # Shared between the loop and the writer thread, guarded by _cond.
         self._cond = threading.Condition()
@@ -444,6 +446,13 @@ class AuditLog:
     # ------------------------------------------------------------------ reading
 
     @property
+    def writer_alive(self) -> bool:
+        """Whether the writer thread runs (from open to close). False while open means it died: nothing
+        queued will ever commit, which a service watchdog must see (appends alone would only pile up)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
     def last_seq(self) -> int:
         """The newest committed seq (0 when empty)."""
         return self._last_seq
@@ -523,6 +532,7 @@ class AuditLog:
             "max_bytes": self.max_bytes,
             "full": self._full,
             "last_error": self.last_error,
+            "writer_alive": self.writer_alive,
             "retention": {"records_per_s": round(outlook.records_per_s, 2),
                           "bytes_per_record": round(outlook.bytes_per_record),
                           "holds_s": None if outlook.holds_s is None else round(outlook.holds_s),
@@ -618,6 +628,7 @@ class AuditLog:
             self._rate_samples.append((now, self._last_seq))
         if self.state is LogState.FAILING:
             self.state = LogState.OPEN
+            self.failing_since = None
         for listener in list(self._listeners):
             listener()
 
@@ -638,6 +649,7 @@ class AuditLog:
         self.last_error = str(exc)
         if self.state is LogState.OPEN:
             self.state = LogState.FAILING
+            self.failing_since = time.monotonic()
 
     def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop

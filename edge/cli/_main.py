@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.log_level is None:  # the config's log_level, unless the command line says otherwise
         logging.getLogger().setLevel(config.log_level.upper())
-    run_async(run(config))
+    run_async(run(config, config_path=Path(args.config) if args.config else None))
     return EXIT_OK
 
 
@@ -353,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(handler=handler, passthrough=True)
 
+    from ._init import register_init
     from ._keys import register_keys
     from ._operator import register
     from ._reference import register_reference
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_reference(sub, add)
     register_keys(sub, add)
     register_value(sub, add)
+    register_init(sub, add)
 
     p = add("check", cmd_check, "validate a config file")
     p.add_argument("file")

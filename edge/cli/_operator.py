@@ -451,14 +451,43 @@ def read_push_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     return data, []
 
 
+# `edge status --exit-code`: for HEALTHCHECK, probes and scripts.
+HEALTH_EXIT = {"healthy": 0, "degraded": 1}
+EXIT_DOWN = 2
+
+
 async def device_status(args: argparse.Namespace) -> int:
     """`edge status [-c FILE]`: ask the device of this config, on its local bus, for its status."""
+    health_exit = bool(getattr(args, "exit_code", False))  # callers building their own Namespace leave it out
     config = await asyncio.to_thread(load_config, Path(args.config) if args.config else None)
     args.server = await asyncio.to_thread(local_url, config)
-    async with _connected(args, default=(config.nats.local_auth, Path(config.base_dir or "."))) as nc:
-        got = await send_command(nc, config.device_id, "status", timeout=args.timeout, seed=_seed(args),
-                                 discover=False)
-    return _report_status(args, got)
+    try:
+        async with _connected(args, default=(config.nats.local_auth, Path(config.base_dir or "."))) as nc:
+            got = await send_command(nc, config.device_id, "status", timeout=args.timeout, seed=_seed(args),
+                                     discover=False)
+    except CommandError as exc:
+        if not health_exit or exc.code != "unreachable":
+            raise
+        print(f"edge: down: {exc.message}", file=sys.stderr)
+        return EXIT_DOWN
+    code = _report_status(args, got)
+    if not health_exit:
+        return code
+    if code != EXIT_OK:
+        return EXIT_DOWN  # no answer, or an error instead of a status: nothing says it runs
+    status = got.replies[0].result if isinstance(got.replies[0].result, dict) else {}
+    return _health_exit(status)
+
+
+def _health_exit(status: dict[str, Any]) -> int:
+    """0 healthy, 1 degraded (the reasons on stderr): the device's own verdict (`health` in its status)."""
+    reported = status.get("health")
+    health: dict[str, Any] = reported if isinstance(reported, dict) else {}
+    verdict = str(health.get("verdict", "degraded"))
+    reasons = health.get("reasons") or ([] if "verdict" in health else ["the device does not report its health"])
+    for reason in reasons:
+        print(f"edge: degraded: {reason}", file=sys.stderr)
+    return HEALTH_EXIT.get(verdict, 1)
 
 
 async def approvals_watch(args: argparse.Namespace, lines: asyncio.Queue[str | None] | None = None) -> int:
@@ -610,6 +639,10 @@ def _report_status(args: argparse.Namespace, got: Gathered) -> int:
         print(f"{key:10} {value}")
     uptime = status.get("uptime_s")
     print(f"{'uptime':10} {'-' if uptime is None else f'{float(uptime):.0f}s'}")
+    health = status.get("health")
+    if isinstance(health, dict):
+        reasons = "; ".join(str(r) for r in health.get("reasons") or [])
+        print(f"{'health':10} {health.get('verdict', '?')}{f' ({reasons})' if reasons else ''}")
     for name, pipeline in (status.get("pipelines") or {}).items():
         print(f"pipeline {name}: {_pipeline_text(pipeline)}")
     return EXIT_OK
@@ -882,6 +915,9 @@ def register(sub: Any, add: Add) -> None:
     p.add_argument("-c", "--config", help="config file (default: the bundled example)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     p.add_argument("--sign-with", metavar="SEED_FILE", help="sign the request (when the local bus is upstream)")
+    p.add_argument("--exit-code", action="store_true",
+                   help="exit 0 healthy (running, the cloud link online or no upstream, the audit log writing), "
+                        "1 degraded (the reasons on stderr), 2 down (no answer); for HEALTHCHECK and scripts")
     _connection_args(p, default="; without any of these: the config's nats.local_auth")
 
     approvals = sub.add_parser("approvals", help="human approvals").add_subparsers(
