@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge import decode_config
-from edge._nats_server import nats_server_binary
+from edge import decode_config, nats_server_binary
 from edge.cli._main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
