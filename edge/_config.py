@@ -124,6 +124,9 @@ class NatsConfig(_Strict):
         "the hub's JetStream domain (its jetstream.domain); required with nats-leaf://, where the embedded "
         "server has a JetStream domain of its own")] = ""
     embedded_port: Annotated[int, _doc("the embedded server's port; -1: any free port")] = 4222
+    mqtt_port: Annotated[int, _doc(
+        "the embedded server's MQTT listener (MQTT 3.1.1, on the same host and with the same authorization "
+        "as its NATS port): topic sensors/p1/pump is subject sensors.p1.pump; 0: off; -1: any free port")] = 0
     local_auth: Annotated[Auth, _doc("credentials for the local bus")] = msgspec.field(default_factory=Auth)
     upstream_auth: Annotated[Auth, _doc("credentials for upstream")] = msgspec.field(default_factory=Auth)
     reply_prefixes: Annotated[list[str], _doc(
@@ -637,6 +640,14 @@ def _check_nats(nats: NatsConfig, device_id: str = "") -> Iterator[Problem]:
                                              "nats.allow_insecure = true")
     if not (nats.embedded_port == -1 or 1 <= nats.embedded_port <= 65535):
         yield Problem("nats.embedded_port", "expected a port 1..65535, or -1 for any free port")
+    if not (nats.mqtt_port in (0, -1) or 1 <= nats.mqtt_port <= 65535):
+        yield Problem("nats.mqtt_port", "expected a port 1..65535, -1 for any free port, or 0 for no MQTT listener")
+    elif nats.mqtt_port and nats.local != "embedded":
+        yield Problem("nats.mqtt_port", 'an MQTT listener is the embedded server\'s: expected nats.local = "embedded" '
+                                        "(a server of your own takes MQTT in its own config: an mqtt block)")
+    elif nats.mqtt_port > 0 and nats.mqtt_port == nats.embedded_port:
+        yield Problem("nats.mqtt_port", f"the embedded server's NATS port is {nats.embedded_port} too: "
+                                        "expected another port")
     for key in ("local_auth", "upstream_auth"):
         auth: Auth = getattr(nats, key)
         if bool(auth.user) != bool(auth.password):

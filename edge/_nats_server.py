@@ -16,6 +16,13 @@ server on the first start like the client port) and have a JetStream domain (`je
 or a leaf node itself (`leaf_remote`: the device's embedded server in `nats-leaf://` mode). What
 flags cannot say goes into a generated config file, `nats-server.conf` in the store dir (0600: a
 leaf remote may carry an nkey seed), which includes `config_file` when there is one.
+
+A server can also take MQTT clients (`mqtt_port`: nats-server's MQTT listener, its port chosen by
+the server on the first start with -1 and kept, like the client port). The listener binds the
+client port's host, never a wider one (nats-server's own default would be 0.0.0.0), and has no
+authorization of its own: MQTT clients log in as NATS clients do, with whatever the server's
+config (`config_file`) allows. nats-server keeps MQTT sessions and retained messages in JetStream,
+so an MQTT listener needs JetStream on.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from ._errors import ServerError
 
 _LISTENING = re.compile(rb"Listening for client connections on [^\s]*:(\d+)")
 _LEAF_LISTENING = re.compile(rb"Listening for leafnode connections on [^\s]*:(\d+)")
+_MQTT_LISTENING = re.compile(rb"Listening for MQTT clients on mqtt://[^\s]*:(\d+)")
 GENERATED_CONFIG = "nats-server.conf"
 LEAF_PING_INTERVAL = "1s"
 """A leaf node pings the hub this often; `LEAF_PING_MAX` unanswered pings and the link is declared
@@ -86,7 +94,7 @@ def _q(text: str) -> str:
 def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Path | None = None,
                          leafnode_host: str = "", leafnode_port: int | None = None,
                          leaf_remote: LeafRemote | None = None, include: str = "",
-                         leafnode_compression: str = "") -> str:
+                         leafnode_compression: str = "", mqtt_host: str = "", mqtt_port: int | None = None) -> str:
     """The generated part of a server's config (pure: see NatsServer for when it is used)."""
     lines = [f"server_name: {_q(name)}"]
     if jetstream_domain:
@@ -115,6 +123,10 @@ def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Pa
                 lines.append(f"      tls {{ {', '.join(tls)} }}")
             lines += ["    }", "  ]"]
         lines.append("}")
+    if mqtt_port is not None:
+        # No authorization block of its own and no no_auth_user: MQTT clients get exactly the
+        # server's own authorization (none: anyone who reaches the host, as on the client port).
+        lines.append(f"mqtt {{ host: {_q(mqtt_host)}, port: {mqtt_port} }}")
     if leaf_remote is not None:
         lines += [f"ping_interval: {_q(LEAF_PING_INTERVAL)}", f"ping_max: {LEAF_PING_MAX}"]
     if include:
@@ -223,8 +235,13 @@ class NatsServer:
         leafnode_port: int | None = None,
         leaf_remote: LeafRemote | None = None,
         leafnode_compression: str = "",
+        mqtt_port: int | None = None,
     ) -> None:
+        if mqtt_port is not None and not jetstream:
+            # nats-server refuses to start ("mqtt requires JetStream"): say so before spawning it.
+            raise ServerError(f"nats-server {name!r}: an MQTT listener needs JetStream")
         self.name = name
+        self.mqtt_port = mqtt_port
         self.jetstream_domain = jetstream_domain
         self.leafnode_port = leafnode_port
         self.leaf_remote = leaf_remote
@@ -259,6 +276,13 @@ class NatsServer:
         if self.leafnode_port is None or self.leafnode_port <= 0:
             raise ServerError(f"nats-server {self.name!r} has no leafnode listener (yet)")
         return f"nats-leaf://{self.host}:{self.leafnode_port}"
+
+    @property
+    def mqtt_url(self) -> str:
+        """Where MQTT clients connect (`mqtt_port` given)."""
+        if self.mqtt_port is None or self.mqtt_port <= 0:
+            raise ServerError(f"nats-server {self.name!r} has no MQTT listener (yet)")
+        return f"mqtt://{self.host}:{self.mqtt_port}"
 
     @property
     def pid(self) -> int | None:
@@ -304,22 +328,26 @@ class NatsServer:
         )
         self.state = ServerState.RUNNING
         try:
-            self.port, leafnode_port = await self._wait_ready(log_file)
+            self.port, leafnode_port, mqtt_port = await self._wait_ready(log_file)
+            # Kept across restarts, as the client port is.
             if self.leafnode_port is not None:
-                self.leafnode_port = leafnode_port  # kept across restarts, as the client port is
+                self.leafnode_port = leafnode_port
+            if self.mqtt_port is not None:
+                self.mqtt_port = mqtt_port
         except BaseException:
             await self.kill()
             raise
 
     def _generated_config(self) -> Path | None:
         """The config file to pass: the caller's own, or one generated for what flags cannot say."""
-        if not (self.jetstream_domain or self.leafnode_port is not None or self.leaf_remote is not None):
+        if not (self.jetstream_domain or self.leafnode_port is not None or self.leaf_remote is not None
+                or self.mqtt_port is not None):
             return self.config_file
         include = os.path.relpath(self.config_file, self.store_dir) if self.config_file is not None else ""
         text = render_server_config(
             name=self.name, jetstream_domain=self.jetstream_domain if self.jetstream else "",
             leafnode_host=self.host, leafnode_port=self.leafnode_port, leaf_remote=self.leaf_remote,
-            leafnode_compression=self.leafnode_compression,
+            leafnode_compression=self.leafnode_compression, mqtt_host=self.host, mqtt_port=self.mqtt_port,
             include=include)
         path = self.store_dir / GENERATED_CONFIG
         # 0600 from the first byte: a leaf remote may carry the device's nkey seed.
@@ -353,7 +381,7 @@ class NatsServer:
             await asyncio.sleep(0.02)  # poll with deadline: it is not our child, so not waitable
         self._pid_file.unlink(missing_ok=True)
 
-    async def _wait_ready(self, log_file: Path) -> tuple[int, int]:
+    async def _wait_ready(self, log_file: Path) -> tuple[int, int, int]:
         # Poll the log with a deadline: the server writes the port, then "ready".
         deadline = time.monotonic() + self.ready_timeout
         process = self._process
@@ -364,8 +392,9 @@ class NatsServer:
                 match = _LISTENING.search(content)
                 if match is None:
                     raise ServerError(f"nats-server {self.name!r} is ready but did not log its port")
-                leaf = _LEAF_LISTENING.search(content)
-                return int(match.group(1)), int(leaf.group(1)) if leaf is not None else 0
+                leaf, mqtt = _LEAF_LISTENING.search(content), _MQTT_LISTENING.search(content)
+                return (int(match.group(1)), int(leaf.group(1)) if leaf is not None else 0,
+                        int(mqtt.group(1)) if mqtt is not None else 0)
             if process.returncode is not None:
                 tail = content.decode(errors="replace")[-2000:]
                 raise ServerError(f"nats-server {self.name!r} exited with {process.returncode}: {tail}")

@@ -180,9 +180,14 @@ class Runtime:
                 name=f"edge-{self.device}", store_dir=self.data_dir / "nats", port=config.nats.embedded_port,
                 # Leaf mode: a JetStream domain of its own, so `$JS.API` here is never mistaken for the hub's.
                 jetstream_domain=local_jetstream_domain(self.device) if leaf else "",
-                leaf_remote=await asyncio.to_thread(self._leaf_remote) if leaf else None)
+                leaf_remote=await asyncio.to_thread(self._leaf_remote) if leaf else None,
+                mqtt_port=config.nats.mqtt_port or None)
             await stack.enter_async_context(self.server)
             self.local_url = self.server.url
+            if self.server.mqtt_port is not None:
+                # Beside local.url, for sensors' setup scripts when the port was left to the server (-1).
+                await asyncio.to_thread(write_atomically, self.data_dir / "mqtt.url", self.server.mqtt_url.encode())
+                log.info("MQTT listener on %s: topic a/b/c is subject a.b.c", self.server.mqtt_url)
         else:
             self.local_url = config.nats.local
         # For `edge status` on this machine: where to connect, never with what (the CLI reads the
