@@ -111,7 +111,11 @@ def render_server_config(*, name: str, jetstream_domain: str = "", store_dir: Pa
         if leaf_remote is not None:
             lines += [f"  reconnect: {_q(LEAF_RECONNECT)}", "  remotes = [", "    {",
                       f"      urls: [{', '.join(_q(u) for u in leaf_remote.urls)}]",
-                      f"      compression: {_q(leaf_remote.compression)}"]
+                      f"      compression: {_q(leaf_remote.compression)}",
+                      # Only the hub URLs of the config, never ones the hub advertises: those may be
+                      # addresses a gateway behind NAT cannot reach, or that bypass the path (and the
+                      # credentials, the TLS, the fault proxy of a test) the operator chose.
+                      "      ignore_discovered_servers: true"]
             if leaf_remote.nkey_seed:
                 lines.append(f"      nkey: {_q(leaf_remote.nkey_seed)}")
             if leaf_remote.credentials:

@@ -479,3 +479,24 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
     except (OSError, IndexError):
         return False
+
+
+async def test_a_blackholed_leaf_link_stays_down_until_the_network_returns(
+        nats_servers: ServerFactory, tmp_path: Path) -> None:
+    """Once the leaf node declares the blackholed link stale it reconnects: only to the hub URL of
+    the config (here, the proxy), never to the address the hub advertised, which would bypass the
+    path the operator chose (and, here, the cut)."""
+    hub = await leaf_hub(nats_servers)
+    async with FaultProxy("127.0.0.1", hub.leafnode_port or 0) as proxy:
+        config = make_config(tmp_path, "embedded", device=DEVICE, nats=leaf_upstream(leaf_url(proxy)), link=LINK,
+                             pipeline={"ladder": ["rules"]})
+        async with Runtime(config) as runtime:
+            await wait_until(lambda: runtime.link.state.value == "online", within=10, what="the leaf link online")
+            proxy.blackhole()
+            await wait_until(lambda: not runtime.link.connected, within=8, what="the stale leaf link dropped")
+            deadline = time.monotonic() + 4.0  # several reconnect attempts (one a second)
+            while time.monotonic() < deadline:
+                assert runtime.link.state.value == "offline"
+                await asyncio.sleep(0.05)  # poll: the link must not come back by another way
+            proxy.pass_through()
+            await wait_until(lambda: runtime.link.state.value == "online", within=10, what="the link back")
