@@ -186,8 +186,9 @@ async def test_a_healthy_rollout_reaches_the_group_and_a_device_offline_gets_it_
 ) -> None:
     url = (await nats_servers("hub")).url
     async with north(tmp_path, url, 2, gone=("gw-002",)) as (devices, nc):
-        async def gw_002_missing() -> bool:  # not seen for three heartbeats
-            return is_missing(*(await read_fleet(nc)).reports["gw-002"], time.time_ns())
+        async def gw_002_missing() -> bool:  # reported once, then not seen for three heartbeats
+            reports = (await read_fleet(nc)).reports
+            return "gw-002" in reports and is_missing(*reports["gw-002"], time.time_ns())
 
         await wait_until(gw_002_missing, within=10, what="gw-002 missing", interval=0.2)
         code, rollout = await start(url, model_version(tmp_path, "v2"), capsys, canary="0.5")
