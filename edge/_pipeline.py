@@ -248,6 +248,7 @@ class Pipeline:
         self._batcher: asyncio.Task[None] | None = None
         self._approvals: set[asyncio.Task[None]] = set()
         self._clouds: set[asyncio.Task[None]] = set()
+        self._late: set[asyncio.Task[None]] = set()  # a race's other answers, recorded when they end
         self._cloud_slots = asyncio.Semaphore(CLOUD_IN_FLIGHT)
         self._ids = itertools.count(1)
         self._model_seqs: dict[ModelRef, int] = {}  # the `model` record each model's decisions refer to
@@ -336,8 +337,8 @@ class Pipeline:
         waiting = [t for t in (self._batcher,) if t is not None]
         if waiting:
             await asyncio.wait(waiting)
-        while self._clouds or self._approvals:
-            await asyncio.wait([*self._clouds, *self._approvals])
+        while self._clouds or self._approvals or self._late:
+            await asyncio.wait([*self._clouds, *self._approvals, *self._late])
         if self._reject_flusher is not None:
             self._reject_flusher.cancel()
         try:
@@ -517,8 +518,8 @@ class Pipeline:
         assert self._tasks is not None
         for tier_name, request in late:
             task = self._tasks.create_task(self._logged(self._record_race(decision, tier_name, request)))
-            self._approvals.add(task)  # drained like an approval: it ends within the tier's timeout
-            task.add_done_callback(self._approvals.discard)
+            self._late.add(task)  # drained with the rest: it ends within the tier's own timeout
+            task.add_done_callback(self._late.discard)
 
     async def _record_race(self, decision: Decision, tier_name: str, request: asyncio.Future[Any]) -> None:
         result = await request

@@ -143,6 +143,8 @@ async def test_a_race_is_won_by_the_fast_provider_and_the_slow_ones_answer_is_re
             assert (decision["tier"], decision["tier_name"], decision["fallbacks"]) == ("cloud", "b", [])
             assert took < 0.25  # b's time, not a's 300 ms
         ids = {d["id"] for d, _ in decisions}
+        # a's answers, still on their way, are nobody's pending approval (max_pending_approvals).
+        assert rig.runtime.status()["pipelines"]["pump"]["pending_approvals"] == 0
 
         def raced() -> list[dict[str, Any]]:
             records = iter_records(rig.runtime.data_dir / "audit.db", kinds=["race"])
