@@ -49,11 +49,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ReplayError as exc:
         print(f"edge: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _emit(args, report, replay_text(report))
+    return EXIT_OK
+
+
+def _emit(args: argparse.Namespace, report: object, text: str) -> None:
+    """A report as JSON (`--json`) or as the text for people."""
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     else:
-        print(replay_text(report))
-    return EXIT_OK
+        print(text)
 
 
 def replay_text(r: ReplayReport) -> str:
@@ -94,12 +99,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"edge: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    else:
-        print(report_text(report))
-        if args.png:
-            print(f"  timeline and tier shares: {args.png}")
+    shown = report_text(report) + (f"\n  timeline and tier shares: {args.png}" if args.png else "")
+    _emit(args, report, shown)
     return EXIT_OK
 
 
